@@ -1,0 +1,71 @@
+"""``megedit`` console command: ``megedit <stage> [LightningCLI args]`` runs one stage.
+
+Each stage is a LightningModule + LightningDataModule pair; the table below says which
+trainer method runs it and which arguments the CLI links between the two.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    module: str  # "package.module:Class"
+    datamodule: str
+    method: str  # trainer method: fit / predict / test
+    links: tuple[tuple[str, str], ...] = ()
+    help: str = ""
+
+
+STAGES: dict[str, Stage] = {
+    "prepare": Stage("megedit.prepare.prepare_module:PrepareModule",
+                     "megedit.prepare.prepare_datamodule:PrepareDataModule", "predict",
+                     (("data.model", "model.model"),),
+                     "read, deduplicate and split a benchmark; record the base LM's pre-edit answers"),
+}
+
+
+def _load(path: str):
+    mod, _, name = path.partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def stage_main(name: str, args=None):
+    from megedit.stage_cli import run_stage
+
+    stage = STAGES[name]
+    return run_stage(name, _load(stage.module), _load(stage.datamodule), stage.method, stage.links, args)
+
+
+def _usage() -> str:
+    lines = ["usage: megedit <command> [args]", "", "stages (each takes LightningCLI arguments, e.g. --config, --help):"]
+    lines += [f"  {n:<12} {s.help}" for n, s in STAGES.items()]
+    extra = {k: v for k, v in COMMANDS.items()}
+    if extra:
+        lines += ["", "other commands:"] + [f"  {n:<12} {h}" for n, (_, h) in extra.items()]
+    return "\n".join(lines)
+
+
+COMMANDS: dict[str, tuple[str, str]] = {}  # name -> ("module:function", help); filled as tools land
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in STAGES:
+        stage_main(name, rest)
+        return 0
+    if name in COMMANDS:
+        return int(_load(COMMANDS[name][0])(rest) or 0)
+    print(f"megedit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmark readers, the normalised edit record and the seeded splits."""

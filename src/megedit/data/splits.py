@@ -1,0 +1,153 @@
+"""Deduplication policy and the seeded, subject-disjoint split into edits and pseudo sets.
+
+Policy (documented in the README): the paper keeps one instance per subject, so the first
+record of each subject (in file order, files in the order the dataset config lists them)
+is kept and every later one is dropped with a reason:
+- ``conflicting_edit``: same subject and prompt as a kept record, different ``target_new``;
+- ``duplicate_edit``: same subject, prompt and ``target_new``;
+- ``same_subject``: same subject, another prompt.
+Records that cannot serve as edits (no paraphrase or no locality prompt) stay available for
+the pseudo sets and are counted, not dropped silently.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from megedit.data.records import EditRecord, ParaphraseGroup
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass
+class DropReport:
+    """Per file: how many records were read, kept and dropped, and why (with example ids)."""
+
+    read: Counter = field(default_factory=Counter)
+    kept: Counter = field(default_factory=Counter)
+    dropped: dict = field(default_factory=lambda: defaultdict(Counter))
+    examples: dict = field(default_factory=lambda: defaultdict(list))
+
+    def drop(self, source: str, reason: str, record_id: str) -> None:
+        self.dropped[source][reason] += 1
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(record_id)
+
+    def to_dict(self) -> dict:
+        files = sorted(set(self.read) | set(self.dropped))
+        return {
+            "files": {f: {"read": self.read[f], "kept": self.kept[f], "dropped": dict(self.dropped[f])} for f in files},
+            "total_read": sum(self.read.values()),
+            "total_dropped": {r: sum(c[r] for c in self.dropped.values())
+                              for r in sorted({r for c in self.dropped.values() for r in c})},
+            "examples": dict(self.examples),
+        }
+
+
+def dedupe_by_subject(records: list[EditRecord], report: DropReport) -> list[EditRecord]:
+    kept: dict[str, EditRecord] = {}
+    out = []
+    for rec in records:
+        report.read[rec.source] += 1
+        first = kept.get(rec.subject)
+        if first is None:
+            kept[rec.subject] = rec
+            out.append(rec)
+            report.kept[rec.source] += 1
+        elif first.prompt == rec.prompt:
+            reason = "duplicate_edit" if first.target_new == rec.target_new else "conflicting_edit"
+            report.drop(rec.source, reason, rec.id)
+        else:
+            report.drop(rec.source, "same_subject", rec.id)
+    return out
+
+
+def _key(text: str) -> tuple[str, ...]:
+    return tuple(w.lower() for w in _WORD.findall(text))
+
+
+class SubjectMatcher:
+    """Finds whether a text mentions any of a set of subjects (whole words, case-insensitive), in O(len(text))."""
+
+    def __init__(self, subjects):
+        self.keys = {_key(s) for s in subjects} - {()}
+        self.max_len = max((len(k) for k in self.keys), default=0)
+
+    def mentions(self, text: str) -> bool:
+        words = _key(text)
+        for n in range(1, self.max_len + 1):
+            for i in range(len(words) - n + 1):
+                if words[i:i + n] in self.keys:
+                    return True
+        return False
+
+
+@dataclass
+class Splits:
+    edits: list[EditRecord]
+    pseudo_edits: list[EditRecord]
+    pseudo_pairs: list[dict]
+    pseudo_irrelevant: list[dict]
+    counts: dict
+
+
+def is_edit_eligible(rec: EditRecord) -> bool:
+    return bool(rec.paraphrases) and bool(rec.locality)
+
+
+def make_splits(records: list[EditRecord], groups: list[ParaphraseGroup], n_edits: int, seed: int,
+                n_pseudo_irrelevant: int = 2048, max_pseudo_edits: int | None = None) -> Splits:
+    """Seeded split, disjoint by subject, with nothing of the edits' evaluation texts in the training sets.
+
+    ``records`` must already be deduplicated by subject. ``n_edits`` may exceed the final N when
+    the prepare stage keeps only edits the base model gets wrong (it asks for candidates).
+    """
+    rng = random.Random(seed)
+    order = list(records)
+    rng.shuffle(order)
+    eligible = [r for r in order if is_edit_eligible(r)]
+    if len(eligible) < n_edits:
+        raise ValueError(
+            f"asked for {n_edits} edits but only {len(eligible)} records have both a paraphrase and a locality "
+            f"prompt (of {len(records)} after deduplication); lower N or add files to the dataset config")
+    edits = eligible[:n_edits]
+    edit_ids = {r.id for r in edits}
+    rest = [r for r in order if r.id not in edit_ids]
+
+    # Texts the edits are evaluated on, and their subjects, may not reach any training set.
+    forbidden = {t for r in edits for t in (*r.paraphrases, *(p.prompt for p in r.locality),
+                                            *(p.prompt for p in r.portability), *(p.prompt for p in r.multi_hop))}
+    edit_subjects = SubjectMatcher(r.subject for r in edits)
+    counts = Counter()
+
+    def clean(texts) -> bool:
+        return not any(t in forbidden or edit_subjects.mentions(t) for t in texts)
+
+    irrelevant, pseudo_edits = [], []
+    for rec in rest:
+        if not clean([rec.prompt, *rec.paraphrases]):
+            counts["pseudo_leak_filtered"] += 1
+            continue
+        if len(irrelevant) < n_pseudo_irrelevant:
+            irrelevant.append({"id": rec.id, "subject": rec.subject, "prompt": rec.prompt,
+                               "prompt_kind": rec.prompt_kind, "source": rec.source})
+        elif rec.paraphrases and (max_pseudo_edits is None or len(pseudo_edits) < max_pseudo_edits):
+            pseudo_edits.append(rec)
+        else:
+            counts["pseudo_unused_no_paraphrase_or_cap"] += 1
+
+    pairs = [{"anchor": r.prompt, "positive": p, "group": r.id, "source": r.source}
+             for r in pseudo_edits for p in r.paraphrases]
+    for g in groups:
+        if not clean(g.texts):
+            counts["corpus_leak_filtered"] += 1
+            continue
+        pairs.extend({"anchor": g.texts[0], "positive": t, "group": g.id, "source": g.source} for t in g.texts[1:])
+    counts.update(edits=len(edits), pseudo_edits=len(pseudo_edits), pseudo_pairs=len(pairs),
+                  pseudo_irrelevant=len(irrelevant), not_edit_eligible=len(order) - len(eligible))
+    if len(irrelevant) < n_pseudo_irrelevant:
+        counts["pseudo_irrelevant_short_by"] = n_pseudo_irrelevant - len(irrelevant)
+    return Splits(edits, pseudo_edits, pairs, irrelevant, dict(counts))

@@ -1,0 +1,47 @@
+"""The prepare artifact, as every later stage reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megedit.artifacts import read_jsonl, read_manifest
+from megedit.data.records import EditRecord
+
+FILES = {
+    "edits": "edits.jsonl",  # EditRecord + pre_edit answers {prompt, paraphrases[], locality[]} + base_correct
+    "pseudo_edits": "pseudo_edits.jsonl",  # EditRecords not edited, with paraphrases (subject-disjoint)
+    "pseudo_pairs": "pseudo_pairs.jsonl",  # {anchor, positive, group, source}: encoder training pairs
+    "pseudo_irrelevant": "pseudo_irrelevant.jsonl",  # {id, subject, prompt, prompt_kind, source}
+    "report": "report.json",  # drop counts per file, split counts, timings
+}
+
+
+@dataclass
+class Prepared:
+    dir: Path
+    manifest: dict
+    edits: list[EditRecord]
+    pre_edit: list[dict]
+    pseudo_edits: list[EditRecord]
+    pseudo_pairs: list[dict]
+    pseudo_irrelevant: list[dict]
+
+    @property
+    def lineage(self) -> dict:
+        return self.manifest["lineage"]
+
+
+def load_prepared(path: str | Path) -> Prepared:
+    path = Path(path)
+    manifest = read_manifest(path, stage="prepare")
+    rows = read_jsonl(path / FILES["edits"])
+    pre = [r.pop("pre_edit") for r in rows]
+    for r in rows:
+        r.pop("base_correct", None)
+    return Prepared(
+        dir=path, manifest=manifest, edits=[EditRecord.from_dict(r) for r in rows], pre_edit=pre,
+        pseudo_edits=[EditRecord.from_dict(r) for r in read_jsonl(path / FILES["pseudo_edits"])],
+        pseudo_pairs=read_jsonl(path / FILES["pseudo_pairs"]),
+        pseudo_irrelevant=read_jsonl(path / FILES["pseudo_irrelevant"]),
+    )

@@ -1,0 +1,93 @@
+"""Reads a dataset preset, applies the duplicate policy, makes the seeded split and serves the
+prompts whose pre-edit greedy answers the prepare module records."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from megedit.data.datasets import load_dataset_config, read_dataset
+from megedit.data.readers import DataFormatError
+from megedit.data.splits import DropReport, dedupe_by_subject, make_splits
+from megedit.loading import load_tokenizer
+from megedit.paths import data_dir as resolve_data_dir
+from megedit.registry import load_model_spec
+
+
+class PrepareDataModule(L.LightningDataModule):
+    def __init__(self, model: str = "smollm2", dataset: str = "counterfact", n_edits: int = 1024, seed: int = 0,
+                 data_dir: str | None = None, n_pseudo_irrelevant: int = 2048, max_pseudo_edits: int | None = None,
+                 only_wrong: bool = False, oversample: float = 2.0, batch_size: int = 32, num_workers: int = 0):
+        """
+        Args:
+            model: registry name (``configs/models/<name>.yaml``) or a YAML path.
+            dataset: preset name (``configs/datasets/<name>.yaml``) or a YAML path.
+            n_edits: N, the number of edits.
+            seed: seed of the split.
+            data_dir: benchmark files; default ``$MEGEDIT_DATA_DIR`` then ``../shared/data``.
+            n_pseudo_irrelevant: prompts kept aside for threshold calibration and zero-weight augmentation.
+            max_pseudo_edits: cap on pseudo-edit records (encoder pairs, transfer diagnostics); None keeps all.
+            only_wrong: keep only edits whose ``target_new`` the base model does not already produce
+                (the paper's error-correction setting for ZsRE).
+            oversample: with ``only_wrong``, how many candidates per wanted edit to answer.
+            batch_size: prompts per generation batch.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.splits = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        hp = self.hparams
+        self.spec = load_model_spec(hp.model)
+        self.tokenizer = load_tokenizer(self.spec)
+        self.dataset_cfg = load_dataset_config(hp.dataset)
+        self.data_root = resolve_data_dir(hp.data_dir)
+        records, groups, self.input_files = read_dataset(self.dataset_cfg, self.data_root)
+        self.report = DropReport()
+        unique = dedupe_by_subject(records, self.report)
+        n_candidates = math.ceil(hp.n_edits * hp.oversample) if hp.only_wrong else hp.n_edits
+        n_candidates = min(n_candidates, sum(1 for r in unique if r.paraphrases and r.locality)) \
+            if hp.only_wrong else n_candidates
+        self.splits = make_splits(unique, groups, n_candidates, hp.seed, hp.n_pseudo_irrelevant, hp.max_pseudo_edits)
+        self._check_targets()
+        self.requests = self._requests()
+
+    def _check_targets(self) -> None:
+        for rec in self.splits.edits:
+            if not self.tokenizer(" " + rec.target_new, add_special_tokens=False)["input_ids"]:
+                raise DataFormatError(rec.source, f"target {rec.target_new!r} tokenises to nothing with the "
+                                      f"{self.spec.name} tokenizer", rec.index, rec.id, "target_new")
+
+    def _requests(self) -> list[dict]:
+        """Every prompt whose pre-edit answer is needed, keyed by (edit index, field, position)."""
+        fmt = self.spec.format_prompt
+        reqs = []
+        for i, rec in enumerate(self.splits.edits):
+            reqs.append({"edit": i, "field": "prompt", "pos": 0, "text": fmt(rec.prompt, rec.prompt_kind)})
+            reqs += [{"edit": i, "field": "paraphrases", "pos": j, "text": fmt(p, rec.prompt_kind)}
+                     for j, p in enumerate(rec.paraphrases)]
+            reqs += [{"edit": i, "field": "locality", "pos": j, "text": fmt(p.prompt, p.kind)}
+                     for j, p in enumerate(rec.locality)]
+        for k, r in enumerate(reqs):
+            r["key"] = k
+        return reqs
+
+    def _collate(self, batch: list[dict]) -> dict:
+        enc = self.tokenizer([b["text"] for b in batch], return_tensors="pt", padding=True)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "keys": [b["key"] for b in batch]}
+
+    def predict_dataloader(self) -> DataLoader:
+        # Sorting by length keeps padding (and wasted compute) small; keys restore the order.
+        order = sorted(self.requests, key=lambda r: len(r["text"]))
+        return DataLoader(order, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=self._collate,
+                          num_workers=self.hparams.num_workers)
+
+    @property
+    def out_name(self) -> str:
+        return f"{Path(self.hparams.model).stem}-{Path(self.hparams.dataset).stem}-{self.hparams.n_edits}"

@@ -1,0 +1,102 @@
+"""Runs the frozen base LM once over every edit prompt, paraphrase and locality prompt and
+writes the prepare artifact (see ``megedit.prepare.artifact``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from megedit.artifacts import atomic_write_json, atomic_write_jsonl, write_manifest
+from megedit.distributed import gather_objects
+from megedit.loading import load_lm, state_dict_sha256
+from megedit.prepare.artifact import FILES
+from megedit.registry import load_model_spec
+
+
+class PrepareModule(L.LightningModule):
+    def __init__(self, model: str = "smollm2", out_dir: str = "runs/prepare", max_new_tokens: int = 20):
+        """
+        Args:
+            model: registry name; linked from ``data.model`` by the CLI.
+            out_dir: where the artifact goes; the next stages read it from here.
+            max_new_tokens: length of the recorded greedy answers (the official AG protocol uses 20).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = load_model_spec(model)
+        self.lm, self.tokenizer = load_lm(self.spec)
+        self._answers: dict[int, list[int]] = {}
+        self._started = time.time()
+
+    def predict_step(self, batch: dict, batch_idx: int):
+        out = self.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
+                               pad_token_id=self.tokenizer.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:].tolist()
+        eos = self.tokenizer.eos_token_id
+        for key, toks in zip(batch["keys"], new):
+            self._answers[key] = toks[: toks.index(eos)] if eos in toks else toks
+
+    def on_predict_epoch_end(self) -> None:
+        answers = {}
+        for part in gather_objects(self._answers):
+            answers.update(part)
+        if self.global_rank == 0:
+            self._write(answers)
+
+    def _write(self, answers: dict[int, list[int]]) -> None:
+        dm = self.trainer.datamodule
+        hp, splits = dm.hparams, dm.splits
+        missing = [r["key"] for r in dm.requests if r["key"] not in answers]
+        if missing:
+            raise RuntimeError(f"prepare: {len(missing)} prompts got no answer (first keys {missing[:5]})")
+        rows = []
+        for i, rec in enumerate(splits.edits):
+            rows.append({**rec.to_dict(), "pre_edit": {"prompt": None, "paraphrases": [None] * len(rec.paraphrases),
+                                                       "locality": [None] * len(rec.locality)}})
+        for r in dm.requests:
+            toks = answers[r["key"]]
+            slot = rows[r["edit"]]["pre_edit"]
+            entry = {"tokens": toks, "text": self.tokenizer.decode(toks, skip_special_tokens=True)}
+            if r["field"] == "prompt":
+                slot["prompt"] = entry
+            else:
+                slot[r["field"]][r["pos"]] = entry
+        for row in rows:
+            target = self.tokenizer(" " + row["target_new"], add_special_tokens=False)["input_ids"]
+            row["base_correct"] = row["pre_edit"]["prompt"]["tokens"][: len(target)] == target
+        n_candidates = len(rows)
+        if hp.only_wrong:
+            rows = [r for r in rows if not r["base_correct"]]
+            if len(rows) < hp.n_edits:
+                raise RuntimeError(f"only_wrong: {len(rows)} of {n_candidates} candidates are wrong for the base "
+                                   f"model, fewer than N={hp.n_edits}; raise data.oversample or lower N")
+            rows = rows[: hp.n_edits]
+        base_correct = sum(r["base_correct"] for r in rows)
+
+        out = Path(self.hparams.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_jsonl(out / FILES["edits"], rows)
+        atomic_write_jsonl(out / FILES["pseudo_edits"], [r.to_dict() for r in splits.pseudo_edits])
+        atomic_write_jsonl(out / FILES["pseudo_pairs"], splits.pseudo_pairs)
+        atomic_write_jsonl(out / FILES["pseudo_irrelevant"], splits.pseudo_irrelevant)
+        report = {"drops": dm.report.to_dict(), "split_counts": splits.counts,
+                  "edits": len(rows), "candidates_answered": n_candidates,
+                  "base_model_already_correct": base_correct, "prompts_answered": len(dm.requests),
+                  "wall_seconds": round(time.time() - self._started, 1)}
+        atomic_write_json(out / FILES["report"], report)
+        lineage = {"model": self.spec.name, "model_source": self.spec.source,
+                   "model_weights_sha256": state_dict_sha256(self.lm), "edit_layer": self.spec.edit_layer,
+                   "dataset": dm.dataset_cfg.name, "n_edits": hp.n_edits, "seed": hp.seed, "only_wrong": hp.only_wrong}
+        write_manifest(out, "prepare", lineage, config={"data": dict(hp), "model": dict(self.hparams)},
+                       outputs=list(FILES.values()), input_files=dm.input_files,
+                       extra={"model_spec": self.spec.to_dict()})
+        print(f"prepare: wrote {len(rows)} edits, {len(splits.pseudo_edits)} pseudo edits, "
+              f"{len(splits.pseudo_pairs)} pseudo pairs, {len(splits.pseudo_irrelevant)} pseudo-irrelevant prompts "
+              f"to {out} ({report['wall_seconds']} s)")
+
+    def configure_optimizers(self):
+        return None

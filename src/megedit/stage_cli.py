@@ -1,0 +1,36 @@
+"""One LightningCLI entry point shared by every stage script (``stages/<stage>.py``, ``megedit <stage>``).
+
+``configs/stages/<stage>.yaml`` is always loaded first as the default config, so
+``python stages/prepare.py --data.n_edits 16`` works without ``--config``; a user's
+``--config`` file and flags override it. The CLI does not pick a subcommand: each stage
+knows whether it fits, predicts or tests.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+from megedit.paths import CONFIG_DIR
+
+
+class StageCLI(LightningCLI):
+    def __init__(self, *args, links: Sequence[tuple[str, str]] = (), **kwargs):
+        self._links = links
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for source, target in self._links:
+            parser.link_arguments(source, target)
+
+
+def run_stage(stage: str, module_cls, datamodule_cls, method: str, links: Sequence[tuple[str, str]] = (),
+              args: Sequence[str] | None = None) -> StageCLI:
+    cli = StageCLI(
+        module_cls, datamodule_cls, links=links, run=False, args=args,
+        save_config_callback=None,  # the stage's manifest records the resolved config instead
+        parser_kwargs={"default_config_files": [str(CONFIG_DIR / "stages" / f"{stage}.yaml")]},
+    )
+    getattr(cli.trainer, method)(cli.model, datamodule=cli.datamodule)
+    return cli
