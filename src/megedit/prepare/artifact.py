@@ -31,6 +31,13 @@ class Prepared:
     def lineage(self) -> dict:
         return self.manifest["lineage"]
 
+    @property
+    def spec(self):
+        """The model spec the run was prepared with (stages after prepare never re-read the registry)."""
+        from megedit.registry import spec_from_dict
+
+        return spec_from_dict(self.manifest["model_spec"], where=f"{self.dir}/manifest.json")
+
 
 def load_prepared(path: str | Path) -> Prepared:
     path = Path(path)
