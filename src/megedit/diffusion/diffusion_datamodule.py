@@ -1,0 +1,134 @@
+"""(condition, neuron) pairs for the weight generator.
+
+The condition of edit i is the tuned encoder's embedding of the *raw* edit prompt (the encoder
+never sees the LM's template); the target is the neuron the collect stage found for edit i.
+With ``zero_weight_aug`` the pseudo-irrelevant prompts are added with all-zero weights (paper
+App. A.3): the generator learns to answer "no edit" for queries far from every edit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from megedit.artifacts import ArtifactError, check_lineage, check_upstream, read_manifest
+from megedit.prepare.artifact import load_prepared
+
+NEURONS_FILE = "neurons.safetensors"
+
+
+def read_collected(collect_dir: str | Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """``(manifest, weights [N, D] float32, success [N] bool)`` of a collect artifact."""
+    from safetensors.torch import load_file
+
+    collect_dir = Path(collect_dir)
+    manifest = read_manifest(collect_dir, stage="collect")
+    path = collect_dir / NEURONS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{collect_dir}: no {NEURONS_FILE}")
+    tensors = load_file(str(path))
+    for key in ("weights", "success"):
+        if key not in tensors:
+            raise ArtifactError(f"{path}: tensor '{key}' is missing (found {sorted(tensors)})")
+    weights, success = tensors["weights"].float(), tensors["success"].bool()
+    if weights.ndim != 2 or success.shape != (weights.shape[0],):
+        raise ArtifactError(f"{path}: expected weights [N, D] and success [N], got {tuple(weights.shape)} and "
+                            f"{tuple(success.shape)}")
+    if not torch.isfinite(weights).all():
+        bad = (~torch.isfinite(weights)).any(1).nonzero().flatten()[:5].tolist()
+        raise ArtifactError(f"{path}: non-finite neuron weights (rows {bad} ...)")
+    return manifest, weights, success
+
+
+class DiffusionDataModule(L.LightningDataModule):
+    def __init__(self, prepare_dir: str, encoder_dir: str, collect_dir: str, batch_size: int = 256,
+                 only_successful: bool = False, zero_weight_aug: bool = False, n_zero: int | None = None,
+                 val_edits: int = 128, val_batch_size: int = 64, seed: int = 0, embed_batch_size: int = 256,
+                 num_workers: int = 0):
+        """
+        Args:
+            prepare_dir: the prepare artifact (edits, pseudo-irrelevant prompts, lineage).
+            encoder_dir: the encoder artifact; its ``encoder/`` folder embeds the prompts.
+            collect_dir: the collect artifact (``neurons.safetensors``: weights [N, D], success [N]).
+            batch_size: training pairs per step and process.
+            only_successful: train only on neurons whose collection reproduced the target (the paper's filter).
+            zero_weight_aug: add (pseudo-irrelevant prompt, zero vector) pairs (paper App. A.3).
+            n_zero: how many pseudo-irrelevant prompts to use; None: all of them.
+            val_edits: edits (seeded subset) on which validation samples weights and measures L2 and
+                reliability; 0 turns validation off.
+            val_batch_size: edits per validation step (one sampling batch).
+            seed: seed of the validation subset.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.ready = False
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.ready:
+            return
+        from megedit.components.text_encoder import TextEncoder
+
+        hp = self.hparams
+        prepare_dir, encoder_dir, collect_dir = Path(hp.prepare_dir), Path(hp.encoder_dir), Path(hp.collect_dir)
+        self.prepared = load_prepared(prepare_dir)
+        self.encoder_manifest = read_manifest(encoder_dir, stage="encoder")
+        self.collect_manifest, weights, success = read_collected(collect_dir)
+        check_lineage({"prepare": self.prepared.manifest, "encoder": self.encoder_manifest,
+                       "collect": self.collect_manifest})
+        check_upstream(self.encoder_manifest, "prepare", prepare_dir, f"encoder artifact {encoder_dir}")
+        check_upstream(self.collect_manifest, "prepare", prepare_dir, f"collect artifact {collect_dir}")
+        self.spec = self.prepared.spec
+        edits = self.prepared.edits
+        if weights.shape[0] != len(edits):
+            raise ArtifactError(f"{collect_dir}: {weights.shape[0]} neurons for {len(edits)} edits in {prepare_dir}")
+        if weights.shape[1] != self.spec.neuron_dim:
+            raise ArtifactError(f"{collect_dir}: neurons have {weights.shape[1]} values; model {self.spec.name} "
+                                f"needs {self.spec.neuron_dim}")
+        self.edit_weights, self.success = weights, success
+
+        encoder = TextEncoder.from_source(str(encoder_dir / "encoder"))
+        self.edit_cond = encoder.embed([r.prompt for r in edits], batch_size=hp.embed_batch_size)
+        keep = success if hp.only_successful else torch.ones_like(success)
+        if not keep.any():
+            raise ArtifactError(f"{collect_dir}: no successfully collected neuron to train on "
+                                "(set data.only_successful false to train on all of them)")
+        cond, target = [self.edit_cond[keep]], [weights[keep]]
+        self.n_zero = 0
+        if hp.zero_weight_aug:
+            irrelevant = self.prepared.pseudo_irrelevant[: hp.n_zero]
+            if not irrelevant:
+                raise ArtifactError(f"{prepare_dir}: zero_weight_aug needs pseudo-irrelevant prompts; there are none")
+            cond.append(encoder.embed([r["prompt"] for r in irrelevant], batch_size=hp.embed_batch_size))
+            target.append(torch.zeros(len(irrelevant), weights.shape[1]))
+            self.n_zero = len(irrelevant)
+        del encoder
+        self.train_cond, self.train_weights = torch.cat(cond), torch.cat(target)
+        self.n_train_edits = int(keep.sum())
+        n_val = min(hp.val_edits, len(edits))
+        order = torch.randperm(len(edits), generator=torch.Generator().manual_seed(hp.seed))
+        self.val_indices = sorted(order[:n_val].tolist())
+        self.ready = True
+
+    @property
+    def cond_dim(self) -> int:
+        return self.edit_cond.shape[1]
+
+    @property
+    def neuron_dim(self) -> int:
+        return self.edit_weights.shape[1]
+
+    @property
+    def normalisation_weights(self) -> torch.Tensor:
+        """Weights the normalisation statistics come from: the edits' neurons, never the zero vectors."""
+        return self.train_weights[: self.n_train_edits]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.train_cond, self.train_weights), batch_size=self.hparams.batch_size,
+                          shuffle=True, drop_last=False, num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        # Edit indices; the module samples, scores and gathers them (duplicates from DDP padding are dropped).
+        return DataLoader(self.val_indices, batch_size=self.hparams.val_batch_size, shuffle=False)

@@ -1,0 +1,271 @@
+"""Trains the weight generator on (encoder embedding, collected neuron) pairs.
+
+Validation samples neurons with the EMA weights for a fixed subset of edits and measures
+* the L2 distance to the collected neuron (mean, std; the paper's criterion is mean + std < 0.5),
+* the reliability of the *generated* neurons: attached to the frozen LM with ``DynamicNeuron``,
+  does the target come out under teacher forcing (token accuracy) and greedy decoding (exact)?
+The collected neurons' reliability on the same subset is the reference. Checkpoints are
+selected on ``val/score`` (mean of generated TF and AG reliability; minus L2 mean + std when
+reliability is off). At the end rank 0 writes the best EMA weights, ``report.json`` (evaluated on
+all edits) and the manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from megedit.artifacts import atomic_write_json, write_manifest
+from megedit.distributed import barrier, gather_objects
+from megedit.diffusion.generator import CONFIG_FILE, WEIGHTS_FILE, WeightGenerator
+
+REPORT_FILE = "report.json"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+
+
+class DiffusionModule(L.LightningModule):
+    def __init__(self, out_dir: str = "runs/diffusion", preset: str = "dit-small", hidden: int | None = None,
+                 depth: int | None = None, num_heads: int | None = None, patch_size: int | None = None,
+                 schedule: str = "linear", num_train_timesteps: int = 1000, normalisation: str = "standardise",
+                 scale: float = 100.0, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
+                 ema_decay: float = 0.999, val_sampler: str = "ddim", val_steps: int = 50, reliability: bool = True,
+                 report_edits: int | None = None, report_steps: int = 50, seed: int = 0):
+        """
+        Args:
+            out_dir: the artifact folder (generator, report, manifest; Lightning checkpoints under ``checkpoints/``).
+            preset: ``dit-b`` (paper), ``dit-s``, ``dit-small`` (CPU default), ``dit-tiny``, ``mlp`` (Table 7
+                ablation), ``mlp-tiny``; see ``megedit.components.dit.PRESETS``.
+            hidden, depth, num_heads, patch_size: override one field of the preset (patch 100 as in the paper).
+            schedule: ``linear`` (DDPM betas 1e-4..0.02) or ``cosine``.
+            normalisation: ``scale`` (w * scale, the official code's x100), ``standardise`` (per value) or
+                ``global`` (one mean/std); the statistics are saved with the generator.
+            lr, weight_decay, warmup_steps: AdamW with a linear warm-up.
+            ema_decay: EMA of the weights used for validation, sampling and the saved generator.
+            val_sampler, val_steps: how validation samples (``ddim`` or ``ancestral``, respaced steps).
+            reliability: score generated neurons on the LM during validation (needs the LM in memory).
+            report_edits: edits scored in the final report; None: all of them.
+            report_steps: DDIM steps of the final report (50: the inference default).
+            seed: seed of the initial weights.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.generator: WeightGenerator | None = None
+        self.ema: WeightGenerator | None = None
+        self._val_rows: dict[int, dict] = {}
+        self._collected_rel: dict[int, tuple[float, bool]] = {}
+        self._lm = None  # (model, tokenizer, neuron); a plain attribute so it is never in the state dict
+        self._started = time.time()
+
+    # ------------------------------------------------------------------ building
+    def _build(self, input_dim: int, cond_dim: int) -> WeightGenerator:
+        hp = self.hparams
+        from megedit.components.dit import resolve_preset
+
+        preset = resolve_preset(hp.preset, hidden=hp.hidden, depth=hp.depth, num_heads=hp.num_heads,
+                                patch_size=hp.patch_size)
+        return WeightGenerator(preset, input_dim, cond_dim, schedule=hp.schedule,
+                               num_train_timesteps=hp.num_train_timesteps, normalisation=hp.normalisation,
+                               scale=hp.scale)
+
+    def setup(self, stage: str) -> None:
+        if self.generator is not None:
+            return
+        dm = self.trainer.datamodule
+        dm.setup(stage)
+        torch.manual_seed(self.hparams.seed)  # identical initial weights on every rank
+        self.generator = self._build(dm.neuron_dim, dm.cond_dim)
+        self.generator.fit_normalisation(dm.normalisation_weights)
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+
+    def resume_checkpoint(self) -> str | None:
+        """The last checkpoint of an interrupted run in ``out_dir`` (the stage CLI resumes from it)."""
+        last = Path(self.hparams.out_dir) / CHECKPOINT_DIR / LAST_CKPT
+        return str(last) if last.is_file() else None
+
+    def configure_callbacks(self):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        validates = self.trainer.datamodule.hparams.val_edits > 0
+        return [ModelCheckpoint(dirpath=str(Path(self.hparams.out_dir) / CHECKPOINT_DIR),
+                                filename="best-{epoch}-{step}", monitor="val/score" if validates else None,
+                                mode="max", save_top_k=1, save_last=True)]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.generator.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        warm = max(1, hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        cond, weights = batch
+        loss = self.generator.training_loss(self.generator.normalise(weights), cond)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Warm-up of the decay so that a short run's EMA is not dominated by the random initialisation.
+        step = self.global_step
+        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.ema.parameters(), self.generator.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - decay)
+
+    # ------------------------------------------------------------------ validation
+    def _lm_bundle(self):
+        if self._lm is None:
+            from megedit.components.neuron import DynamicNeuron
+            from megedit.loading import load_lm
+
+            spec = self.trainer.datamodule.spec
+            model, tokenizer = load_lm(spec)
+            model.to(self.device)
+            self._lm = (model, tokenizer, DynamicNeuron(model, spec))
+        return self._lm
+
+    def _reliability(self, indices: list[int], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher-forced token accuracy [n], greedy exact match [n]) of ``weights`` on the edit prompts."""
+        from megedit.scoring import greedy_match, teacher_forced
+
+        dm = self.trainer.datamodule
+        model, tokenizer, neuron = self._lm_bundle()
+        edits = [dm.prepared.edits[i] for i in indices]
+        prompts = [dm.spec.format_prompt(e.prompt, e.prompt_kind) for e in edits]
+        targets = [e.target_new for e in edits]
+        tf = teacher_forced(model, tokenizer, neuron, prompts, targets, weights=weights)
+        ag = greedy_match(model, tokenizer, neuron, prompts, targets, weights=weights)
+        return tf["token_acc"].float(), ag.float()
+
+    def _score(self, generator: WeightGenerator, indices: list[int], sampler: str, steps: int,
+               reliability: bool, seed: int = 0) -> dict[int, dict]:
+        dm = self.trainer.datamodule
+        cond = dm.edit_cond[indices].to(self.device)
+        generated = generator.sample(cond, steps=steps, sampler=sampler, seed=seed).float()
+        collected = dm.edit_weights[indices].to(self.device)
+        l2 = (generated - collected).norm(dim=1).cpu()
+        rel = (l2 / collected.norm(dim=1).clamp_min(1e-12).cpu())
+        rows = {i: {"l2": float(l2[k]), "rel_l2": float(rel[k]), "success": bool(dm.success[i])}
+                for k, i in enumerate(indices)}
+        if reliability:
+            tf, ag = self._reliability(indices, generated)
+            missing = [i for i in indices if i not in self._collected_rel]
+            if missing:
+                ctf, cag = self._reliability(missing, dm.edit_weights[missing].to(self.device))
+                self._collected_rel.update({i: (float(a), bool(b)) for i, a, b in zip(missing, ctf, cag)})
+            for k, i in enumerate(indices):
+                rows[i].update(tf=float(tf[k]), ag=float(ag[k]), collected_tf=self._collected_rel[i][0],
+                               collected_ag=float(self._collected_rel[i][1]))
+        return rows
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = {}
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        indices = [int(i) for i in batch]
+        hp = self.hparams
+        self._val_rows.update(self._score(self.ema, indices, hp.val_sampler, hp.val_steps, hp.reliability,
+                                          seed=batch_idx))
+
+    @staticmethod
+    def summarise(rows: dict[int, dict]) -> dict:
+        """Aggregate per-edit rows into the figures the report and TensorBoard show."""
+        if not rows:
+            return {}
+        l2 = torch.tensor([r["l2"] for r in rows.values()])
+        out = {"n": len(rows), "l2_mean": float(l2.mean()), "l2_std": float(l2.std(unbiased=False)),
+               "rel_l2_mean": float(torch.tensor([r["rel_l2"] for r in rows.values()]).mean())}
+        out["l2_mean_plus_std"] = out["l2_mean"] + out["l2_std"]
+        if all("tf" in r for r in rows.values()):
+            for key in ("tf", "ag", "collected_tf", "collected_ag"):
+                out[f"reliability_{key}"] = float(torch.tensor([r[key] for r in rows.values()]).mean())
+            for key in ("tf", "ag"):
+                ref = out[f"reliability_collected_{key}"]
+                out[f"reliability_{key}_ratio"] = out[f"reliability_{key}"] / ref if ref > 0 else float("nan")
+            ok = [r for r in rows.values() if r["success"]]
+            if ok:
+                out["n_successful"] = len(ok)
+                out["reliability_tf_on_successful"] = sum(r["tf"] for r in ok) / len(ok)
+                out["reliability_ag_on_successful"] = sum(r["ag"] for r in ok) / len(ok)
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        rows = {}
+        for part in gather_objects(self._val_rows):
+            rows.update(part)
+        stats = self.summarise(rows)
+        if not stats:
+            return
+        if "reliability_tf" in stats:
+            score = 0.5 * (stats["reliability_tf"] + stats["reliability_ag"])
+        else:
+            score = -stats["l2_mean_plus_std"]
+        stats["score"] = score
+        # Every rank holds the same gathered figures, so no further reduction is needed.
+        for key, value in stats.items():
+            if key != "n":
+                self.log(f"val/{key}", float(value), prog_bar=key in ("score", "l2_mean_plus_std"), sync_dist=False)
+
+    # ------------------------------------------------------------------ output
+    def on_fit_end(self) -> None:
+        if self.global_rank == 0:
+            self._write()
+        barrier()
+
+    def _best_ema(self) -> tuple[WeightGenerator, str | None]:
+        """The EMA generator of the best checkpoint (or of the last state when none was selected)."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        best = None
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+                best = cb.best_model_path
+        ema = self.ema
+        if best and Path(best).is_file():
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            ema = copy.deepcopy(self.ema).cpu()
+            ema.load_state_dict({k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")})
+        return ema.to(self.device), best
+
+    def _write(self) -> None:
+        dm = self.trainer.datamodule
+        hp = self.hparams
+        out = Path(hp.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        ema, best = self._best_ema()
+        train_seconds = time.time() - self._started
+        n = len(dm.prepared.edits)
+        indices = list(range(n)) if hp.report_edits is None else list(range(min(n, hp.report_edits)))
+        t0 = time.time()
+        rows: dict[int, dict] = {}
+        for start in range(0, len(indices), 256):
+            rows.update(self._score(ema, indices[start:start + 256], "ddim", hp.report_steps, hp.reliability,
+                                    seed=start))
+        summary = self.summarise(rows)
+        ema.save(out, extra={"trained_on": {"edits": dm.n_train_edits, "zero_vectors": dm.n_zero,
+                                            "only_successful": dm.hparams.only_successful},
+                             "checkpoint": best})
+        report = {"generated_vs_collected": summary, "sampler": {"name": "ddim", "steps": hp.report_steps},
+                  "collected_success_rate": float(dm.success.float().mean()),
+                  "criterion_l2_mean_plus_std_below_0.5": summary["l2_mean_plus_std"] < 0.5,
+                  "best_checkpoint": best, "global_step": int(self.global_step),
+                  "epochs": int(self.current_epoch), "wall_seconds_train": round(train_seconds, 1),
+                  "wall_seconds_report": round(time.time() - t0, 1),
+                  "parameters": sum(p.numel() for p in ema.net.parameters()),
+                  "per_edit": [{"index": i, **rows[i]} for i in indices]}
+        atomic_write_json(out / REPORT_FILE, report)
+        config = {"model": dict(hp), "data": dict(dm.hparams)}
+        write_manifest(out, "diffusion", dm.prepared.lineage, config=config,
+                       outputs=[WEIGHTS_FILE, CONFIG_FILE, REPORT_FILE],
+                       upstream={"prepare": dm.hparams.prepare_dir, "encoder": dm.hparams.encoder_dir,
+                                 "collect": dm.hparams.collect_dir})
+        rel = (f", reliability TF {summary['reliability_tf']:.3f} / AG {summary['reliability_ag']:.3f} "
+               f"(collected {summary['reliability_collected_tf']:.3f} / {summary['reliability_collected_ag']:.3f})"
+               if "reliability_tf" in summary else "")
+        print(f"diffusion: wrote {out} - L2 {summary['l2_mean']:.4f} +- {summary['l2_std']:.4f}{rel}; "
+              f"{train_seconds:.0f} s training")

@@ -1,0 +1,201 @@
+"""The weight generator: a denoiser (DiT or MLP) + a v-prediction noise schedule + the weight
+normalisation, saved as ``generator.safetensors`` (EMA weights) and ``generator.json``.
+
+The schedules and samplers are diffusers' ``DDPMScheduler`` (training noise, respaced ancestral
+sampling) and ``DDIMScheduler`` (deterministic DDIM, eta = 0), both with
+``prediction_type="v_prediction"``: the network predicts v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·x₀ (paper eq. 7–8).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megedit.artifacts import ArtifactError, atomic_path, atomic_write_json
+from megedit.components.dit import DenoiserPreset, build_denoiser, resolve_preset
+
+WEIGHTS_FILE = "generator.safetensors"
+CONFIG_FILE = "generator.json"
+SAMPLERS = ("ddim", "ancestral")
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+NORMALISATIONS = ("scale", "standardise", "global")
+
+
+def make_training_scheduler(schedule: str = "linear", num_train_timesteps: int = 1000):
+    from diffusers import DDPMScheduler
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"noise schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    # linear: DDPM's beta 1e-4 .. 0.02; cosine: Nichol & Dhariwal (diffusers 'squaredcos_cap_v2').
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=SCHEDULES[schedule],
+                         beta_start=1e-4, beta_end=0.02, prediction_type="v_prediction", clip_sample=False,
+                         variance_type="fixed_small")
+
+
+def make_sampler(sampler: str, train_scheduler, steps: int, timestep_spacing: str = "trailing"):
+    """A fresh (stateful) diffusers scheduler set to ``steps`` respaced steps."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    n_train = train_scheduler.config.num_train_timesteps
+    if not 1 <= steps <= n_train:
+        raise ValueError(f"sampling steps must be in 1..{n_train}, got {steps}")
+    cfg = dict(train_scheduler.config)
+    cfg["timestep_spacing"] = timestep_spacing
+    if sampler == "ddim":
+        sched = DDIMScheduler.from_config(cfg, set_alpha_to_one=True, clip_sample=False)
+    elif sampler == "ancestral":
+        sched = DDPMScheduler.from_config(cfg)
+    else:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    sched.set_timesteps(steps)
+    return sched
+
+
+class WeightGenerator(nn.Module):
+    """``sample(cond [B, H]) -> weights [B, D]``: conditioned generation of one neuron's weights."""
+
+    def __init__(self, preset: str | dict | DenoiserPreset, input_dim: int, cond_dim: int,
+                 schedule: str = "linear", num_train_timesteps: int = 1000, normalisation: str = "scale",
+                 scale: float = 100.0, timestep_spacing: str = "trailing", prefer_timm: bool = True):
+        super().__init__()
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
+        self.preset = resolve_preset(preset)
+        self.input_dim, self.cond_dim = int(input_dim), int(cond_dim)
+        self.schedule, self.num_train_timesteps = schedule, int(num_train_timesteps)
+        self.normalisation, self.scale, self.timestep_spacing = normalisation, float(scale), timestep_spacing
+        self.net = build_denoiser(self.preset, self.input_dim, self.cond_dim, prefer_timm)
+        self.scheduler = make_training_scheduler(schedule, num_train_timesteps)
+        # normalised = (w - shift) / div; saved with the weights so samples come back in weight units.
+        self.register_buffer("norm_shift", torch.zeros(self.input_dim))
+        self.register_buffer("norm_div", torch.full((self.input_dim,), 1.0 / self.scale))
+
+    # ------------------------------------------------------------------ normalisation
+    @torch.no_grad()
+    def fit_normalisation(self, weights: torch.Tensor, eps: float = 1e-8) -> None:
+        """Set the statistics from the training weights ``[N, D]`` (only ``standardise``/``global`` use them)."""
+        if weights.ndim != 2 or weights.shape[1] != self.input_dim:
+            raise ValueError(f"expected weights [N, {self.input_dim}], got {tuple(weights.shape)}")
+        w = weights.double()
+        if self.normalisation == "scale":
+            shift, div = torch.zeros(self.input_dim), torch.full((self.input_dim,), 1.0 / self.scale)
+        elif self.normalisation == "standardise":
+            shift, div = w.mean(0), w.std(0, unbiased=False).clamp_min(eps)
+        else:
+            shift, div = w.mean().expand(self.input_dim), w.std(unbiased=False).clamp_min(eps).expand(self.input_dim)
+        self.norm_shift.copy_(shift.float())
+        self.norm_div.copy_(div.float())
+
+    def normalise(self, weights: torch.Tensor) -> torch.Tensor:
+        return (weights - self.norm_shift) / self.norm_div
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.norm_div + self.norm_shift
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.net(x_t, t, cond)
+
+    def training_loss(self, x0: torch.Tensor, cond: torch.Tensor, denoiser: nn.Module | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """v-prediction MSE on *normalised* weights ``x0`` at uniformly drawn steps.
+
+        ``denoiser`` lets the caller pass a DDP-wrapped ``self`` so gradients are synchronised.
+        """
+        b = x0.shape[0]
+        t = torch.randint(0, self.num_train_timesteps, (b,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        target = self.scheduler.get_velocity(x0, noise, t)
+        pred = (denoiser or self)(x_t, t, cond)
+        return F.mse_loss(pred.float(), target.float())
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, steps: int = 50, sampler: str = "ddim", seed: int | None = None,
+               batch_size: int | None = None, normalised: bool = False) -> torch.Tensor:
+        """De-normalised neuron weights ``[B, D]`` for conditions ``[B, H]`` (float32, on ``cond``'s device).
+
+        ``ddim`` is deterministic given the initial noise; ``ancestral`` draws fresh noise each step.
+        ``seed`` fixes the noise (per call, independent of the global RNG).
+        """
+        if cond.ndim != 2 or cond.shape[1] != self.cond_dim:
+            raise ValueError(f"expected conditions [B, {self.cond_dim}], got {tuple(cond.shape)}")
+        device = self.norm_shift.device
+        cond = cond.to(device=device, dtype=self.norm_shift.dtype)
+        gen = torch.Generator(device=device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(seed))
+        was_training = self.training
+        self.eval()
+        out = []
+        chunk = batch_size or max(1, cond.shape[0])
+        for start in range(0, cond.shape[0], chunk):
+            c = cond[start:start + chunk]
+            sched = make_sampler(sampler, self.scheduler, steps, self.timestep_spacing)
+            x = torch.randn((c.shape[0], self.input_dim), device=device, generator=gen)
+            for t in sched.timesteps:
+                v = self.net(x, t.to(device).expand(c.shape[0]), c).float()
+                x = sched.step(v, t, x, generator=gen).prev_sample
+            out.append(x)
+        self.train(was_training)
+        x = torch.cat(out) if out else torch.empty(0, self.input_dim, device=device)
+        return x if normalised else self.denormalise(x)
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        return {
+            "format": "megedit-weight-generator/1",
+            "preset": self.preset.to_dict(),
+            "input_dim": self.input_dim,
+            "cond_dim": self.cond_dim,
+            "schedule": {"name": self.schedule, "num_train_timesteps": self.num_train_timesteps,
+                         "prediction_type": "v_prediction", "timestep_spacing": self.timestep_spacing,
+                         "default_sampler": "ddim", "default_steps": 50},
+            "normalisation": {"mode": self.normalisation, "scale": self.scale,
+                              "shift": self.norm_shift.tolist(), "div": self.norm_div.tolist()},
+        }
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": "megedit-weight-generator/1"})
+        atomic_write_json(folder / CONFIG_FILE, {**self.config(), **(extra or {})})
+
+    @classmethod
+    def from_config(cls, cfg: dict, prefer_timm: bool = True) -> "WeightGenerator":
+        sched, norm = cfg["schedule"], cfg["normalisation"]
+        return cls(cfg["preset"], cfg["input_dim"], cfg["cond_dim"], schedule=sched["name"],
+                   num_train_timesteps=sched["num_train_timesteps"], normalisation=norm["mode"],
+                   scale=norm["scale"], timestep_spacing=sched.get("timestep_spacing", "trailing"),
+                   prefer_timm=prefer_timm)
+
+
+def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> WeightGenerator:
+    """The trained generator in ``folder`` (a diffusion artifact: ``generator.safetensors`` + ``generator.json``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise ArtifactError(f"{folder}: no {name}; is this a diffusion stage output (--model.out_dir)?")
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    if cfg.get("format") != "megedit-weight-generator/1":
+        raise ArtifactError(f"{folder / CONFIG_FILE}: unknown format {cfg.get('format')!r}")
+    gen = WeightGenerator.from_config(cfg)
+    state = load_file(str(folder / WEIGHTS_FILE))
+    missing, unexpected = gen.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"{folder / WEIGHTS_FILE} does not match {CONFIG_FILE}: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}")
+    return gen.to(device).eval().requires_grad_(False)
