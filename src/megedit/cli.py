@@ -25,6 +25,9 @@ STAGES: dict[str, Stage] = {
                      "megedit.prepare.prepare_datamodule:PrepareDataModule", "predict",
                      (("data.model", "model.model"),),
                      "read, deduplicate and split a benchmark; record the base LM's pre-edit answers"),
+    "diffusion": Stage("megedit.diffusion.diffusion_module:DiffusionModule",
+                       "megedit.diffusion.diffusion_datamodule:DiffusionDataModule", "fit", (),
+                       "train the 1-D DiT weight generator on (encoder embedding, collected neuron) pairs"),
 }
 
 
