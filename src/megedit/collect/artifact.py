@@ -1,0 +1,80 @@
+"""The collect artifact and its resumable shards.
+
+``<out_dir>/``
+  ``neurons.safetensors``  ``weights`` float32 [N, D] (row i = edit i of the prepare artifact's
+                           edits.jsonl) and ``success`` uint8 [N] (greedy decoding reproduces the target)
+  ``per_edit.jsonl``       {index, id, success, tf_success, steps, loss, min_margin, rank}
+  ``report.json``          success rate, edits/s, wall time, peak memory, paraphrase-transfer diagnostic
+  ``manifest.json``        stage "collect", lineage of the prepare run, upstream {"prepare": dir}
+  ``shards/``              work files: one atomic safetensors file per finished shard of edits;
+                           a restart skips every shard already there (deleted after the merge
+                           unless ``keep_shards``)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from megedit.artifacts import ArtifactError, atomic_path, read_manifest
+
+FILES = {"neurons": "neurons.safetensors", "per_edit": "per_edit.jsonl", "report": "report.json"}
+SHARD_DIR = "shards"
+
+
+def load_collected(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(weights float32 [N, D], success bool [N], manifest)``; checks the manifest and the shapes."""
+    path = Path(path)
+    manifest = read_manifest(path, stage="collect")
+    tensors = load_file(str(path / FILES["neurons"]))
+    for name in ("weights", "success"):
+        if name not in tensors:
+            raise ArtifactError(f"{path / FILES['neurons']}: tensor '{name}' is missing")
+    weights, success = tensors["weights"], tensors["success"].bool()
+    n, d = manifest["n_edits"], manifest["neuron_dim"]
+    if tuple(weights.shape) != (n, d) or tuple(success.shape) != (n,):
+        raise ArtifactError(f"{path}: weights {tuple(weights.shape)} / success {tuple(success.shape)} do not match "
+                            f"the manifest's N={n}, D={d}")
+    return weights, success, manifest
+
+
+def training_rows(success: torch.Tensor, manifest: dict) -> torch.Tensor:
+    """Indices of the rows a generator should learn from: all, or only the successful ones when the
+    collect run was configured with ``drop_failed`` (the paper's choice)."""
+    if manifest.get("config", {}).get("model", {}).get("drop_failed", True):
+        return torch.nonzero(success.bool(), as_tuple=False).flatten()
+    return torch.arange(success.shape[0])
+
+
+def shard_path(out_dir: str | Path, shard: int) -> Path:
+    return Path(out_dir) / SHARD_DIR / f"shard-{shard:05d}.safetensors"
+
+
+def write_shard(out_dir: str | Path, shard: int, tensors: dict[str, torch.Tensor], records: list[dict],
+                fingerprint: str) -> None:
+    """One file per shard, written atomically: a killed run leaves whole shards or none."""
+    path = shard_path(out_dir, shard)
+    meta = {"fingerprint": fingerprint, "shard": str(shard), "records": json.dumps(records)}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+
+def read_shard(out_dir: str | Path, shard: int, fingerprint: str) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
+    """The shard's tensors and records, or None when it was not written yet."""
+    path = shard_path(out_dir, shard)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # a torn file cannot happen with atomic writes, but a foreign one can
+        raise ArtifactError(f"{path}: unreadable shard ({exc}); delete it to recollect that shard") from None
+    if meta.get("fingerprint") != fingerprint:
+        raise ArtifactError(f"{path} was collected with another configuration or prepare artifact "
+                            f"(fingerprint {meta.get('fingerprint')} != {fingerprint}); use a fresh --model.out_dir "
+                            f"or delete {path.parent} to start over")
+    return tensors, json.loads(meta["records"])

@@ -1,0 +1,306 @@
+"""Collect stage: optimise one dynamic neuron per edit of the prepare artifact and write them as [N, D].
+
+Each rank runs a refill-queue optimiser (``megedit.collect.engine``) over its shards; a shard is
+verified with real greedy decoding and written atomically as soon as all its edits are done.
+After every rank is done, rank 0 merges the shards, measures the paraphrase-transfer
+diagnostic on pseudo-edits (never on the evaluation paraphrases) and writes the manifest last.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from megedit.artifacts import (ArtifactError, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json,
+                               write_manifest)
+from megedit.collect.artifact import FILES, SHARD_DIR, read_shard, write_shard
+from megedit.collect.engine import (CollectItem, CollectOptions, CollectResult, NeuronCollector, collect,
+                                    generate_prefixes, with_prefix)
+from megedit.components.neuron import DynamicNeuron
+from megedit.distributed import barrier, gather_objects
+from megedit.loading import load_lm, state_dict_sha256
+from megedit.scoring import greedy_match, teacher_forced
+
+# Options that change the collected weights (the shard fingerprint); the rest only change speed or reports.
+_RESULT_OPTIONS = ("lr", "max_steps", "key_init", "stop_margin", "stop_on", "n_prefixes", "prefix_tokens",
+                   "prefix_seed", "verify")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class CollectModule(L.LightningModule):
+    def __init__(self, out_dir: str = "runs/collect", lr: float = 0.05, max_steps: int = 50, capacity: int = 64,
+                 key_init: str = "last", stop_margin: float = 0.0, stop_on: str = "all", n_prefixes: int = 0,
+                 prefix_tokens: int = 10, prefix_seed: int = 0, verify: bool = True, drop_failed: bool = True,
+                 transfer_n: int = 64, transfer_compare: bool = True, transfer_seed: int = 0,
+                 encode_batch: int = 64, keep_shards: bool = False, check_weights: bool = True):
+        """
+        Args:
+            out_dir: where the artifact goes (``neurons.safetensors``, ``per_edit.jsonl``, ``report.json``,
+                ``manifest.json``; ``shards/`` while running).
+            lr: Adam learning rate of the per-edit optimisation.
+            max_steps: Adam steps per edit before it counts as failed.
+            capacity: edits optimised side by side (rows of the batch); finished rows are refilled at once.
+            key_init: ``last`` (key = last prompt token's MLP input / its squared norm, value 0), ``mean``
+                (same from the mean over prompt tokens) or ``random``.
+            stop_margin: an edit stops once every target token beats the runner-up logit by this margin.
+            stop_on: ``all`` views (prompt and prefixed copies) must pass, or only the ``prompt``.
+            n_prefixes: random LM-generated context prefixes trained alongside the plain prompt (0 = prompt only).
+            prefix_tokens: tokens per generated prefix.
+            prefix_seed: seed of the prefix sampling.
+            verify: re-check every edit with real batched greedy decoding (``generate``); success needs both.
+            drop_failed: the paper keeps only edits whose collection succeeded; recorded in the manifest and
+                honoured by ``megedit.collect.artifact.training_rows`` (failed rows stay in the [N, D] file).
+            transfer_n: pseudo-edits (never the evaluation paraphrases) used for the paraphrase-transfer
+                diagnostic; 0 skips it.
+            transfer_compare: also measure the plain prompt-only neuron on the same pseudo-edits.
+            transfer_seed: which pseudo-edits the diagnostic samples.
+            encode_batch: sequences per forward when caching the layers below the edit layer.
+            keep_shards: keep ``shards/`` after the merge.
+            check_weights: refuse an LM whose weights hash differs from the prepare run's lineage.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.options = CollectOptions(lr=lr, max_steps=max_steps, capacity=capacity, key_init=key_init,
+                                      stop_margin=stop_margin, stop_on=stop_on, encode_batch=encode_batch)
+        if n_prefixes < 0 or transfer_n < 0:
+            raise ValueError("model.n_prefixes and model.transfer_n must be >= 0")
+        self.lm = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.lm is not None:
+            return
+        if torch.is_inference_mode_enabled() or getattr(self.trainer, "inference_mode", False):
+            raise RuntimeError("collect needs gradients: run it with trainer.inference_mode: false "
+                               "(configs/stages/collect.yaml sets it)")
+        dm = self.trainer.datamodule
+        dm.setup("predict")
+        self.prepared = dm.prepared
+        self.spec = self.prepared.spec
+        self.lm, self.tokenizer = load_lm(self.spec)
+        self.lm.to(self.device)
+        if self.hparams.check_weights:
+            digest = state_dict_sha256(self.lm)
+            want = self.prepared.lineage.get("model_weights_sha256")
+            if want and digest != want:
+                raise ArtifactError(f"the LM loaded for {self.spec.name} has weights {digest[:12]}..., but "
+                                    f"{self.prepared.dir} was prepared with {want[:12]}...; re-run prepare")
+        self.neuron = DynamicNeuron(self.lm, self.spec)
+        self.prefixes = generate_prefixes(self.lm, self.tokenizer, self.hparams.n_prefixes,
+                                          self.hparams.prefix_tokens, self.hparams.prefix_seed)
+        # Every rank must train under the same prefixes (sampling is seeded, but check rather than trust).
+        if len({tuple(p) for p in gather_objects(self.prefixes)}) != 1:
+            raise RuntimeError("ranks sampled different context prefixes; cannot shard consistently")
+        self.fingerprint = sha256_json({
+            "options": {k: self.hparams[k] for k in _RESULT_OPTIONS},
+            "prefixes": self.prefixes, "shard_size": dm.hparams.shard_size, "n_edits": dm.n_edits,
+            "prepare_manifest": sha256_file(Path(self.prepared.dir) / "manifest.json"),
+        })[:16]
+        self.out_dir = Path(self.hparams.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_sizes = {s["shard"]: s["end"] - s["start"] for s in dm.shards}
+        self._buffers: dict[int, dict[int, tuple[CollectResult, dict]]] = {}
+        self.engine = NeuronCollector(self.lm, self.tokenizer, self.spec, self.options, neuron=self.neuron,
+                                      on_result=self._on_result)
+        self.stats = {"shards_collected": 0, "shards_resumed": 0, "edits_collected": 0, "collect_seconds": 0.0,
+                      "verify_seconds": 0.0, "optimizer_steps": 0, "verify_disagreements": 0}
+        self._started = time.time()
+
+    def configure_optimizers(self):
+        return None  # the per-edit Adam lives in the engine (one state per row)
+
+    def views(self, prompt: str, kind: str) -> list[str]:
+        fmt = self.spec.format_prompt
+        return [fmt(prompt, kind)] + [fmt(with_prefix(p, prompt), kind) for p in self.prefixes]
+
+    # ------------------------------------------------------------------ work
+    def predict_step(self, batch: dict, batch_idx: int):
+        shard = int(batch["shard"])
+        if shard < 0:
+            return None  # padding so every rank gets an item
+        if read_shard(self.out_dir, shard, self.fingerprint) is not None:
+            self.stats["shards_resumed"] += 1
+            return None
+        start, end = int(batch["start"]), int(batch["end"])
+        items = [CollectItem(i, self.views(self.prepared.edits[i].prompt, self.prepared.edits[i].prompt_kind),
+                             self.prepared.edits[i].target_new) for i in range(start, end)]
+        t0 = time.time()
+        self._buffers[shard] = {}
+        self.engine.add(items, extra={"shard": shard})
+        # Keep stepping while there is more queued work than rows, so the next shard refills the batch.
+        while self.engine.pending > self.options.capacity:
+            self.engine.step()
+        self.stats["collect_seconds"] += time.time() - t0
+        return None
+
+    def _on_result(self, result: CollectResult, extra: dict) -> None:
+        shard = extra["shard"]
+        self._buffers[shard][result.key] = (result, extra)
+        if len(self._buffers[shard]) == self.shard_sizes[shard]:
+            self._finish_shard(shard)
+
+    def _finish_shard(self, shard: int) -> None:
+        results = [r for r, _ in sorted(self._buffers.pop(shard).values(), key=lambda x: x[0].key)]
+        weights = torch.stack([r.weights for r in results]).float()
+        tf_ok = torch.tensor([r.success for r in results])
+        if self.hparams.verify:
+            t0 = time.time()
+            edits = [self.prepared.edits[r.key] for r in results]
+            gm = greedy_match(self.lm, self.tokenizer, self.neuron,
+                              [self.spec.format_prompt(e.prompt, e.prompt_kind) for e in edits],
+                              [e.target_new for e in edits], weights.to(self.device), batch_size=64)
+            self.stats["verify_seconds"] += time.time() - t0
+            self.stats["verify_disagreements"] += int((gm != tf_ok).sum())
+            success = tf_ok & gm
+        else:
+            success = tf_ok
+        records = [{"index": r.key, "id": self.prepared.edits[r.key].id, "success": bool(s), "tf_success": r.success,
+                    "steps": r.steps, "loss": round(r.loss, 5), "min_margin": round(r.min_margin, 4),
+                    "rank": self.global_rank} for r, s in zip(results, success.tolist())]
+        write_shard(self.out_dir, shard, {"weights": weights, "success": success.to(torch.uint8),
+                                          "index": torch.tensor([r.key for r in results])},
+                    records, self.fingerprint)
+        self.stats["shards_collected"] += 1
+        self.stats["edits_collected"] += len(results)
+
+    def on_predict_epoch_end(self) -> None:
+        t0 = time.time()
+        self.engine.run()  # the tail: no more shards to refill from
+        self.stats["collect_seconds"] += time.time() - t0
+        self.stats["optimizer_steps"] = self.engine.total_steps
+        self.stats["peak_rss_mib"] = round(peak_rss_mib(), 1)
+        self.stats["peak_cache_mib"] = round(self.engine.peak_cache_bytes / 2**20, 2)
+        if self._buffers:
+            raise RuntimeError(f"collect: shards {sorted(self._buffers)} never completed")
+        per_rank = gather_objects(dict(self.stats, rank=self.global_rank))
+        barrier()
+        if self.global_rank == 0:
+            self._merge(per_rank)
+        barrier()
+
+    # ------------------------------------------------------------------ merge + report
+    def _merge(self, per_rank: list[dict]) -> None:
+        dm = self.trainer.datamodule
+        n, D = dm.n_edits, self.spec.neuron_dim
+        weights = torch.zeros(n, D)
+        success = torch.zeros(n, dtype=torch.uint8)
+        seen = torch.zeros(n, dtype=torch.bool)
+        records: list[dict | None] = [None] * n
+        for s in dm.shards:
+            got = read_shard(self.out_dir, s["shard"], self.fingerprint)
+            if got is None:
+                raise ArtifactError(f"collect: shard {s['shard']} (edits {s['start']}..{s['end'] - 1}) is missing "
+                                    f"from {self.out_dir / SHARD_DIR} after every rank finished")
+            tensors, recs = got
+            idx = tensors["index"].long()
+            weights[idx] = tensors["weights"]
+            success[idx] = tensors["success"]
+            seen[idx] = True
+            for r in recs:
+                records[r["index"]] = r
+        if not bool(seen.all()):
+            raise ArtifactError(f"collect: {int((~seen).sum())} edits have no neuron after the merge")
+        for i, rec in enumerate(records):
+            if rec["id"] != self.prepared.edits[i].id:
+                raise ArtifactError(f"collect: shard row {i} holds edit {rec['id']}, expected "
+                                    f"{self.prepared.edits[i].id}; the shards belong to another prepare run")
+
+        from safetensors.torch import save_file
+        from megedit.artifacts import atomic_path
+
+        with atomic_path(self.out_dir / FILES["neurons"]) as tmp:
+            save_file({"weights": weights.contiguous(), "success": success}, str(tmp))
+        atomic_write_jsonl(self.out_dir / FILES["per_edit"], records)
+
+        wall = time.time() - self._started
+        collect_seconds = max(r["collect_seconds"] + r["verify_seconds"] for r in per_rank)
+        n_new = sum(r["edits_collected"] for r in per_rank)
+        steps = [r["steps"] for r in records]
+        report = {
+            "n_edits": n, "success_rate": round(float(success.float().mean()), 4),
+            "n_failed": int(n - int(success.sum())),
+            "drop_failed": self.hparams.drop_failed,
+            "teacher_forced_success_rate": round(sum(r["tf_success"] for r in records) / n, 4),
+            "steps_mean": round(sum(steps) / n, 2), "steps_max": max(steps),
+            "edits_collected_this_run": n_new,
+            "edits_per_second": round(n_new / collect_seconds, 3) if n_new and collect_seconds > 0 else None,
+            "collect_wall_seconds": round(collect_seconds, 1),
+            "stage_wall_seconds": round(wall, 1),
+            "world_size": len(per_rank),
+            "peak_rss_mib_per_rank": [r["peak_rss_mib"] for r in per_rank],
+            "peak_cache_mib_per_rank": [r["peak_cache_mib"] for r in per_rank],
+            "per_rank": per_rank,
+            "prefixes": self.prefixes,
+            "weights_norm_mean": round(float(weights.norm(dim=1).mean()), 4),
+        }
+        if self.hparams.transfer_n:
+            t0 = time.time()
+            report["transfer"] = self.transfer_diagnostic()
+            report["transfer"]["seconds"] = round(time.time() - t0, 1)
+        atomic_write_json(self.out_dir / FILES["report"], report)
+        write_manifest(self.out_dir, "collect", self.prepared.lineage,
+                       config={"data": dict(dm.hparams), "model": dict(self.hparams)},
+                       outputs=list(FILES.values()), upstream={"prepare": str(self.prepared.dir)},
+                       extra={"n_edits": n, "neuron_dim": D, "model_spec": self.spec.to_dict(),
+                              "prefixes": self.prefixes, "fingerprint": self.fingerprint})
+        if not self.hparams.keep_shards:
+            shutil.rmtree(self.out_dir / SHARD_DIR, ignore_errors=True)
+        tr = report.get("transfer", {})
+        print(f"collect: {n} edits, success {report['success_rate']:.2%} ({report['n_failed']} failed), "
+              f"{report['edits_per_second']} edits/s, mean {report['steps_mean']} steps; paraphrase transfer "
+              f"{tr.get('configured', {}).get('paraphrase_exact', 'n/a')} (prompt-only "
+              f"{tr.get('prompt_only', {}).get('paraphrase_exact', 'n/a')}) -> {self.out_dir}")
+
+    def transfer_diagnostic(self) -> dict:
+        """Collect neurons for sampled pseudo-edits; how often does the neuron carry over to their paraphrases?"""
+        pool = [r for r in self.prepared.pseudo_edits if r.paraphrases]
+        if not pool:
+            return {"error": "the prepare artifact has no pseudo-edits with paraphrases"}
+        rng = random.Random(self.hparams.transfer_seed)
+        sample = rng.sample(pool, min(self.hparams.transfer_n, len(pool)))
+        out = {"n_pseudo_edits": len(sample)}
+        configs = {"configured": self.prefixes}
+        if self.hparams.transfer_compare and (self.prefixes or self.hparams.stop_margin or
+                                              self.hparams.key_init != "last"):
+            configs["prompt_only"] = None
+        for name, prefixes in configs.items():
+            opts = self.options if prefixes is not None else CollectOptions(
+                lr=self.options.lr, max_steps=self.options.max_steps, capacity=self.options.capacity)
+            pre = prefixes or []
+            fmt = self.spec.format_prompt
+            items = [CollectItem(i, [fmt(r.prompt, r.prompt_kind)] +
+                                 [fmt(with_prefix(p, r.prompt), r.prompt_kind) for p in pre], r.target_new)
+                     for i, r in enumerate(sample)]
+            results = collect(self.lm, self.tokenizer, self.spec, items, opts, neuron=self.neuron)
+            out[name] = transfer_scores(self.lm, self.tokenizer, self.neuron, self.spec, sample, results)
+        return out
+
+
+def transfer_scores(model, tokenizer, neuron, spec, records, results) -> dict:
+    """Greedy exact match and teacher-forced token accuracy on the paraphrases, with each record's own neuron."""
+    prompts, targets, rows, base_rows = [], [], [], []
+    for i, (rec, res) in enumerate(zip(records, results)):
+        for p in rec.paraphrases:
+            prompts.append(spec.format_prompt(p, rec.prompt_kind))
+            targets.append(rec.target_new)
+            rows.append(i)
+    W = torch.stack([r.weights for r in results])[rows]
+    ok = torch.tensor([r.success for r in results])
+    exact = greedy_match(model, tokenizer, neuron, prompts, targets, W, batch_size=64)
+    tf = teacher_forced(model, tokenizer, neuron, prompts, targets, W, batch_size=64)
+    base = greedy_match(model, tokenizer, None, prompts, targets, None, batch_size=64)
+    return {"prompt_success": round(float(ok.float().mean()), 4),
+            "n_paraphrases": len(prompts),
+            "paraphrase_exact": round(float(exact.float().mean()), 4),
+            "paraphrase_token_acc": round(float(tf["token_acc"].mean()), 4),
+            "paraphrase_exact_unedited": round(float(base.float().mean()), 4),
+            "steps_mean": round(sum(r.steps for r in results) / len(results), 2)}

@@ -1,0 +1,451 @@
+"""Batched neuron collection: one neuron per edit, optimised so the frozen LM emits the target.
+
+Why it is fast:
+
+* the decoder layers below the edit layer never see the neuron, so they run once per edit
+  (without gradients) and their output is cached; every optimisation step runs only the
+  layers from the edit layer up;
+* the LM head runs only at the positions that predict target tokens;
+* ``capacity`` edits are optimised side by side, each with its own Adam state; a row that
+  succeeds (or runs out of steps) is frozen at the weights that passed the check and its
+  slot is refilled from the queue at once, so the batch stays full.
+
+The cache is built per chunk of edits (``add``) and freed when the edits finish, so memory
+is flat in N. Stopping test: every target token is the argmax under teacher forcing (with
+an optional logit margin) in every view; for a causal LM that is the same as greedy decoding
+reproducing the target, and the collect stage re-checks it with real ``generate`` anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megedit.components.neuron import DynamicNeuron, join_neuron
+from megedit.loading import decoder_layers, edit_mlp
+from megedit.registry import ModelSpec
+from megedit.scoring import positions_from_mask, target_batch
+
+KEY_INITS = ("last", "mean", "random")
+
+
+@dataclass
+class CollectOptions:
+    lr: float = 0.05  # Adam learning rate
+    max_steps: int = 50  # per edit; an edit that has not passed by then is recorded as failed
+    capacity: int = 64  # edits optimised side by side
+    key_init: str = "last"  # last: last prompt token's MLP input / |.|^2; mean: mean over the prompt; random
+    stop_margin: float = 0.0  # target logit must beat the runner-up by this much (logits) at every target token
+    stop_on: str = "all"  # all: every view must pass; prompt: only the plain prompt
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    encode_batch: int = 64  # sequences per forward when caching the lower layers
+
+    def __post_init__(self):
+        if self.key_init not in KEY_INITS:
+            raise ValueError(f"key_init {self.key_init!r}: expected one of {KEY_INITS}")
+        if self.stop_on not in ("all", "prompt"):
+            raise ValueError(f"stop_on {self.stop_on!r}: expected 'all' or 'prompt'")
+        if self.lr <= 0 or self.max_steps < 1 or self.capacity < 1:
+            raise ValueError(f"need lr > 0, max_steps >= 1, capacity >= 1; got {self.lr}, {self.max_steps}, "
+                             f"{self.capacity}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class CollectItem:
+    """One edit to collect: ``views`` are LM strings (the prompt first, then e.g. prefixed copies)."""
+
+    key: object  # caller's id (row index, edit id, ...)
+    views: list[str]
+    target: str
+
+
+@dataclass
+class CollectResult:
+    key: object
+    weights: Tensor  # [D]
+    success: bool
+    steps: int
+    loss: float
+    min_margin: float
+
+
+@dataclass
+class _Cached:
+    item: CollectItem
+    hidden: list[Tensor]  # per view: [T_v, d] input of the edit layer
+    labels: list[Tensor]  # per view: [n_target] target ids
+    init: Tensor  # [D]
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a decoder layer whose output is not needed (or is replaced by the cache)."""
+
+    def __init__(self, original: torch.nn.Module, returns_tuple: bool):
+        super().__init__()
+        self.returns_tuple = returns_tuple
+        for attr in ("attention_type", "layer_idx", "is_sliding"):  # read by some decoders' loops
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.returns_tuple else hidden_states
+
+
+class LayerSplit:
+    """Run a causal LM in two halves around the edit layer: ``lower`` (cached once) and ``upper``."""
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec):
+        self.model, self.spec = model, spec
+        self.layers = decoder_layers(model, spec)
+        self.L = spec.edit_layer
+        self.base = model.base_model
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise ValueError(f"model {spec.name}: no output embeddings (LM head) found")
+        self._returns_tuple: bool | None = None
+
+    @contextlib.contextmanager
+    def _skipping(self, indices: Sequence[int]):
+        saved = {i: self.layers[i] for i in indices}
+        try:
+            for i in indices:
+                self.layers[i] = _Skip(saved[i], bool(self._returns_tuple))
+            yield
+        finally:
+            for i, layer in saved.items():
+                self.layers[i] = layer
+
+    @torch.no_grad()
+    def lower(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(input of the edit layer, input of its MLP)``, both ``[B, T, d]``; layers above are skipped."""
+        got = {}
+
+        def grab_layer_input(module, args, kwargs):
+            got["layer"] = args[0] if args else kwargs["hidden_states"]
+
+        def grab_layer_output(module, args, output):
+            if self._returns_tuple is None:
+                self._returns_tuple = isinstance(output, tuple)
+
+        def grab_mlp_input(module, args):
+            got["mlp"] = args[0]
+
+        layer = self.layers[self.L]
+        handles = [layer.register_forward_pre_hook(grab_layer_input, with_kwargs=True),
+                   layer.register_forward_hook(grab_layer_output),
+                   edit_mlp(self.model, self.spec).register_forward_pre_hook(grab_mlp_input)]
+        try:
+            # Layers above L are skipped only once we know what a layer returns (first call runs them).
+            skip = range(self.L + 1, len(self.layers)) if self._returns_tuple is not None else ()
+            with self._skipping(skip):
+                self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return got["layer"], got["mlp"]
+
+    def upper(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        """Final hidden states (after the final norm) from the cached edit-layer input ``hidden`` [B, T, d]."""
+
+        def inject(module, args, kwargs):
+            if args:
+                return (hidden,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        handle = self.layers[self.L].register_forward_pre_hook(inject, with_kwargs=True)
+        try:
+            with self._skipping(range(self.L)):
+                # The embeddings below are thrown away by ``inject``; zeros keep them cheap and shaped right.
+                dummy = hidden.new_zeros(hidden.shape).detach()
+                out = self.base(inputs_embeds=dummy, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False)
+        finally:
+            handle.remove()
+        return out.last_hidden_state
+
+
+class NeuronCollector:
+    """Stateful refill-queue optimiser. ``add`` items, call ``step`` until ``idle``; results go to ``on_result``."""
+
+    def __init__(self, model, tokenizer, spec: ModelSpec, options: CollectOptions,
+                 neuron: DynamicNeuron | None = None, on_result: Callable[[CollectResult, dict], None] | None = None,
+                 seed: int = 0):
+        self.model, self.tokenizer, self.spec, self.opt = model, tokenizer, spec, options
+        self.split = LayerSplit(model, spec)
+        self.neuron = neuron or DynamicNeuron(model, spec)
+        self.on_result = on_result
+        self.queue: list[_Cached] = []
+        S, D = options.capacity, spec.neuron_dim
+        device = next(model.parameters()).device
+        self.device = device
+        self.W = torch.zeros(S, D, device=device)
+        self.m = torch.zeros(S, D, device=device)
+        self.v = torch.zeros(S, D, device=device)
+        self.t = torch.zeros(S, device=device)
+        self.slots: list[_Cached | None] = [None] * S
+        self._batch = None  # padded batch of the active slots, rebuilt when the slots change
+        self.gen = torch.Generator().manual_seed(seed)
+        self.total_steps = 0
+        self.n_done = 0
+        self.cache_bytes = 0  # lower-layer cache held right now (queued + active edits)
+        self.peak_cache_bytes = 0
+
+    # ------------------------------------------------------------------ queue
+    @property
+    def idle(self) -> bool:
+        return not self.queue and all(s is None for s in self.slots)
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue) + sum(s is not None for s in self.slots)
+
+    def add(self, items: Sequence[CollectItem], extra: dict | None = None) -> None:
+        """Cache the lower layers for ``items`` (in ``encode_batch`` chunks) and queue them."""
+        flat = [(i, v) for i, it in enumerate(items) for v in range(len(it.views))]
+        hidden: dict[tuple[int, int], Tensor] = {}
+        labels: dict[tuple[int, int], Tensor] = {}
+        mlp_in: dict[tuple[int, int], Tensor] = {}
+        bs = self.opt.encode_batch
+        for start in range(0, len(flat), bs):
+            chunk = flat[start:start + bs]
+            batch = target_batch(self.tokenizer, [items[i].views[v] for i, v in chunk],
+                                 [items[i].target for i, v in chunk])
+            layer_in, mlp_input = self.split.lower(batch["input_ids"].to(self.device),
+                                                   batch["attention_mask"].to(self.device),
+                                                   batch["position_ids"].to(self.device))
+            lengths = batch["attention_mask"].sum(1).tolist()
+            for r, (i, v) in enumerate(chunk):
+                n = int(lengths[r])
+                n_t = int(batch["target_lengths"][r])
+                # The last target token is never an input that predicts anything: drop it.
+                hidden[i, v] = layer_in[r, -n:-1].float().clone()
+                labels[i, v] = batch["input_ids"][r, -n_t:].clone()
+                mlp_in[i, v] = mlp_input[r, -n:-n_t].float().clone()  # prompt positions only
+        for i, it in enumerate(items):
+            self.cache_bytes += sum(hidden[i, v].numel() * hidden[i, v].element_size() for v in range(len(it.views)))
+            init = self._init_weights(mlp_in[i, 0])
+            self.queue.append(_Cached(it, [hidden[i, v] for v in range(len(it.views))],
+                                      [labels[i, v] for v in range(len(it.views))], init, extra=dict(extra or {})))
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+        self._refill()
+
+    def _init_weights(self, prompt_mlp_in: Tensor) -> Tensor:
+        d = self.spec.hidden_size
+        if self.opt.key_init == "last":
+            h = prompt_mlp_in[-1]
+            key = h / h.pow(2).sum().clamp_min(1e-12)  # h.k = 1 at the last prompt token
+        elif self.opt.key_init == "mean":
+            h = prompt_mlp_in.mean(0)
+            key = h / h.pow(2).sum().clamp_min(1e-12)
+        else:
+            key = torch.randn(d, generator=self.gen).to(prompt_mlp_in) / math.sqrt(d)
+        value = torch.zeros(d, device=key.device)
+        bias = torch.zeros((), device=key.device) if self.spec.neuron_has_bias else None
+        return join_neuron(key.cpu(), value.cpu(), None if bias is None else bias.cpu(), self.spec).to(self.device)
+
+    def _refill(self) -> None:
+        changed = False
+        for s in range(len(self.slots)):
+            if self.slots[s] is None and self.queue:
+                c = self.queue.pop(0)
+                self.slots[s] = c
+                self.W[s] = c.init
+                self.m[s].zero_()
+                self.v[s].zero_()
+                self.t[s] = 0
+                changed = True
+        if changed:
+            self._batch = None
+
+    # ------------------------------------------------------------------ optimisation
+    def _build_batch(self):
+        rows = []  # (slot, view)
+        for s, c in enumerate(self.slots):
+            if c is None:
+                continue
+            for v in range(len(c.hidden)):
+                rows.append((s, v))
+        hs = [self.slots[s].hidden[v] for s, v in rows]
+        T = max(h.shape[0] for h in hs)
+        d = self.spec.hidden_size
+        hidden = torch.zeros(len(rows), T, d, device=self.device)
+        mask = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)
+        pred_rows, pred_pos, labels, token_row = [], [], [], []
+        for r, ((s, v), h) in enumerate(zip(rows, hs)):
+            n = h.shape[0]
+            hidden[r, T - n:] = h
+            mask[r, T - n:] = 1
+            lab = self.slots[s].labels[v]
+            n_t = lab.shape[0]
+            # Positions T-n_t .. T-1 hold the inputs whose next token is a target token.
+            pred_rows += [r] * n_t
+            pred_pos += list(range(T - n_t, T))
+            labels.append(lab)
+            token_row += [r] * n_t
+        dtype = next(self.model.parameters()).dtype
+        self._batch = {
+            "rows": rows, "hidden": hidden.to(dtype), "mask": mask, "pos": positions_from_mask(mask),
+            "pred_rows": torch.tensor(pred_rows, device=self.device),
+            "pred_pos": torch.tensor(pred_pos, device=self.device),
+            "labels": torch.cat(labels).to(self.device), "token_row": torch.tensor(token_row, device=self.device),
+            "row_slot": torch.tensor([s for s, _ in rows], device=self.device),
+            "row_view": torch.tensor([v for _, v in rows], device=self.device),
+        }
+
+    def step(self) -> int:
+        """One Adam step for every active row; returns how many edits finished."""
+        if all(s is None for s in self.slots):
+            self._refill()
+            if all(s is None for s in self.slots):
+                return 0
+        if self._batch is None:
+            self._build_batch()
+        b = self._batch
+        S = len(self.slots)
+        W = self.W.clone().requires_grad_(True)
+        with torch.enable_grad():
+            with self.neuron.attached(W.index_select(0, b["row_slot"])):
+                final = self.split.upper(b["hidden"], b["mask"], b["pos"])
+            logits = self.split.head(final[b["pred_rows"], b["pred_pos"]]).float()
+            nll = F.cross_entropy(logits, b["labels"], reduction="none")
+            n_rows = len(b["rows"])
+            row_loss = torch.zeros(n_rows, device=self.device).index_add(0, b["token_row"], nll)
+            row_tokens = torch.zeros(n_rows, device=self.device).index_add(
+                0, b["token_row"], torch.ones_like(nll))
+            row_loss = row_loss / row_tokens
+            views = torch.zeros(S, device=self.device).index_add(0, b["row_slot"], torch.ones_like(row_loss))
+            slot_loss = torch.zeros(S, device=self.device).index_add(0, b["row_slot"], row_loss) / views.clamp_min(1)
+            slot_loss.sum().backward()
+        with torch.no_grad():
+            target_logit = logits.gather(1, b["labels"][:, None]).squeeze(1)
+            others = logits.clone()
+            others.scatter_(1, b["labels"][:, None], float("-inf"))
+            margin = target_logit - others.max(1).values
+            tok_ok = margin > self.opt.stop_margin if self.opt.stop_margin > 0 else margin > 0
+            if self.opt.stop_on == "prompt":
+                tok_ok = tok_ok | (b["row_view"][b["token_row"]] != 0)
+            slot_bad = torch.zeros(S, device=self.device).index_add(0, b["row_slot"][b["token_row"]],
+                                                                     (~tok_ok).float())
+            slot_margin = torch.full((S,), float("inf"), device=self.device).scatter_reduce(
+                0, b["row_slot"][b["token_row"]], margin, reduce="amin")
+            grad = W.grad
+            finished = 0
+            active = torch.zeros(S, dtype=torch.bool, device=self.device)
+            for s, c in enumerate(self.slots):
+                if c is None:
+                    continue
+                success = bool(slot_bad[s] == 0)
+                if success or c.steps >= self.opt.max_steps:
+                    # Frozen at the weights that were just checked; this row gets no update.
+                    result = CollectResult(c.item.key, self.W[s].detach().cpu().clone(), success, c.steps,
+                                           float(slot_loss[s]), float(slot_margin[s]))
+                    self.slots[s] = None
+                    self.cache_bytes -= sum(h.numel() * h.element_size() for h in c.hidden)
+                    finished += 1
+                    self.n_done += 1
+                    if self.on_result is not None:
+                        self.on_result(result, c.extra)
+                else:
+                    active[s] = True
+                    c.steps += 1
+            self._adam(grad, active)
+            self.total_steps += 1
+        if finished:
+            self._batch = None
+            self._refill()
+        return finished
+
+    def _adam(self, grad: Tensor, active: Tensor) -> None:
+        """Adam with a step count per row; rows not ``active`` keep weights and moments as they are."""
+        b1, b2 = self.opt.betas
+        a = active[:, None]
+        self.t += active.float()
+        self.m = torch.where(a, b1 * self.m + (1 - b1) * grad, self.m)
+        self.v = torch.where(a, b2 * self.v + (1 - b2) * grad * grad, self.v)
+        t = self.t.clamp_min(1)[:, None]
+        m_hat = self.m / (1 - b1 ** t)
+        v_hat = self.v / (1 - b2 ** t)
+        update = self.opt.lr * m_hat / (v_hat.sqrt() + self.opt.eps)
+        self.W = torch.where(a, self.W - update, self.W)
+
+    def run(self) -> None:
+        while not self.idle:
+            self.step()
+
+
+def collect(model, tokenizer, spec: ModelSpec, items: Sequence[CollectItem], options: CollectOptions,
+            neuron: DynamicNeuron | None = None, progress: bool = False) -> list[CollectResult]:
+    """Collect neurons for ``items`` in one go (benchmarks, diagnostics); results in the input order."""
+    results: dict[int, CollectResult] = {}
+    keyed = [CollectItem(i, it.views, it.target) for i, it in enumerate(items)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(items), desc="collect", leave=False)
+
+    def keep(r: CollectResult, extra: dict) -> None:
+        results[r.key] = r
+        if bar is not None:
+            bar.update(1)
+
+    engine = NeuronCollector(model, tokenizer, spec, options, neuron=neuron, on_result=keep)
+    chunk = max(options.capacity * 2, 1)
+    for start in range(0, len(keyed), chunk):  # cache lower layers chunk by chunk as the queue drains
+        engine.add(keyed[start:start + chunk])
+        while engine.pending > options.capacity:
+            engine.step()
+    engine.run()
+    if bar is not None:
+        bar.close()
+    out = []
+    for i, it in enumerate(items):
+        r = results[i]
+        out.append(CollectResult(it.key, r.weights, r.success, r.steps, r.loss, r.min_margin))
+    return out
+
+
+PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "However", "In", "When", "This")
+
+
+@torch.no_grad()
+def generate_prefixes(model, tokenizer, n: int, n_tokens: int = 10, seed: int = 0) -> list[str]:
+    """``n`` short random contexts sampled from the LM itself (as ROME/MEMIT do), deterministic in ``seed``.
+
+    Training a neuron under such prefixes keeps it from keying on the prompt's exact first tokens,
+    which is what a paraphrase changes.
+    """
+    if n <= 0:
+        return []
+    from megedit.scoring import left_pad
+
+    device = next(model.parameters()).device
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        seeds = [PREFIX_SEEDS[i % len(PREFIX_SEEDS)] for i in range(n)]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids, mask = left_pad([tokenizer(s, add_special_tokens=False)["input_ids"] for s in seeds], pad)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=20,
+                             max_new_tokens=n_tokens, min_new_tokens=n_tokens, pad_token_id=pad)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    texts = []
+    for s, row in zip(seeds, out[:, ids.shape[1]:].tolist()):
+        text = (s + tokenizer.decode(row, skip_special_tokens=True)).replace("\n", " ").strip()
+        texts.append(" ".join(text.split()))
+    return texts
+
+
+def with_prefix(prefix: str, text: str) -> str:
+    return f"{prefix}. {text}"
