@@ -1,0 +1,1 @@
+"""Encoder stage: InfoNCE fine-tuning of the query encoder on pseudo-edit paraphrase pairs."""

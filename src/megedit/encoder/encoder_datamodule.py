@@ -1,0 +1,157 @@
+"""Serves (original, paraphrase) pseudo-edit pairs for the encoder, with a held-out split by group.
+
+Only ``Prepared.pseudo_pairs`` is used (pseudo edits that are never edited, and the
+paraphrase corpus, already filtered against the edits' evaluation texts). Groups (one
+original and its paraphrases) are split whole into train and held-out, stratified by source,
+so the held-out recall measures transfer to unseen facts. The held-out group ids are saved
+with the encoder: the familiarity stage calibrates its threshold on them, which the encoder
+never trained on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megedit.prepare.artifact import Prepared, load_prepared
+
+
+class GroupPairs(Dataset):
+    """One item per group: its original and one of its paraphrases, drawn anew on every access.
+
+    Drawing one pair per group per epoch keeps every batch free of two pairs sharing an
+    original, which would make the other one a false negative in InfoNCE.
+    """
+
+    def __init__(self, groups: list[tuple[str, list[str]]], seed: int):
+        self.groups, self.seed, self.epoch = groups, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> dict:
+        anchor, positives = self.groups[i]
+        pick = random.Random(hash((self.seed, self.epoch, i))).randrange(len(positives))
+        return {"anchor": anchor, "positive": positives[pick]}
+
+
+class IndexedTexts(Dataset):
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "text": self.texts[i]}
+
+
+def _collate_pairs(batch: list[dict]) -> dict:
+    return {"anchor": [b["anchor"] for b in batch], "positive": [b["positive"] for b in batch]}
+
+
+def _collate_texts(batch: list[dict]) -> dict:
+    return {"index": torch.tensor([b["index"] for b in batch]), "text": [b["text"] for b in batch]}
+
+
+def group_pairs(pairs: list[dict]) -> dict[str, dict]:
+    """``{group: {anchor, positives[], source}}`` in first-seen order; positives deduplicated."""
+    groups: dict[str, dict] = {}
+    for p in pairs:
+        g = groups.setdefault(p["group"], {"anchor": p["anchor"], "positives": [], "source": p.get("source", "")})
+        if p["anchor"] != g["anchor"]:
+            raise ValueError(f"pseudo pair group {p['group']!r} has two different originals: "
+                             f"{g['anchor']!r} and {p['anchor']!r}")
+        if p["positive"] != p["anchor"] and p["positive"] not in g["positives"]:
+            g["positives"].append(p["positive"])
+    return {k: v for k, v in groups.items() if v["positives"]}
+
+
+def split_groups(groups: dict[str, dict], seed: int, val_fraction: float, min_val_per_source: int,
+                 max_val_per_source: int) -> tuple[list[str], list[str]]:
+    """Held-out groups per source: ``val_fraction`` of them, at least ``min_val_per_source`` (never more
+    than half a source), at most ``max_val_per_source``."""
+    by_source = defaultdict(list)
+    for gid, g in groups.items():
+        by_source[g["source"]].append(gid)
+    train, val = [], []
+    for source in sorted(by_source):
+        ids = sorted(by_source[source])
+        random.Random(f"{seed}:{source}").shuffle(ids)
+        n_val = max(round(val_fraction * len(ids)), min(min_val_per_source, len(ids) // 2))
+        n_val = min(n_val, max_val_per_source)
+        val += ids[:n_val]
+        train += ids[n_val:]
+    return train, val
+
+
+class EncoderDataModule(L.LightningDataModule):
+    def __init__(self, prepare_dir: str, batch_size: int = 64, val_fraction: float = 0.05,
+                 min_val_per_source: int = 256, max_val_per_source: int = 1000, max_train_groups: int | None = None,
+                 seed: int = 0, eval_batch_size: int = 256, num_workers: int = 0):
+        """
+        Args:
+            prepare_dir: the prepare stage's output folder.
+            batch_size: pairs per step per device; the other originals in the batch (of every
+                device, under DDP) are the negatives of eq. 5.
+            val_fraction: share of the pseudo groups of each source held out (never trained on).
+            min_val_per_source: held out per source at least this many groups (at most half of it),
+                so a small source (ZsRE's few pseudo edits) still leaves enough for threshold calibration.
+            max_val_per_source: cap on held-out groups per source (retrieval among more is slow and adds little).
+            max_train_groups: keep at most this many training groups (seeded); None keeps all.
+            seed: seed of the split and of the pair draws.
+            eval_batch_size: texts per embedding batch in validation.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.prepared: Prepared | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prepared is not None:
+            return
+        hp = self.hparams
+        self.prepared = load_prepared(hp.prepare_dir)
+        self.groups = group_pairs(self.prepared.pseudo_pairs)
+        if len(self.groups) < 4:
+            raise ValueError(f"{hp.prepare_dir}: only {len(self.groups)} pseudo-pair groups with a paraphrase; "
+                             "the encoder needs more (raise data.max_pseudo_edits in the prepare stage)")
+        self.train_ids, self.val_ids = split_groups(self.groups, hp.seed, hp.val_fraction, hp.min_val_per_source,
+                                                    hp.max_val_per_source)
+        if hp.max_train_groups is not None and len(self.train_ids) > hp.max_train_groups:
+            self.train_ids = random.Random(hp.seed).sample(self.train_ids, hp.max_train_groups)
+        self.train_set = GroupPairs([(self.groups[g]["anchor"], self.groups[g]["positives"]) for g in self.train_ids],
+                                    hp.seed)
+        # Held-out retrieval: every held-out paraphrase against every held-out original.
+        self.val_anchors = [self.groups[g]["anchor"] for g in self.val_ids]
+        self.val_queries, self.val_targets = [], []
+        for k, g in enumerate(self.val_ids):
+            for p in self.groups[g]["positives"]:
+                self.val_queries.append(p)
+                self.val_targets.append(k)
+        self.val_texts = self.val_anchors + self.val_queries
+
+    def edit_retrieval_texts(self) -> tuple[list[str], list[str], list[int]]:
+        """(edit prompts, their evaluation paraphrases, index of each paraphrase's prompt): never trained on."""
+        prompts = [e.prompt for e in self.prepared.edits]
+        queries, targets = [], []
+        for k, e in enumerate(self.prepared.edits):
+            for p in e.paraphrases:
+                queries.append(p)
+                targets.append(k)
+        return prompts, queries, targets
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            self.train_set.epoch = self.trainer.current_epoch
+        # drop_last: under DDP every rank must contribute the same number of originals to the gathered negatives.
+        batch_size = min(self.hparams.batch_size, len(self.train_set))
+        return DataLoader(self.train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                          collate_fn=_collate_pairs, num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(IndexedTexts(self.val_texts), batch_size=self.hparams.eval_batch_size, shuffle=False,
+                          collate_fn=_collate_texts, num_workers=self.hparams.num_workers)

@@ -1,0 +1,1 @@
+"""Familiarity stage: the entropy router that decides per query whether the edit neuron is attached."""

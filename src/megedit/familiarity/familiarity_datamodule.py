@@ -1,0 +1,157 @@
+"""Embeds, once, every text the familiarity stage needs with the (frozen) tuned encoder.
+
+Two routers train side by side on identical recipes:
+
+* the **main** router memorises random labels for the N edit prompts;
+* the **calibration** router does the same for N pseudo prompts (pseudo edits the encoder
+  held out, padded with other pseudo originals when there are fewer than N), so that its
+  entropy on those held-out pseudo edits' paraphrases versus pseudo-irrelevant prompts shows
+  where the threshold should go, without touching any evaluation text of the edits.
+
+The edits' evaluation paraphrases and locality prompts are embedded only for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megedit.artifacts import ArtifactError, check_lineage, read_manifest, sha256_file
+from megedit.components.text_encoder import TextEncoder
+from megedit.distributed import gather_objects, world
+from megedit.encoder.encoder_datamodule import group_pairs
+from megedit.encoder.encoder_module import ENCODER_SUBDIR, HELDOUT
+from megedit.prepare.artifact import load_prepared
+
+
+class PairedIndices(Dataset):
+    """Step ``i`` trains the main router on edit ``i % n_main`` and the calibration router on ``i % n_calib``."""
+
+    def __init__(self, n_main: int, n_calib: int):
+        self.n_main, self.n_calib = n_main, n_calib
+
+    def __len__(self) -> int:
+        return max(self.n_main, self.n_calib)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return i % self.n_main, i % max(1, self.n_calib)
+
+
+def embed_sharded(encoder: TextEncoder, texts: list[str], batch_size: int, progress: bool) -> torch.Tensor:
+    """Embed ``texts`` split across DDP ranks (each rank a strided shard), gathered back in order."""
+    rank, size = world()
+    mine = encoder.embed(texts[rank::size], batch_size, progress=progress and rank == 0)
+    parts = gather_objects(mine)
+    out = torch.empty(len(texts), encoder.dim)
+    for r, part in enumerate(parts):
+        out[r::size] = part
+    return out
+
+
+class FamiliarityDataModule(L.LightningDataModule):
+    def __init__(self, prepare_dir: str, encoder_dir: str, batch_size: int = 256, calibrate: bool = True,
+                 max_calibration_positives: int = 2000, max_calibration_negatives: int = 4000, seed: int = 0,
+                 embed_batch_size: int = 256, num_workers: int = 0):
+        """
+        Args:
+            prepare_dir: the prepare artifact.
+            encoder_dir: the encoder artifact built from it (its ``encoder/`` folder embeds every query).
+            batch_size: embeddings per step per device.
+            calibrate: build the calibration set and train the calibration router (needed by
+                ``model.threshold: auto``; a fixed threshold still reports the calibration diagnostics).
+            max_calibration_positives: cap on held-out pseudo paraphrases scored for calibration.
+            max_calibration_negatives: cap on pseudo-irrelevant prompts scored for calibration.
+            seed: seed of the subsets.
+            embed_batch_size: texts per encoder batch (split across DDP ranks).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.emb: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ inputs
+    def _check_inputs(self) -> None:
+        hp = self.hparams
+        self.prepared = load_prepared(hp.prepare_dir)
+        self.encoder_manifest = read_manifest(hp.encoder_dir, stage="encoder")
+        check_lineage({"prepare": self.prepared.manifest, "encoder": self.encoder_manifest})
+        from megedit.artifacts import check_upstream
+
+        check_upstream(self.encoder_manifest, "prepare", hp.prepare_dir, where=f"encoder artifact {hp.encoder_dir}")
+        self.encoder_manifest_sha256 = sha256_file(Path(hp.encoder_dir) / "manifest.json")
+
+    def _texts(self) -> dict[str, list[str]]:
+        """Every text group to embed, by name; the calibration groups come from pseudo data only."""
+        hp, prep = self.hparams, self.prepared
+        n = len(prep.edits)
+        texts = {
+            "edit_prompts": [e.prompt for e in prep.edits],
+            "edit_paraphrases": [p for e in prep.edits for p in e.paraphrases],
+            "locality": [p.prompt for e in prep.edits for p in e.locality],
+        }
+        self.paraphrase_owner = [k for k, e in enumerate(prep.edits) for _ in e.paraphrases]
+        if not hp.calibrate:
+            return texts
+        heldout = set(json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())["groups"])
+        rng = random.Random(hp.seed)
+        # Positives: pseudo edits whose pairs the encoder never trained on (held out by the encoder stage).
+        pseudo_groups = [(r.id, {"anchor": r.prompt, "positives": list(r.paraphrases)})
+                         for r in prep.pseudo_edits if r.id in heldout and r.paraphrases]
+        if len(pseudo_groups) < 100:
+            # Too few held-out pseudo edits of the benchmark itself: the held-out paraphrase-corpus
+            # groups are pseudo edits too (an original and its paraphrases).
+            seen = {g for g, _ in pseudo_groups}
+            pseudo_groups += [(g, v) for g, v in group_pairs(prep.pseudo_pairs).items()
+                              if g in heldout and g not in seen]
+        if not pseudo_groups:
+            raise ArtifactError(f"{hp.encoder_dir}: no held-out pseudo group with a paraphrase to calibrate on; "
+                                "set model.threshold to a number, or re-run the encoder with more held-out groups")
+        rng.shuffle(pseudo_groups)
+        positives_owner, positives = [], []
+        for k, (_, g) in enumerate(pseudo_groups[:n]):
+            for p in g["positives"]:
+                positives.append(p)
+                positives_owner.append(k)
+        keep = sorted(rng.sample(range(len(positives)), min(len(positives), hp.max_calibration_positives)))
+        calib_prompts = [g["anchor"] for _, g in pseudo_groups[:n]]
+        # Pad to N memorised points with other pseudo originals (same density as the real router).
+        if len(calib_prompts) < n:
+            used = set(calib_prompts)
+            irrelevant = {r["prompt"] for r in prep.pseudo_irrelevant}
+            filler = sorted({p["anchor"] for p in prep.pseudo_pairs} - used - irrelevant)
+            rng.shuffle(filler)
+            calib_prompts += filler[: n - len(calib_prompts)]
+        negatives = [r["prompt"] for r in prep.pseudo_irrelevant]
+        negatives = rng.sample(negatives, min(len(negatives), hp.max_calibration_negatives))
+        self.calibration_counts = {"memorised": len(calib_prompts), "positive_groups": min(n, len(pseudo_groups)),
+                                   "positives": len(keep), "negatives": len(negatives),
+                                   "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups))}
+        texts.update(calib_prompts=calib_prompts, calib_positives=[positives[i] for i in keep],
+                     calib_negatives=negatives)
+        return texts
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.emb is not None:
+            return
+        hp = self.hparams
+        self._check_inputs()
+        texts = self._texts()
+        self.texts = texts
+        encoder = TextEncoder.from_source(str(Path(hp.encoder_dir) / ENCODER_SUBDIR))
+        flat = [t for v in texts.values() for t in v]
+        all_emb = embed_sharded(encoder, flat, hp.embed_batch_size, progress=True)
+        self.emb, start = {}, 0
+        for name, v in texts.items():
+            self.emb[name] = all_emb[start:start + len(v)]
+            start += len(v)
+        self.dim = self.emb["edit_prompts"].shape[1]
+
+    def train_dataloader(self) -> DataLoader:
+        n_calib = len(self.emb["calib_prompts"]) if self.hparams.calibrate else 0
+        ds = PairedIndices(len(self.emb["edit_prompts"]), n_calib)
+        return DataLoader(ds, batch_size=min(self.hparams.batch_size, len(ds)), shuffle=True,
+                          num_workers=self.hparams.num_workers)

@@ -1,0 +1,276 @@
+"""Trains the familiarity router (paper eq. 6) to convergence and picks its entropy threshold.
+
+The main router memorises a random label in 0..K-1 for each of the N edit prompts' embeddings.
+With ``threshold: auto`` a calibration router, trained side by side on the same recipe over N
+pseudo prompts, scores held-out pseudo paraphrases (should be familiar) against
+pseudo-irrelevant prompts (should not); the threshold that separates them best is used for the
+main router. The edits' evaluation paraphrases and locality prompts only enter the report.
+
+Outputs: ``router.safetensors``, ``router.json`` (architecture, K, threshold and how it was
+chosen), ``routing_report.json``, ``entropy_hist.png`` (also logged to TensorBoard), manifest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Literal, Union
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from megedit.artifacts import atomic_path, atomic_write_json, write_manifest
+from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
+from megedit.distributed import barrier
+from megedit.familiarity.router import CONFIG, WEIGHTS, auroc, choose_threshold
+
+REPORT = "routing_report.json"
+HIST = "entropy_hist.png"
+
+
+def random_labels(n: int, k: int, seed: int) -> torch.Tensor:
+    """Balanced random labels: each class gets n/k points (±1), in seeded random order."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.arange(n) % k)[torch.randperm(n, generator=g)]
+
+
+class FamiliarityModule(L.LightningModule):
+    def __init__(self, out_dir: str = "runs/familiarity", num_classes: int = 10, depth: int = 5, hidden_mult: int = 4,
+                 width: int | None = None, lr: float = 1e-3, seed: int = 0,
+                 converge_entropy: float = 0.01, min_epochs: int = 20,
+                 threshold: Union[float, Literal["auto"]] = "auto",
+                 calibration_rule: Literal["balanced", "max_fpr"] = "balanced", target_fpr: float = 0.02,
+                 hist_bins: int = 60):
+        """
+        Args:
+            out_dir: where the router artifact goes.
+            num_classes: K, the number of random classes (paper: 10).
+            depth: FFN blocks (paper: 5).
+            hidden_mult: FFN inner width = ``hidden_mult`` x block width (authors: 768 -> 3072).
+            width: block width; None: the encoder's embedding size.
+            lr: Adam learning rate (no weight decay: the net is meant to overfit).
+            seed: seed of the random labels and of the initialisation.
+            converge_entropy: training stops once every memorised point is classified right and
+                their mean entropy (nats) is below this, for the main and the calibration router.
+            min_epochs: train at least this many epochs.
+            threshold: entropy threshold in nats (the paper uses 0.1 on Phi-2), or ``auto``.
+            calibration_rule: ``balanced`` maximises TPR - FPR on the pseudo calibration data;
+                ``max_fpr`` takes the largest threshold whose pseudo-irrelevant FPR <= target_fpr.
+            target_fpr: for ``max_fpr``.
+            hist_bins: bins of the entropy histogram.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if isinstance(threshold, str) and threshold != "auto":
+            raise ValueError(f"model.threshold must be a number or 'auto', got {threshold!r}")
+        if not isinstance(threshold, str) and not 0 < threshold <= math.log(num_classes):
+            raise ValueError(f"model.threshold {threshold} is outside (0, ln K = {math.log(num_classes):.3f}] nats")
+        self.main_net: FamiliarityNet | None = None
+        self.calib_net: FamiliarityNet | None = None
+        self._started = time.time()
+        self._epochs_run = 0
+        self._converged = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        if self.main_net is not None:
+            return
+        dm, hp = self.trainer.datamodule, self.hparams
+        if hp.threshold == "auto" and not dm.hparams.calibrate:
+            raise ValueError("model.threshold auto needs data.calibrate true (the calibration router)")
+        torch.manual_seed(hp.seed)  # identical nets on every rank and every run
+        make = lambda: FamiliarityNet(dm.dim, hp.num_classes, hp.depth, hp.hidden_mult, hp.width)  # noqa: E731
+        self.main_net = make()
+        # Plain tensors, not buffers: DDP would re-broadcast buffers on every step.
+        self.main_emb = dm.emb["edit_prompts"]
+        self.main_labels = random_labels(len(self.main_emb), hp.num_classes, hp.seed)
+        if dm.hparams.calibrate:
+            self.calib_net = make()
+            self.calib_emb = dm.emb["calib_prompts"]
+            self.calib_labels = random_labels(len(self.calib_emb), hp.num_classes, hp.seed + 1)
+
+    def on_fit_start(self) -> None:
+        for name in ("main_emb", "main_labels", "calib_emb", "calib_labels"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name).to(self.device))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        i_main, i_calib = batch
+        loss_main = F.cross_entropy(self.main_net(self.main_emb[i_main]), self.main_labels[i_main])
+        loss = loss_main
+        self.log("train/loss", loss_main, prog_bar=True, batch_size=len(i_main))
+        if self.calib_net is not None:
+            # Separate nets and Adam is per-parameter: the sum trains both exactly as two runs would.
+            loss_calib = F.cross_entropy(self.calib_net(self.calib_emb[i_calib]), self.calib_labels[i_calib])
+            self.log("train/calibration_loss", loss_calib, batch_size=len(i_calib))
+            loss = loss + loss_calib
+        return loss
+
+    @torch.no_grad()
+    def _fit_state(self, net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor) -> dict:
+        was = net.training
+        net.eval()
+        logits = torch.cat([net(emb[i:i + 4096]) for i in range(0, len(emb), 4096)])
+        net.train(was)
+        ent = entropy_from_logits(logits)
+        return {"accuracy": float((logits.argmax(-1) == labels).float().mean()), "mean_entropy": float(ent.mean()),
+                "max_entropy": float(ent.max())}
+
+    def on_train_epoch_end(self) -> None:
+        # Every rank holds the same weights and all embeddings, so every rank reaches the same decision.
+        hp = self.hparams
+        states = {"main": self._fit_state(self.main_net, self.main_emb, self.main_labels)}
+        if self.calib_net is not None:
+            states["calibration"] = self._fit_state(self.calib_net, self.calib_emb, self.calib_labels)
+        for name, s in states.items():
+            for k, v in s.items():
+                self.log(f"fit/{name}_{k}", v, rank_zero_only=False)
+        self._epochs_run = self.current_epoch + 1
+        self._fit_states = states
+        self._converged = all(s["accuracy"] == 1.0 and s["mean_entropy"] < hp.converge_entropy for s in states.values())
+        if self._converged and self._epochs_run >= hp.min_epochs:
+            self.trainer.should_stop = True
+
+    # ------------------------------------------------------------------ outputs
+    def on_fit_end(self) -> None:
+        if self.global_rank == 0:
+            self._write()
+        barrier()
+
+    @torch.no_grad()
+    def _entropies(self, net: FamiliarityNet, emb: torch.Tensor) -> torch.Tensor:
+        router = FamiliarityRouter(net, threshold=math.inf)
+        return router.entropy(emb.to(self.device)).cpu()
+
+    def _write(self) -> None:
+        dm, hp = self.trainer.datamodule, self.hparams
+        out = Path(hp.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.main_net.eval()
+        ent = {name: self._entropies(self.main_net, dm.emb[name])
+               for name in ("edit_prompts", "edit_paraphrases", "locality")}
+        calibration = None
+        if self.calib_net is not None:
+            self.calib_net.eval()
+            cal = {name: self._entropies(self.calib_net, dm.emb[name])
+                   for name in ("calib_prompts", "calib_positives", "calib_negatives")}
+            calibration = choose_threshold(cal["calib_positives"], cal["calib_negatives"], hp.calibration_rule,
+                                           hp.target_fpr)
+            calibration["auroc"] = auroc(-cal["calib_positives"], -cal["calib_negatives"])
+            calibration["counts"] = dm.calibration_counts
+        if hp.threshold == "auto":
+            threshold, source = calibration["threshold"], f"auto ({hp.calibration_rule} on pseudo calibration data)"
+        else:
+            threshold, source = float(hp.threshold), "fixed (config)"
+
+        def rate(x: torch.Tensor, familiar: bool) -> float | None:
+            if x.numel() == 0:
+                return None
+            return float((x < threshold).float().mean() if familiar else (x >= threshold).float().mean())
+
+        def summary(x: torch.Tensor) -> dict:
+            if x.numel() == 0:
+                return {"n": 0}
+            q = torch.quantile(x.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.double)).tolist()
+            return {"n": int(x.numel()), "mean": float(x.mean()), "p05": q[0], "median": q[1], "p95": q[2]}
+
+        report = {
+            "threshold": threshold, "threshold_source": source, "entropy_units": "nats",
+            "max_entropy": math.log(hp.num_classes), "n_edits": len(dm.prepared.edits),
+            "rates": {
+                "edit_prompts_familiar": rate(ent["edit_prompts"], True),
+                "edit_paraphrases_familiar": rate(ent["edit_paraphrases"], True),
+                "locality_unfamiliar": rate(ent["locality"], False),
+            },
+            "auroc": {
+                "edit_paraphrases_vs_locality": auroc(-ent["edit_paraphrases"], -ent["locality"]),
+                "edit_prompts_vs_locality": auroc(-ent["edit_prompts"], -ent["locality"]),
+            },
+            "entropy": {k: summary(v) for k, v in ent.items()},
+            "calibration": calibration,
+            "fit": {"epochs": self._epochs_run, "converged": self._converged, **getattr(self, "_fit_states", {})},
+            "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
+                    "to pick the threshold",
+            "wall_seconds": round(time.time() - self._started, 1),
+        }
+        if calibration is not None:
+            report["calibration"]["entropy"] = {k: summary(v) for k, v in cal.items()}
+        router_cfg = {"architecture": self.main_net.config(), "K": hp.num_classes, "threshold": threshold,
+                      "threshold_source": source, "calibration": calibration, "entropy_units": "nats",
+                      "encoder_dir": str(dm.hparams.encoder_dir), "encoder_manifest_sha256": dm.encoder_manifest_sha256}
+
+        from safetensors.torch import save_file
+
+        with atomic_path(out / WEIGHTS) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.main_net.state_dict().items()}, str(tmp))
+        atomic_write_json(out / CONFIG, router_cfg)
+        atomic_write_json(out / REPORT, report)
+        fig = self._histogram(ent, cal if calibration is not None else None, threshold)
+        with atomic_path(out / HIST) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        self._log_tensorboard(fig, report)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        write_manifest(out, "familiarity", dm.prepared.lineage,
+                       config={"data": dict(dm.hparams), "model": dict(hp),
+                               "trainer": {"max_epochs": self.trainer.max_epochs,
+                                           "world_size": self.trainer.world_size}},
+                       outputs=[WEIGHTS, CONFIG, REPORT, HIST],
+                       upstream={"prepare": dm.hparams.prepare_dir, "encoder": dm.hparams.encoder_dir})
+        r, a = report["rates"], report["auroc"]
+        print(f"familiarity: threshold {threshold:.4f} ({source}); edit prompts familiar "
+              f"{r['edit_prompts_familiar']:.3f}, paraphrases familiar {r['edit_paraphrases_familiar']:.3f}, "
+              f"locality unfamiliar {r['locality_unfamiliar']:.3f}; AUROC paraphrase/locality "
+              f"{a['edit_paraphrases_vs_locality']:.3f}; {self._epochs_run} epochs; wrote {out} "
+              f"({report['wall_seconds']} s)")
+
+    def _histogram(self, ent: dict, cal: dict | None, threshold: float):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        hp = self.hparams
+        bins = torch.linspace(0, math.log(hp.num_classes), hp.hist_bins + 1).numpy()
+        ncols = 2 if cal is not None else 1
+        fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4), squeeze=False)
+        panels = [(axes[0, 0], "edits (evaluation; not used for the threshold)",
+                   [("edit prompts", ent["edit_prompts"]), ("paraphrases", ent["edit_paraphrases"]),
+                    ("locality prompts", ent["locality"])])]
+        if cal is not None:
+            panels.append((axes[0, 1], "pseudo calibration (picks the auto threshold)",
+                           [("memorised pseudo prompts", cal["calib_prompts"]),
+                            ("held-out pseudo paraphrases", cal["calib_positives"]),
+                            ("pseudo-irrelevant prompts", cal["calib_negatives"])]))
+        for ax, title, groups in panels:
+            for label, x in groups:
+                if x.numel():
+                    ax.hist(x.clamp(0, math.log(hp.num_classes)).numpy(), bins=bins, alpha=0.55,
+                            label=f"{label} (n={x.numel()})", density=True)
+            ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g}")
+            ax.set_yscale("log")
+            ax.set_xlabel("output entropy (nats)")
+            ax.set_ylabel("density (log)")
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"familiarity router, N={len(ent['edit_prompts'])}, K={hp.num_classes}")
+        return fig
+
+    def _log_tensorboard(self, fig, report: dict) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("familiarity/entropy_hist", fig, global_step=self.global_step)
+                for k, v in report["rates"].items():
+                    if v is not None:
+                        logger.experiment.add_scalar(f"routing/{k}", v, self.global_step)
+                logger.experiment.add_scalar("routing/threshold", report["threshold"], self.global_step)
+                logger.experiment.flush()

@@ -1,0 +1,81 @@
+"""Loading a trained familiarity router, and the threshold/AUROC helpers the stage uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megedit.artifacts import ArtifactError, check_upstream, read_manifest
+from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter
+
+WEIGHTS = "router.safetensors"
+CONFIG = "router.json"
+
+
+def load_router(folder: str | Path, encoder_dir: str | Path | None = None,
+                device: str | torch.device = "cpu") -> FamiliarityRouter:
+    """The router of a familiarity artifact (eval mode, frozen).
+
+    With ``encoder_dir`` it refuses (``ArtifactError``) a router trained on another encoder
+    run's embeddings: its entropies, hence its threshold, mean nothing for that encoder.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = read_manifest(folder, stage="familiarity")
+    if encoder_dir is not None:
+        check_upstream(manifest, "encoder", encoder_dir, where=f"familiarity router {folder}")
+    cfg = json.loads((folder / CONFIG).read_text())
+    try:
+        net = FamiliarityNet(**cfg["architecture"])
+        net.load_state_dict(load_file(folder / WEIGHTS))
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ArtifactError(f"{folder}: {CONFIG} and {WEIGHTS} do not describe one familiarity net: {exc}") from exc
+    router = FamiliarityRouter(net, cfg["threshold"]).to(device)
+    return router.eval().requires_grad_(False)
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float | None:
+    """P(score of a random positive > score of a random negative), ties counted half (Mann-Whitney U)."""
+    if positive.numel() == 0 or negative.numel() == 0:
+        return None
+    scores = torch.cat([positive, negative]).double()
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.double)
+    # average ranks over ties
+    uniq, inverse = torch.unique(scores, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inverse, torch.ones_like(ranks))
+    ranks = (sums / counts)[inverse]
+    n_pos, n_neg = positive.numel(), negative.numel()
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str = "balanced",
+                     target_fpr: float = 0.02) -> dict:
+    """Entropy threshold separating ``familiar`` (should fall below) from ``unfamiliar`` entropies.
+
+    ``balanced``: maximise TPR - FPR (Youden's J, i.e. balanced accuracy). ``max_fpr``: the
+    largest threshold whose FPR (unfamiliar routed familiar) is at most ``target_fpr``. The
+    threshold is placed midway between neighbouring observed entropies.
+    """
+    if familiar.numel() == 0 or unfamiliar.numel() == 0:
+        raise ValueError("threshold calibration needs entropies of both familiar and unfamiliar texts")
+    values = torch.unique(torch.cat([familiar, unfamiliar]).double())  # sorted
+    cands = torch.cat([values[:1] - 1e-6, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-6])
+    tpr = (familiar.double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
+    fpr = (unfamiliar.double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
+    if rule == "balanced":
+        best = int((tpr - fpr).argmax())
+    elif rule == "max_fpr":
+        ok = (fpr <= target_fpr).nonzero().flatten()
+        best = int(ok[-1]) if len(ok) else 0
+    else:
+        raise ValueError(f"unknown calibration rule {rule!r} (balanced | max_fpr)")
+    return {"threshold": max(float(cands[best]), 0.0), "rule": rule, "target_fpr": target_fpr if rule == "max_fpr" else None,
+            "familiar_rate": float(tpr[best]), "unfamiliar_routed_familiar_rate": float(fpr[best]),
+            "n_familiar": int(familiar.numel()), "n_unfamiliar": int(unfamiliar.numel())}

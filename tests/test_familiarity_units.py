@@ -1,0 +1,125 @@
+"""Familiarity units: the net separates seen from unseen points, AUROC/threshold helpers, router loading."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megedit.artifacts import ArtifactError, atomic_write_json, write_manifest
+from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
+from megedit.familiarity.familiarity_module import random_labels
+from megedit.familiarity.router import auroc, choose_threshold, load_router
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny nets train fastest on one thread (and do not fight other jobs for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(net, x, y, max_epochs=200):
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(max_epochs):
+        for idx in torch.randperm(len(x)).split(64):
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits = net(x)
+        if (logits.argmax(-1) == y).all() and entropy_from_logits(logits).mean() < 0.01:
+            return
+    raise AssertionError("the familiarity net did not memorise 256 random labels")
+
+
+def test_familiarity_net_separates_seen_and_neighbours_from_unseen(one_thread):
+    torch.manual_seed(0)
+    n, d = 256, 64
+    seen = F.normalize(torch.randn(n, d), dim=-1)
+    neighbours = F.normalize(seen + 0.03 * torch.randn(n, d), dim=-1)  # "paraphrases"
+    unseen = F.normalize(torch.randn(1000, d), dim=-1)
+    net = FamiliarityNet(d, num_classes=10, depth=5, hidden_mult=4)
+    _train(net, seen, random_labels(n, 10, 0))
+    router = FamiliarityRouter(net, threshold=0.1)
+    e_seen, e_near, e_unseen = router.entropy(seen), router.entropy(neighbours), router.entropy(unseen)
+    assert e_seen.max() < 0.1
+    assert e_unseen.median() > 10 * e_near.median()
+    assert auroc(-e_near, -e_unseen) > 0.95
+    assert router.is_familiar(seen).all()
+    assert router.is_familiar(unseen).float().mean() < 0.2
+    assert ((e_unseen >= 0) & (e_unseen <= math.log(10) + 1e-5)).all()
+
+
+def test_entropy_from_logits_bounds():
+    assert entropy_from_logits(torch.zeros(1, 10)).item() == pytest.approx(math.log(10), abs=1e-6)
+    assert entropy_from_logits(torch.tensor([[100.0, 0, 0]])).item() < 1e-6
+
+
+def test_net_rejects_wrong_embedding_size():
+    with pytest.raises(ValueError, match="expects 16-dim"):
+        FamiliarityNet(16)(torch.zeros(2, 8))
+
+
+def test_random_labels_are_balanced_and_seeded():
+    y = random_labels(1003, 10, 0)
+    counts = torch.bincount(y, minlength=10)
+    assert counts.min() >= 100 and counts.max() <= 101
+    assert torch.equal(y, random_labels(1003, 10, 0)) and not torch.equal(y, random_labels(1003, 10, 1))
+
+
+def test_auroc_matches_pairwise_count_with_ties():
+    pos, neg = torch.tensor([3.0, 2.0, 2.0]), torch.tensor([2.0, 1.0])
+    # pairs: (3>2),(3>1),(2=2 half),(2>1),(2=2 half),(2>1) -> 5/6
+    assert auroc(pos, neg) == pytest.approx(5 / 6)
+    assert auroc(torch.tensor([1.0]), torch.tensor([0.0])) == 1.0
+    assert auroc(torch.tensor([]), neg) is None
+
+
+def test_choose_threshold_rules():
+    familiar = torch.tensor([0.01, 0.02, 0.05, 0.3])
+    unfamiliar = torch.tensor([0.2, 0.6, 0.9, 1.2, 1.5])
+    best = choose_threshold(familiar, unfamiliar, "balanced")
+    # Best J: below 0.2 catches 3/4 familiar, 0 unfamiliar (J .75); below 0.45 catches 4/4 and 1/5 (J .8).
+    assert 0.3 < best["threshold"] < 0.6 and best["familiar_rate"] == 1.0
+    assert best["unfamiliar_routed_familiar_rate"] == pytest.approx(0.2)
+    strict = choose_threshold(familiar, unfamiliar, "max_fpr", target_fpr=0.0)
+    assert 0.05 < strict["threshold"] < 0.2 and strict["unfamiliar_routed_familiar_rate"] == 0.0
+    with pytest.raises(ValueError, match="unknown calibration rule"):
+        choose_threshold(familiar, unfamiliar, "nope")
+
+
+def _fake_encoder_dir(path, tag):
+    path.mkdir(parents=True)
+    atomic_write_json(path / "report.json", {"tag": tag})
+    write_manifest(path, "encoder", {"run": "x"}, {"tag": tag}, ["report.json"])
+    return path
+
+
+def test_load_router_refuses_router_of_another_encoder_run(tmp_path):
+    from safetensors.torch import save_file
+
+    enc_a = _fake_encoder_dir(tmp_path / "enc_a", "a")
+    enc_b = _fake_encoder_dir(tmp_path / "enc_b", "b")
+    fam = tmp_path / "fam"
+    fam.mkdir()
+    net = FamiliarityNet(8, num_classes=4, depth=2, hidden_mult=2)
+    save_file(net.state_dict(), str(fam / "router.safetensors"))
+    (fam / "router.json").write_text(json.dumps({"architecture": net.config(), "K": 4, "threshold": 0.2}))
+    write_manifest(fam, "familiarity", {"run": "x"}, {}, ["router.safetensors", "router.json"],
+                   upstream={"encoder": enc_a})
+    router = load_router(fam, encoder_dir=enc_a)
+    assert router.threshold == 0.2 and router.entropy(torch.randn(3, 8)).shape == (3,)
+    assert not any(p.requires_grad for p in router.parameters())
+    with pytest.raises(ArtifactError, match="built from the 'encoder' artifact"):
+        load_router(fam, encoder_dir=enc_b)
+    # A tampered weights file is caught by the manifest hash.
+    save_file(FamiliarityNet(8, num_classes=4, depth=2, hidden_mult=2).state_dict(), str(fam / "router.safetensors"))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_router(fam)
