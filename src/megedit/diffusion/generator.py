@@ -43,12 +43,13 @@ def make_sampler(sampler: str, train_scheduler, steps: int, timestep_spacing: st
     n_train = train_scheduler.config.num_train_timesteps
     if not 1 <= steps <= n_train:
         raise ValueError(f"sampling steps must be in 1..{n_train}, got {steps}")
-    cfg = dict(train_scheduler.config)
-    cfg["timestep_spacing"] = timestep_spacing
+    # Keyword overrides: diffusers ignores edits to the config dict itself.
+    cfg = train_scheduler.config
     if sampler == "ddim":
-        sched = DDIMScheduler.from_config(cfg, set_alpha_to_one=True, clip_sample=False)
+        sched = DDIMScheduler.from_config(cfg, timestep_spacing=timestep_spacing, set_alpha_to_one=True,
+                                          clip_sample=False)
     elif sampler == "ancestral":
-        sched = DDPMScheduler.from_config(cfg)
+        sched = DDPMScheduler.from_config(cfg, timestep_spacing=timestep_spacing)
     else:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     sched.set_timesteps(steps)
