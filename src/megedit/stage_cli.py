@@ -37,3 +37,21 @@ def run_stage(stage: str, module_cls, datamodule_cls, method: str, links: Sequen
     extra = {"ckpt_path": resume()} if method == "fit" and callable(resume) else {}
     getattr(cli.trainer, method)(cli.model, datamodule=cli.datamodule, **extra)
     return cli
+
+
+def parse_stage_args(stage: str, module_cls, datamodule_cls, links: Sequence[tuple[str, str]] = (),
+                     args: Sequence[str] = ()):
+    """Parse a stage's config and flags exactly as the CLI would, without building the model (for tests/tools)."""
+    from jsonargparse import ActionConfigFile
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    parser = LightningArgumentParser(default_config_files=[str(CONFIG_DIR / "stages" / f"{stage}.yaml")],
+                                     exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_lightning_class_args(Trainer, "trainer")
+    parser.add_lightning_class_args(module_cls, "model", subclass_mode=False)
+    parser.add_lightning_class_args(datamodule_cls, "data", subclass_mode=False)
+    for source, target in links:
+        parser.link_arguments(source, target)
+    return parser.parse_args(list(args))

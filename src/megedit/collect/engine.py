@@ -212,6 +212,17 @@ class NeuronCollector:
 
     def add(self, items: Sequence[CollectItem], extra: dict | None = None) -> None:
         """Cache the lower layers for ``items`` (in ``encode_batch`` chunks) and queue them."""
+        for c in self._encode(items, extra):
+            self.cache_bytes += sum(h.numel() * h.element_size() for h in c.hidden)
+            self.queue.append(c)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+        self._refill()
+
+    def initial_weights(self, items: Sequence[CollectItem]) -> Tensor:
+        """``[n, D]`` starting neurons of ``items`` (what optimisation starts from), without queueing them."""
+        return torch.stack([c.init for c in self._encode(items, None)])
+
+    def _encode(self, items: Sequence[CollectItem], extra: dict | None) -> list[_Cached]:
         flat = [(i, v) for i, it in enumerate(items) for v in range(len(it.views))]
         hidden: dict[tuple[int, int], Tensor] = {}
         labels: dict[tuple[int, int], Tensor] = {}
@@ -232,13 +243,10 @@ class NeuronCollector:
                 hidden[i, v] = layer_in[r, -n:-1].float().clone()
                 labels[i, v] = batch["input_ids"][r, -n_t:].clone()
                 mlp_in[i, v] = mlp_input[r, -n:-n_t].float().clone()  # prompt positions only
-        for i, it in enumerate(items):
-            self.cache_bytes += sum(hidden[i, v].numel() * hidden[i, v].element_size() for v in range(len(it.views)))
-            init = self._init_weights(mlp_in[i, 0])
-            self.queue.append(_Cached(it, [hidden[i, v] for v in range(len(it.views))],
-                                      [labels[i, v] for v in range(len(it.views))], init, extra=dict(extra or {})))
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
-        self._refill()
+        return [_Cached(it, [hidden[i, v] for v in range(len(it.views))],
+                        [labels[i, v] for v in range(len(it.views))], self._init_weights(mlp_in[i, 0]),
+                        extra=dict(extra or {}))
+                for i, it in enumerate(items)]
 
     def _init_weights(self, prompt_mlp_in: Tensor) -> Tensor:
         d = self.spec.hidden_size

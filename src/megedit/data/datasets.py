@@ -15,7 +15,8 @@ from megedit.paths import CONFIG_DIR
 @dataclass
 class FileEntry:
     path: str  # relative to the data directory, or absolute
-    format: str = "auto"
+    format: str = "auto"  # or one of megedit.data.readers.FORMATS, to override detection
+    on_invalid: str = "error"  # "drop": skip malformed records, each reported with its error
 
 
 @dataclass
@@ -40,12 +41,20 @@ def load_dataset_config(name_or_path: str, config_dir: Path = CONFIG_DIR) -> Dat
                          paraphrase_files=[FileEntry(**f) for f in raw.get("paraphrase_files") or []])
 
 
-def read_dataset(cfg: DatasetConfig, data_dir: Path) -> tuple[list[EditRecord], list[ParaphraseGroup], dict[str, Path]]:
-    """All records and paraphrase groups of a preset, plus the resolved input files (for the manifest)."""
+def read_dataset(cfg: DatasetConfig, data_dir: Path, invalid: dict | None = None
+                 ) -> tuple[list[EditRecord], list[ParaphraseGroup], dict[str, Path]]:
+    """All records and paraphrase groups of a preset, plus the resolved input files (for the manifest).
+
+    Records dropped under ``on_invalid: drop`` land in ``invalid[file] = [(index, message), ...]``.
+    """
     records, groups, files = [], [], {}
+    invalid = {} if invalid is None else invalid
     for entry, sink in [(e, records) for e in cfg.files] + [(e, groups) for e in cfg.paraphrase_files]:
         path = Path(entry.path) if Path(entry.path).is_absolute() else data_dir / entry.path
-        fmt, items = read_file(path, entry.format, display_name=entry.path)
+        bad: list = []
+        fmt, items = read_file(path, entry.format, display_name=entry.path, on_invalid=entry.on_invalid, invalid=bad)
+        if bad:
+            invalid[entry.path] = bad
         if sink is records and fmt == "paraphrase_groups":
             raise ValueError(f"{entry.path}: a paraphrase corpus is listed under 'files'; move it to 'paraphrase_files'")
         if sink is groups and fmt != "paraphrase_groups":

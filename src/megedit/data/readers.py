@@ -171,9 +171,9 @@ def _gpt4_portability(ctx: _Ctx, raw: dict, kind: str) -> list[Probe]:
     return _probes(ctx, port, "portability", kind)
 
 
-def read_counterfact_easyedit(rows: list, file: str) -> list[EditRecord]:
+def read_counterfact_easyedit(rows: list, file: str, start: int = 0) -> list[EditRecord]:
     out = []
-    for i, raw in enumerate(rows):
+    for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw, "case_id")
         subject, prompt = ctx.string(raw, "subject"), ctx.string(raw, "prompt")
         ctx.subject_in(subject, prompt, "prompt")
@@ -188,9 +188,9 @@ def read_counterfact_easyedit(rows: list, file: str) -> list[EditRecord]:
     return out
 
 
-def read_counterfact_rome(rows: list, file: str) -> list[EditRecord]:
+def read_counterfact_rome(rows: list, file: str, start: int = 0) -> list[EditRecord]:
     out = []
-    for i, raw in enumerate(rows):
+    for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw, "case_id")
         rw = ctx.get(raw, "requested_rewrite", "requested_rewrite")
         if not isinstance(rw, dict):
@@ -210,9 +210,9 @@ def read_counterfact_rome(rows: list, file: str) -> list[EditRecord]:
     return out
 
 
-def read_zsre_mend(rows: list, file: str) -> list[EditRecord]:
+def read_zsre_mend(rows: list, file: str, start: int = 0) -> list[EditRecord]:
     out = []
-    for i, raw in enumerate(rows):
+    for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw)
         loc = ctx.string(raw, "loc", optional=True)
         locality = [Probe(loc, ctx.string(raw, "loc_ans", optional=True), "question")] if loc else []
@@ -225,9 +225,9 @@ def read_zsre_mend(rows: list, file: str) -> list[EditRecord]:
     return out
 
 
-def read_zsre_knowedit(rows: list, file: str) -> list[EditRecord]:
+def read_zsre_knowedit(rows: list, file: str, start: int = 0) -> list[EditRecord]:
     out = []
-    for i, raw in enumerate(rows):
+    for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw)
         out.append(EditRecord(
             id=f"{Path(file).stem}:{i}", subject=ctx.string(raw, "subject"), prompt=ctx.string(raw, "prompt"),
@@ -239,10 +239,10 @@ def read_zsre_knowedit(rows: list, file: str) -> list[EditRecord]:
     return out
 
 
-def read_mquake(rows: list, file: str) -> list[EditRecord]:
+def read_mquake(rows: list, file: str, start: int = 0) -> list[EditRecord]:
     """One record per requested rewrite; the case's multi-hop questions ride on its first rewrite."""
     out = []
-    for i, raw in enumerate(rows):
+    for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw, "case_id")
         rewrites = ctx.get(raw, "requested_rewrite", "requested_rewrite")
         if not isinstance(rewrites, list) or not rewrites:
@@ -265,9 +265,9 @@ def read_mquake(rows: list, file: str) -> list[EditRecord]:
     return out
 
 
-def read_paraphrase_groups(rows: list, file: str) -> list[ParaphraseGroup]:
+def read_paraphrase_groups(rows: list, file: str, start: int = 0) -> list[ParaphraseGroup]:
     out = []
-    for i, raw in enumerate(rows):
+    for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw)
         texts = ctx.string_list(raw, "questions")
         statement = ctx.string(raw, "edit", optional=True)
@@ -278,7 +278,7 @@ def read_paraphrase_groups(rows: list, file: str) -> list[ParaphraseGroup]:
     return out
 
 
-READERS: dict[str, Callable[[list, str], list]] = {
+READERS: dict[str, Callable[..., list]] = {
     "counterfact_easyedit": read_counterfact_easyedit,
     "counterfact_rome": read_counterfact_rome,
     "zsre_mend": read_zsre_mend,
@@ -313,8 +313,15 @@ def detect_format(rows: list, file: str | Path) -> str:
         "(pass the format explicitly to override detection)", record=0)
 
 
-def read_file(path: str | Path, fmt: str = "auto", display_name: str | None = None) -> tuple[str, list]:
-    """Read one benchmark file into records; returns ``(format, records)``."""
+def read_file(path: str | Path, fmt: str = "auto", display_name: str | None = None,
+              on_invalid: str = "error", invalid: list | None = None) -> tuple[str, list]:
+    """Read one benchmark file into records; returns ``(format, records)``.
+
+    ``on_invalid="error"`` (default) raises on the first malformed record. ``"drop"`` skips malformed
+    records instead and appends ``(record index, error message)`` to ``invalid`` so the caller reports them.
+    """
+    if on_invalid not in ("error", "drop"):
+        raise ValueError(f"on_invalid must be 'error' or 'drop', got {on_invalid!r}")
     path = Path(path)
     name = display_name or str(path)
     if not path.is_file():
@@ -324,4 +331,15 @@ def read_file(path: str | Path, fmt: str = "auto", display_name: str | None = No
         fmt = detect_format(rows, name)
     elif fmt not in READERS:
         raise ValueError(f"{name}: unknown format {fmt!r}; expected 'auto' or one of {', '.join(FORMATS)}")
-    return fmt, READERS[fmt](rows, name)
+    reader = READERS[fmt]
+    if on_invalid == "error":
+        return fmt, reader(rows, name)
+    if invalid is None:
+        raise ValueError("on_invalid='drop' needs a list to report the dropped records in")
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.extend(reader([row], name, i))
+        except DataFormatError as exc:
+            invalid.append((i, str(exc)))
+    return fmt, out

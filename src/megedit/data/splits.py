@@ -33,7 +33,7 @@ class DropReport:
 
     def drop(self, source: str, reason: str, record_id: str) -> None:
         self.dropped[source][reason] += 1
-        if len(self.examples[reason]) < 5:
+        if reason == "invalid_record" or len(self.examples[reason]) < 5:  # every invalid record is listed
             self.examples[reason].append(record_id)
 
     def to_dict(self) -> dict:

@@ -47,8 +47,13 @@ class PrepareDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(self.spec)
         self.dataset_cfg = load_dataset_config(hp.dataset)
         self.data_root = resolve_data_dir(hp.data_dir)
-        records, groups, self.input_files = read_dataset(self.dataset_cfg, self.data_root)
+        invalid: dict = {}
+        records, groups, self.input_files = read_dataset(self.dataset_cfg, self.data_root, invalid)
         self.report = DropReport()
+        for file, items in invalid.items():  # malformed records the preset chose to drop, each with its error
+            for index, message in items:
+                self.report.read[file] += 1
+                self.report.drop(file, "invalid_record", message)
         unique = dedupe_by_subject(records, self.report)
         n_candidates = math.ceil(hp.n_edits * hp.oversample) if hp.only_wrong else hp.n_edits
         n_candidates = min(n_candidates, sum(1 for r in unique if r.paraphrases and r.locality)) \
@@ -58,10 +63,13 @@ class PrepareDataModule(L.LightningDataModule):
         self.requests = self._requests()
 
     def _check_targets(self) -> None:
+        special = set(self.tokenizer.all_special_ids)
         for rec in self.splits.edits:
-            if not self.tokenizer(" " + rec.target_new, add_special_tokens=False)["input_ids"]:
-                raise DataFormatError(rec.source, f"target {rec.target_new!r} tokenises to nothing with the "
-                                      f"{self.spec.name} tokenizer", rec.index, rec.id, "target_new")
+            ids = self.tokenizer(" " + rec.target_new, add_special_tokens=False)["input_ids"]
+            content = [i for i in ids if i not in special]
+            if not self.tokenizer.decode(content).strip():  # nothing left but the space and special tokens
+                raise DataFormatError(rec.source, f"target {rec.target_new!r} tokenises to nothing (no text tokens) "
+                                      f"with the {self.spec.name} tokenizer", rec.index, rec.id, "target_new")
 
     def _requests(self) -> list[dict]:
         """Every prompt whose pre-edit answer is needed, keyed by (edit index, field, position)."""

@@ -1,0 +1,48 @@
+"""Atomic writes, manifests that catch tampering, and refusal of mixed runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megedit.artifacts import (ArtifactError, atomic_path, atomic_write_json, check_lineage, check_upstream,
+                               read_manifest, write_manifest)
+
+
+def test_atomic_write_leaves_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_manifest_detects_changed_outputs_and_wrong_stage(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    write_manifest(tmp_path, "prepare", {"model": "m", "seed": 0}, {"x": 1}, ["a.txt"])
+    assert read_manifest(tmp_path, "prepare")["lineage"] == {"model": "m", "seed": 0}
+    with pytest.raises(ArtifactError, match="expected a 'collect' artifact, found stage 'prepare'"):
+        read_manifest(tmp_path, "collect")
+    (tmp_path / "a.txt").write_text("changed")
+    with pytest.raises(ArtifactError, match="output a.txt does not match its sha256"):
+        read_manifest(tmp_path)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        read_manifest(tmp_path / "missing")
+
+
+def test_lineage_and_upstream_checks(tmp_path):
+    up_a, up_b, down = tmp_path / "a", tmp_path / "b", tmp_path / "down"
+    for d, seed in [(up_a, 0), (up_b, 1)]:
+        d.mkdir()
+        write_manifest(d, "encoder", {"model": "m", "seed": seed}, {}, [])
+    with pytest.raises(ArtifactError, match=r"come from different runs: \{'seed': \(0, 1\)\}"):
+        check_lineage({"a": read_manifest(up_a), "b": read_manifest(up_b)})
+    down.mkdir()
+    m = write_manifest(down, "familiarity", {"model": "m", "seed": 0}, {}, [], upstream={"encoder": up_a})
+    check_upstream(m, "encoder", up_a, "familiarity")
+    with pytest.raises(ArtifactError, match="was built from the 'encoder' artifact at"):
+        check_upstream(m, "encoder", up_b, "familiarity")

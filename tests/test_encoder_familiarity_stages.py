@@ -1,0 +1,114 @@
+"""Integration: the encoder and familiarity stages on the packaged MiniLM over the real 8-edit prepare run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megedit.artifacts import ArtifactError, read_manifest
+from megedit.cli import stage_main
+
+pytestmark = pytest.mark.slow
+
+ENCODER_SMALL = ["--data.max_train_groups", "96", "--data.batch_size", "16", "--data.min_val_per_source", "24",
+                 "--data.max_val_per_source", "24", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false"]
+FAMILIARITY_SMALL = ["--trainer.max_epochs", "60", "--model.min_epochs", "5", "--model.hidden_mult", "2",
+                     "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def encoder_dirs(prepared_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc")
+    tuned, frozen = root / "encoder", root / "encoder_frozen"
+    stage_main("encoder", ["--data.prepare_dir", str(prepared_dir), "--model.out_dir", str(tuned), *ENCODER_SMALL])
+    stage_main("encoder", ["--data.prepare_dir", str(prepared_dir), "--model.out_dir", str(frozen),
+                           "--model.objective", "frozen", *ENCODER_SMALL])
+    return tuned, frozen
+
+
+def test_encoder_stage_outputs(prepared_dir, encoder_dirs):
+    from transformers import AutoModel
+
+    from megedit.components.text_encoder import TextEncoder
+    from megedit.prepare.artifact import load_prepared
+
+    tuned, frozen = encoder_dirs
+    manifest = read_manifest(tuned, stage="encoder")
+    prep = load_prepared(prepared_dir)
+    assert manifest["lineage"] == prep.lineage and "prepare" in manifest["inputs"]["upstream"]
+    report = json.loads((tuned / "report.json").read_text())
+    assert report["steps"] == 96 // 16 and report["objective"] == "infonce"
+    for which in ("tuned", "frozen"):
+        for part in ("heldout_pseudo_pairs", "edit_paraphrases"):
+            m = report[which][part]
+            assert 0.0 <= m["recall@1"] <= m["recall@5"] <= 1.0 and 0 < m["mrr"] <= 1.0
+    assert report["tuned"]["edit_paraphrases"]["n_keys"] == len(prep.edits)
+    # A standard HF folder, and the TextEncoder round trip.
+    AutoModel.from_pretrained(tuned / "encoder")
+    enc = TextEncoder.from_source(str(tuned / "encoder"))
+    emb = enc.embed([e.prompt for e in prep.edits], batch_size=4)
+    assert emb.shape == (len(prep.edits), enc.dim)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(len(prep.edits)), atol=1e-5)
+    # Training changed the weights; the frozen ablation did not train (and reports tuned == frozen).
+    base = TextEncoder.from_source(prep.spec.encoder)
+    assert not torch.allclose(emb, base.embed([e.prompt for e in prep.edits], batch_size=4), atol=1e-4)
+    frozen_report = json.loads((frozen / "report.json").read_text())
+    assert frozen_report["steps"] == 0
+    assert frozen_report["tuned"]["edit_paraphrases"] == frozen_report["frozen"]["edit_paraphrases"]
+    # The held-out groups are disjoint from what the encoder trained on, and none is an edit's text.
+    heldout = set(json.loads((tuned / "heldout_groups.json").read_text())["groups"])
+    assert heldout and not heldout & {e.id for e in prep.edits}
+
+
+def test_familiarity_stage_routes_and_refuses_other_encoder(prepared_dir, encoder_dirs, tmp_path):
+    from megedit.familiarity.router import load_router
+    from megedit.prepare.artifact import load_prepared
+
+    tuned, frozen = encoder_dirs
+    out = tmp_path / "familiarity"
+    stage_main("familiarity", ["--data.prepare_dir", str(prepared_dir), "--data.encoder_dir", str(tuned),
+                               "--model.out_dir", str(out), "--trainer.logger.init_args.save_dir", str(tmp_path / "tb"),
+                               *FAMILIARITY_SMALL])
+    manifest = read_manifest(out, stage="familiarity")
+    assert set(manifest["inputs"]["upstream"]) == {"prepare", "encoder"}
+    for name in ("router.safetensors", "router.json", "routing_report.json", "entropy_hist.png"):
+        assert (out / name).is_file()
+    assert (out / "entropy_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "histogram/rates not logged to TensorBoard"
+    report = json.loads((out / "routing_report.json").read_text())
+    cfg = json.loads((out / "router.json").read_text())
+    assert cfg["K"] == 10 and cfg["threshold"] == report["threshold"] and cfg["threshold_source"].startswith("auto")
+    assert report["fit"]["converged"]
+    assert report["calibration"]["counts"]["memorised"] == 8
+    # The router memorised the edit prompts: all of them route familiar with the auto threshold.
+    prep = load_prepared(prepared_dir)
+    router = load_router(out, encoder_dir=tuned)
+    from megedit.components.text_encoder import TextEncoder
+
+    enc = TextEncoder.from_source(str(tuned / "encoder"))
+    prompts = enc.embed([e.prompt for e in prep.edits], batch_size=8)
+    assert router.is_familiar(prompts).all()
+    assert report["rates"]["edit_prompts_familiar"] == 1.0
+    assert router.entropy(prompts).max() < router.threshold
+    # Irrelevant prompts have a higher mean entropy than the memorised ones.
+    irrelevant = enc.embed([r["prompt"] for r in prep.pseudo_irrelevant], batch_size=32)
+    assert router.entropy(irrelevant).mean() > 5 * router.entropy(prompts).mean()
+    # A router built on one encoder run is refused with another's.
+    with pytest.raises(ArtifactError, match="built from the 'encoder' artifact"):
+        load_router(out, encoder_dir=frozen)
+
+
+def test_familiarity_refuses_encoder_of_another_prepare_run(prepared_dir, encoder_dirs, tmp_path):
+    import shutil
+
+    other = tmp_path / "prepare_copy"
+    shutil.copytree(prepared_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["created"] = "another run"  # same lineage, different manifest: a different prepare artifact
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="built from the 'prepare' artifact"):
+        stage_main("familiarity", ["--data.prepare_dir", str(other), "--data.encoder_dir", str(encoder_dirs[0]),
+                                   "--model.out_dir", str(tmp_path / "f"), "--trainer.logger", "false"])
