@@ -68,7 +68,7 @@ def test_prepare_refuses_a_target_that_tokenises_to_nothing(tmp_path, data_dir):
     bad.write_text(json.dumps(rows))
     cfg = tmp_path / "ds.yaml"
     cfg.write_text(f"name: tiny\nfiles:\n  - path: {bad}\n")
-    with pytest.raises(DataFormatError, match=r"record 0 \(case_id=0\): field 'target_new': target '<\|im_end\|>' tokenises to nothing"):
+    with pytest.raises(DataFormatError, match=r"record 0 \(cf:0\): field 'target_new': target '<\|im_end\|>' tokenises to nothing"):
         stage_main("prepare", ["--data.dataset", str(cfg), "--data.n_edits", "3", "--data.n_pseudo_irrelevant", "0",
                                "--data.data_dir", str(data_dir), "--model.out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "manifest.json").exists()
