@@ -38,6 +38,9 @@ STAGES: dict[str, Stage] = {
     "diffusion": Stage("megedit.diffusion.diffusion_module:DiffusionModule",
                        "megedit.diffusion.diffusion_datamodule:DiffusionDataModule", "fit", (),
                        "train the 1-D DiT weight generator on (encoder embedding, collected neuron) pairs"),
+    "evaluate": Stage("megedit.evaluate.evaluate_module:EvaluateModule",
+                      "megedit.evaluate.evaluate_datamodule:EvaluateDataModule", "test", (),
+                      "Reliability/Generality/Locality (TF and AG) and Score for MeG, MeG w/o router and FT"),
 }
 
 

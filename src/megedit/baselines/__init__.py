@@ -1,0 +1,1 @@
+"""Baselines evaluated in the same harness as MeG."""

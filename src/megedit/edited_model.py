@@ -1,0 +1,138 @@
+"""The edited model: a frozen LM that answers the MeG way.
+
+Per query: encoder embedding -> familiarity entropy -> if familiar, DDIM-generated neuron
+weights (batched); if not, no neuron at all, so the LM is exactly the unedited one ->
+the LM's forward pass or greedy generation with that row's neuron attached throughout.
+Rows of one batch may be routed differently.
+
+    lm = EditedLM.load("runs/smollm2-counterfact-1024")
+    lm.generate(["The mother tongue of Danielle Darrieux is"])
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from megedit.artifacts import ArtifactError, check_lineage, check_upstream, read_manifest
+from megedit.components.neuron import DynamicNeuron
+from megedit.components.text_encoder import TextEncoder
+from megedit.loading import load_lm
+from megedit.prepare.artifact import Prepared, load_prepared
+from megedit.scoring import greedy_generate, teacher_forced, greedy_match
+
+STAGE_DIRS = ("prepare", "encoder", "familiarity", "collect", "diffusion")
+
+
+@dataclass
+class Routing:
+    """What the router decided for a batch of queries, and the neuron weights that follow."""
+
+    embeddings: torch.Tensor  # [B, H]
+    entropy: torch.Tensor  # [B] (nan when the router is bypassed)
+    familiar: torch.Tensor  # [B] bool
+    weights: torch.Tensor  # [B, D]; zero rows for unfamiliar queries
+    timings: dict = field(default_factory=dict)  # seconds per component
+
+
+class EditedLM:
+    def __init__(self, prepared: Prepared, lm, tokenizer, encoder: TextEncoder, router, generator,
+                 use_router: bool = True, steps: int = 50, sampler: str = "ddim", seed: int = 0,
+                 sample_batch_size: int = 64):
+        self.prepared, self.spec = prepared, prepared.spec
+        self.lm, self.tokenizer, self.encoder, self.router, self.generator = lm, tokenizer, encoder, router, generator
+        self.neuron = DynamicNeuron(lm, self.spec)
+        self.use_router, self.steps, self.sampler, self.seed = use_router, steps, sampler, seed
+        self.sample_batch_size = sample_batch_size
+        self._edit_embeddings: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "cpu", **options) -> "EditedLM":
+        """Load a run directory (``prepare/ encoder/ familiarity/ diffusion/``), refusing mixed runs."""
+        from megedit.diffusion.generator import load_generator
+        from megedit.familiarity.router import load_router
+
+        run = Path(run_dir)
+        dirs = {name: run / name for name in ("prepare", "encoder", "familiarity", "diffusion")}
+        manifests = {name: read_manifest(d, stage=name) for name, d in dirs.items()}
+        check_lineage(manifests)
+        check_upstream(manifests["diffusion"], "encoder", dirs["encoder"], where=f"generator {dirs['diffusion']}")
+        prepared = load_prepared(dirs["prepare"])
+        lm, tokenizer = load_lm(prepared.spec)
+        lm.to(device)
+        encoder = TextEncoder.from_source(str(dirs["encoder"] / "encoder")).to(device).eval()
+        router = load_router(dirs["familiarity"], encoder_dir=dirs["encoder"], device=device)
+        generator = load_generator(dirs["diffusion"], device=device)
+        if generator.input_dim != prepared.spec.neuron_dim:
+            raise ArtifactError(f"{dirs['diffusion']}: generator makes {generator.input_dim}-dim neurons, "
+                                f"model {prepared.spec.name} needs {prepared.spec.neuron_dim}")
+        return cls(prepared, lm, tokenizer, encoder, router, generator, **options)
+
+    # ------------------------------------------------------------------ routing
+    @torch.no_grad()
+    def route(self, queries: Sequence[str]) -> Routing:
+        """Embed raw queries, decide familiarity, and generate neurons for the familiar ones only."""
+        t0 = time.perf_counter()
+        emb = self.encoder.embed(list(queries))
+        t1 = time.perf_counter()
+        if self.use_router:
+            entropy = self.router.entropy(emb).cpu()
+            familiar = entropy < self.router.threshold
+        else:
+            entropy = torch.full((len(queries),), float("nan"))
+            familiar = torch.ones(len(queries), dtype=torch.bool)
+        t2 = time.perf_counter()
+        weights = torch.zeros(len(queries), self.spec.neuron_dim)
+        idx = familiar.nonzero().flatten()
+        if len(idx):
+            weights[idx] = self.generator.sample(emb[idx], steps=self.steps, sampler=self.sampler, seed=self.seed,
+                                                 batch_size=self.sample_batch_size).cpu()
+        t3 = time.perf_counter()
+        return Routing(emb, entropy, familiar, weights,
+                       {"encoder": t1 - t0, "router": t2 - t1, "sampler": t3 - t2})
+
+    def lm_prompts(self, queries: Sequence[str], kind: str = "question") -> list[str]:
+        return [self.spec.format_prompt(q, kind) for q in queries]
+
+    @staticmethod
+    def _lm_weights(routing: Routing) -> torch.Tensor | None:
+        # No familiar row: run the plain LM (no hook arithmetic at all).
+        return routing.weights if bool(routing.familiar.any()) else None
+
+    # ------------------------------------------------------------------ answering
+    @torch.no_grad()
+    def generate(self, queries: Sequence[str], kind: str = "question", max_new_tokens: int = 20,
+                 routing: Routing | None = None) -> list[str]:
+        """Greedy answers (decoded, stripped) with each query's neuron attached for the whole generation."""
+        routing = routing or self.route(queries)
+        toks = greedy_generate(self.lm, self.tokenizer, self.neuron, self.lm_prompts(queries, kind),
+                               self._lm_weights(routing), max_new_tokens=max_new_tokens)
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in toks]
+
+    @torch.no_grad()
+    def score(self, queries: Sequence[str], targets: Sequence[str], kind: str = "question",
+              routing: Routing | None = None) -> dict:
+        """Teacher-forced token accuracy and greedy exact match of ``targets``."""
+        routing = routing or self.route(queries)
+        prompts = self.lm_prompts(queries, kind)
+        w = self._lm_weights(routing)
+        tf = teacher_forced(self.lm, self.tokenizer, self.neuron, prompts, targets, w)
+        return {"tf": tf["token_acc"], "ag": greedy_match(self.lm, self.tokenizer, self.neuron, prompts, targets, w)}
+
+    # ------------------------------------------------------------------ provenance
+    def nearest_edits(self, embeddings: torch.Tensor) -> list[dict]:
+        """For each embedding: the most similar edit prompt (id, prompt, target, cosine similarity)."""
+        if self._edit_embeddings is None:
+            self._edit_embeddings = self.encoder.embed([e.prompt for e in self.prepared.edits])
+        sims = embeddings @ self._edit_embeddings.T
+        best = sims.max(dim=1)
+        out = []
+        for score, i in zip(best.values.tolist(), best.indices.tolist()):
+            e = self.prepared.edits[i]
+            out.append({"id": e.id, "prompt": e.prompt, "target_new": e.target_new, "similarity": round(score, 4)})
+        return out

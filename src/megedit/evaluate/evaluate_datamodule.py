@@ -1,0 +1,52 @@
+"""Serves every evaluation item of a run: each edit's prompt (Reliability), its paraphrases
+(Generality) and its locality prompts (Locality, judged against the pre-edit answers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from megedit.prepare.artifact import load_prepared
+
+GROUPS = ("reliability", "generality", "locality")
+
+
+class EvaluateDataModule(L.LightningDataModule):
+    def __init__(self, prepare_dir: str = "runs/smollm2-counterfact-1024/prepare",
+                 run_dir: str = "runs/smollm2-counterfact-1024", batch_size: int = 32, limit: int | None = None):
+        """
+        Args:
+            prepare_dir: the prepare artifact (edits, paraphrases, locality prompts, pre-edit answers).
+            run_dir: the run whose encoder/, familiarity/ and diffusion/ artifacts are evaluated.
+            batch_size: evaluation items per step.
+            limit: evaluate only the first ``limit`` edits (quick looks; recorded in the results).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.prepared = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prepared is not None:
+            return
+        self.prepared = load_prepared(self.hparams.prepare_dir)
+        if Path(self.hparams.prepare_dir).resolve() != (Path(self.hparams.run_dir) / "prepare").resolve():
+            raise ValueError(f"data.prepare_dir {self.hparams.prepare_dir} is not the prepare artifact of "
+                             f"data.run_dir {self.hparams.run_dir}; evaluate a run with its own edits")
+        edits = self.prepared.edits[: self.hparams.limit] if self.hparams.limit else self.prepared.edits
+        items = []
+        for i, (rec, pre) in enumerate(zip(edits, self.prepared.pre_edit)):
+            items.append({"edit": i, "group": "reliability", "pos": 0, "query": rec.prompt, "kind": rec.prompt_kind,
+                          "target": rec.target_new})
+            items += [{"edit": i, "group": "generality", "pos": j, "query": p, "kind": rec.prompt_kind,
+                       "target": rec.target_new} for j, p in enumerate(rec.paraphrases)]
+            items += [{"edit": i, "group": "locality", "pos": j, "query": loc.prompt, "kind": loc.kind,
+                       "target": loc.answer or rec.target_new, "pre_tokens": pre["locality"][j]["tokens"]}
+                      for j, loc in enumerate(rec.locality)]
+        for k, item in enumerate(items):
+            item["key"] = k
+        self.items = items
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.items, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)

@@ -1,0 +1,213 @@
+"""Evaluates MeG (with and without the familiarity router) and the FT baseline on one run, with
+the same items and metrics, and writes results.json / results.md / results.png / per_example.jsonl."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from megedit.artifacts import atomic_write_json, atomic_write_jsonl, write_manifest
+from megedit.baselines.ft import finetune_mlp, swapped_mlp
+from megedit.distributed import gather_objects
+from megedit.edited_model import EditedLM
+from megedit.evaluate.metrics import SHORT, make_metrics, summarise
+from megedit.evaluate.report import write_reports
+from megedit.scoring import _generate_raw, left_pad, positions_from_mask, target_ids
+
+VARIANTS = ("meg", "meg_no_router", "ft")
+AG_PROTOCOLS = {
+    "target_length": "greedy decoding of exactly the target's token count; correct iff every token matches "
+                     "(locality: the first L pre-edit tokens, L = token count of the locality answer, else of the "
+                     "edit target)",
+    "official": "up to 20 new tokens, decoded, lower-cased and stripped; reliability/generality correct iff the "
+                "answer starts with the target, locality correct iff it equals the pre-edit answer",
+}
+
+
+class EvaluateModule(L.LightningModule):
+    def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
+                 variants: list[str] = ["meg", "meg_no_router", "ft"], steps: int = 50, sampler: str = "ddim",
+                 seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 10, ft_lr: float = 5e-4,
+                 ft_batch_size: int = 32, lm_batch_size: int = 32):
+        """
+        Args:
+            out_dir: where results go.
+            variants: any of ``meg`` (full method), ``meg_no_router`` (familiarity net bypassed: every query gets a
+                generated neuron; paper Table 5 "w/o FN") and ``ft`` (fine-tune the edit layer's MLP on all edits).
+            steps, sampler: generator sampling (DDIM 50 steps by default; ``ancestral`` as the official code).
+            seed: sampling seed.
+            ag_protocol: ``target_length`` (default) or ``official`` (see AG_PROTOCOLS; recorded in metric_meta).
+            ft_epochs, ft_lr, ft_batch_size: FT baseline (Adam on the edit layer's MLP only).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        unknown = set(variants) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+        if ag_protocol not in AG_PROTOCOLS:
+            raise ValueError(f"ag_protocol must be one of {list(AG_PROTOCOLS)}, got {ag_protocol!r}")
+        self.variants = list(variants)
+        self.metrics = make_metrics(self.variants)
+        self.edited: EditedLM | None = None
+        self._rows: list[dict] = []
+        self._timing = {"route": 0.0, "lm": 0.0, "ft_train": 0.0}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.edited is not None:
+            return
+        dm = self.trainer.datamodule
+        dm.setup("test")
+        self.edited = EditedLM.load(dm.hparams.run_dir, steps=self.hparams.steps, sampler=self.hparams.sampler,
+                                    seed=self.hparams.seed, use_router=True)
+        self.ft_state = None
+
+    def on_test_start(self) -> None:
+        self._started = time.time()
+        if "ft" in self.variants:
+            e = self.edited
+            edits = [e.prepared.edits[i] for i in sorted({it["edit"] for it in self.trainer.datamodule.items})]
+            t0 = time.time()
+            res = finetune_mlp(e.lm, e.tokenizer, e.spec, [e.spec.format_prompt(r.prompt, r.prompt_kind) for r in edits],
+                               [r.target_new for r in edits], epochs=self.hparams.ft_epochs, lr=self.hparams.ft_lr,
+                               batch_size=self.hparams.ft_batch_size, seed=self.hparams.seed,
+                               progress=self.global_rank == 0)
+            self.ft_state, self.ft_losses = res["state"], res["losses"]
+            self._timing["ft_train"] = time.time() - t0
+
+    # ------------------------------------------------------------------ scoring
+    def _targets(self, items) -> list[list[int]]:
+        tok = self.edited.tokenizer
+        out = []
+        for it in items:
+            want = target_ids(tok, it["target"])
+            if it["group"] != "locality":
+                out.append(want)
+            else:  # compare with the pre-edit answer over the target's length; an empty answer means "stop"
+                pre = it["pre_tokens"]
+                out.append(pre[: max(1, min(len(want), len(pre)))] if pre else [tok.eos_token_id])
+        return out
+
+    @torch.no_grad()
+    def _tf(self, prompts, targets, weights) -> torch.Tensor:
+        """Token accuracy of argmax under teacher forcing on explicit target token ids."""
+        e = self.edited
+        seqs = [list(e.tokenizer(p)["input_ids"]) + t for p, t in zip(prompts, targets)]
+        ids, mask = left_pad(seqs, e.tokenizer.pad_token_id)
+        with e.neuron.attached(weights):
+            logits = e.lm(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                          use_cache=False).logits
+        width = ids.shape[1]
+        acc = []
+        for i, t in enumerate(targets):
+            pred = logits[i, width - len(t) - 1: width - 1].argmax(-1)
+            acc.append((pred == torch.tensor(t)).float().mean())
+        return torch.stack(acc)
+
+    def _ag(self, prompts, items, targets, weights) -> tuple[torch.Tensor, list[list[int]]]:
+        e = self.edited
+        if self.hparams.ag_protocol == "target_length":
+            gen = _generate_raw(e.lm, e.tokenizer, e.neuron, prompts, weights, [len(t) for t in targets],
+                                len(prompts))
+            return torch.tensor([g == t for g, t in zip(gen, targets)], dtype=torch.float), gen
+        gen = _generate_raw(e.lm, e.tokenizer, e.neuron, prompts, weights, 20, len(prompts))
+        eos = e.tokenizer.eos_token_id
+        gen = [g[: g.index(eos)] if eos in g else g for g in gen]
+        hits = []
+        for g, it in zip(gen, items):
+            answer = e.tokenizer.decode(g, skip_special_tokens=True).strip().lower()
+            if it["group"] == "locality":
+                ref = e.tokenizer.decode(it["pre_tokens"], skip_special_tokens=True).strip().lower()
+                hits.append(answer == ref)
+            else:
+                hits.append(answer.startswith(it["target"].strip().lower()))
+        return torch.tensor(hits, dtype=torch.float), gen
+
+    def test_step(self, items: list[dict], batch_idx: int) -> None:
+        e = self.edited
+        queries = [it["query"] for it in items]
+        prompts = [e.spec.format_prompt(it["query"], it["kind"]) for it in items]
+        targets = self._targets(items)
+        t0 = time.time()
+        routing = e.route(queries)
+        self._timing["route"] += time.time() - t0
+        runs = {}
+        if "meg" in self.variants:
+            runs["meg"] = (routing.weights if routing.familiar.any() else None, routing.familiar)
+        if "meg_no_router" in self.variants:
+            # Reuse the neurons already generated for familiar rows; generate the rest.
+            weights = routing.weights.clone()
+            rest = (~routing.familiar).nonzero().flatten()
+            if len(rest):
+                weights[rest] = e.generator.sample(routing.embeddings[rest], steps=e.steps, sampler=e.sampler,
+                                                   seed=e.seed).cpu()
+            runs["meg_no_router"] = (weights, torch.ones(len(items), dtype=torch.bool))
+        if "ft" in self.variants:
+            runs["ft"] = (None, torch.zeros(len(items), dtype=torch.bool))
+        t1 = time.time()
+        for variant, (weights, familiar) in runs.items():
+            ctx = swapped_mlp(e.lm, e.spec, self.ft_state) if variant == "ft" else contextlib.nullcontext()
+            with ctx:
+                tf = self._tf(prompts, targets, weights)
+                ag, gen = self._ag(prompts, items, targets, weights)
+            for i, it in enumerate(items):
+                g = SHORT[it["group"]]
+                self.metrics[f"{variant}__{g}_tf"].update(tf[i])
+                self.metrics[f"{variant}__{g}_ag"].update(ag[i])
+                self.metrics[f"{variant}__familiar_{g}"].update(familiar[i].float())
+                self._rows.append({"key": it["key"], "variant": variant, "edit": it["edit"], "group": it["group"],
+                                   "pos": it["pos"], "query": it["query"], "target": it["target"],
+                                   "familiar": bool(familiar[i]),
+                                   "entropy": None if variant == "ft" else round(float(routing.entropy[i]), 4),
+                                   "tf": round(float(tf[i]), 4), "ag": bool(ag[i]),
+                                   "answer": e.tokenizer.decode(gen[i], skip_special_tokens=True)})
+        self._timing["lm"] += time.time() - t1
+
+    # ------------------------------------------------------------------ outputs
+    def on_test_epoch_end(self) -> None:
+        results = summarise(self.metrics, self.variants)
+        for variant, row in results.items():
+            for name, value in row.items():
+                if isinstance(value, (int, float)):
+                    self.log(f"{variant}/{name}", value, rank_zero_only=True, sync_dist=False)
+        rows = [r for part in gather_objects(self._rows) for r in part]
+        if self.global_rank == 0:
+            self._write(results, rows)
+
+    def _write(self, results: dict, rows: list[dict]) -> None:
+        dm, e = self.trainer.datamodule, self.edited
+        out = Path(self.hparams.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = sorted({(r["variant"], r["key"]): r for r in rows}.values(), key=lambda r: (r["variant"], r["key"]))
+        n_edits = len({it["edit"] for it in dm.items})
+        meta = {
+            "protocol": "megedit/1",
+            "tf": "token-level accuracy of argmax under teacher forcing on the target tokens (locality: on the "
+                  "pre-edit greedy answer's tokens)",
+            "ag_protocol": self.hparams.ag_protocol, "ag": AG_PROTOCOLS[self.hparams.ag_protocol],
+            "locality_reference": "pre-edit greedy answers recorded by the prepare stage (not ground truth)",
+            "score": "harmonic mean of the six metrics",
+            "sampler": self.hparams.sampler, "steps": self.hparams.steps, "seed": self.hparams.seed,
+            "router_threshold": float(e.router.threshold), "n_edits": n_edits,
+            "items": {g: sum(1 for it in dm.items if it["group"] == g) for g in ("reliability", "generality", "locality")},
+        }
+        summary = {"lineage": e.prepared.lineage, "metric_meta": meta, "results": results,
+                   "timings_seconds": {k: round(v, 1) for k, v in self._timing.items()} |
+                   {"total": round(time.time() - self._started, 1)}}
+        if "ft" in self.variants:
+            summary["ft"] = {"epochs": self.hparams.ft_epochs, "lr": self.hparams.ft_lr, "losses": self.ft_losses}
+        atomic_write_json(out / "results.json", summary)
+        atomic_write_jsonl(out / "per_example.jsonl", rows)
+        write_reports(out, summary)
+        run = Path(dm.hparams.run_dir)
+        write_manifest(out, "evaluate", e.prepared.lineage, config={"model": dict(self.hparams), "data": dict(dm.hparams)},
+                       outputs=["results.json", "results.md", "results.png", "per_example.jsonl"],
+                       upstream={n: run / n for n in ("prepare", "encoder", "familiarity", "diffusion")})
+        print((out / "results.md").read_text())
+
+    def configure_optimizers(self):
+        return None

@@ -1,0 +1,62 @@
+"""Readable outputs of the evaluate stage: a table shaped like the paper's Table 1 and a bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megedit.artifacts import atomic_path, atomic_write_text
+from megedit.evaluate.metrics import metric_names
+
+LABELS = {"meg": "MeG", "meg_no_router": "MeG w/o FN", "ft": "FT"}
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def results_table(summary: dict) -> str:
+    lin, meta = summary["lineage"], summary["metric_meta"]
+    lines = [f"# {lin['model']} / {lin['dataset']} / N={meta['n_edits']}", "",
+             "| Method | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score | routed familiar (rel/gen/loc %) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for variant, r in summary["results"].items():
+        fam = r["routing_familiar"]
+        lines.append(f"| {LABELS.get(variant, variant)} | {_fmt(r['rel_ag'])} | {_fmt(r['rel_tf'])} | "
+                     f"{_fmt(r['gen_ag'])} | {_fmt(r['gen_tf'])} | {_fmt(r['loc_ag'])} | {_fmt(r['loc_tf'])} | "
+                     f"**{_fmt(r['score'])}** | {_fmt(fam['rel'])} / {_fmt(fam['gen'])} / {_fmt(fam['loc'])} |")
+    lines += ["", f"AG protocol: `{meta['ag_protocol']}`: {meta['ag']}.", f"TF: {meta['tf']}.",
+              f"Locality reference: {meta['locality_reference']}. Score: {meta['score']}.",
+              f"Sampler: {meta['sampler']}, {meta['steps']} steps; router threshold {meta['router_threshold']:.4g}; "
+              f"items: {meta['items']}.", ""]
+    return "\n".join(lines)
+
+
+def bar_chart(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = metric_names() + ["score"]
+    variants = list(summary["results"])
+    width = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for k, v in enumerate(variants):
+        vals = [summary["results"][v][n] or 0.0 for n in names]
+        ax.bar([i + k * width for i in range(len(names))], vals, width, label=LABELS.get(v, v))
+    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(names))])
+    ax.set_xticklabels([n.replace("_", " ").upper() for n in names])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    lin = summary["lineage"]
+    ax.set_title(f"{lin['model']} / {lin['dataset']} / N={summary['metric_meta']['n_edits']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_reports(out: Path, summary: dict) -> None:
+    atomic_write_text(out / "results.md", results_table(summary))
+    bar_chart(summary, out / "results.png")
