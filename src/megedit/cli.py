@@ -65,7 +65,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-COMMANDS: dict[str, tuple[str, str]] = {}  # name -> ("module:function", help); filled as tools land
+COMMANDS: dict[str, tuple[str, str]] = {  # name -> ("module:function", help)
+    "ask": ("megedit.ask:main", "answer questions with an edited run and show the routing provenance"),
+}
 
 
 def main(argv=None) -> int:
