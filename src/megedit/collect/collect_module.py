@@ -8,7 +8,6 @@ diagnostic on pseudo-edits (never on the evaluation paraphrases) and writes the 
 
 from __future__ import annotations
 
-import random
 import resource
 import shutil
 import time
@@ -20,12 +19,13 @@ import torch
 from megedit.artifacts import (ArtifactError, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json,
                                write_manifest)
 from megedit.collect.artifact import FILES, SHARD_DIR, read_shard, write_shard
-from megedit.collect.engine import (CollectItem, CollectOptions, CollectResult, NeuronCollector, collect,
-                                    generate_prefixes, with_prefix)
+from megedit.collect.engine import (CollectItem, CollectOptions, CollectResult, NeuronCollector, generate_prefixes,
+                                    with_prefix)
+from megedit.collect.transfer import measure_transfer, sample_pseudo
 from megedit.components.neuron import DynamicNeuron
 from megedit.distributed import barrier, gather_objects
 from megedit.loading import load_lm, state_dict_sha256
-from megedit.scoring import greedy_match, teacher_forced
+from megedit.scoring import greedy_match
 
 # Options that change the collected weights (the shard fingerprint); the rest only change speed or reports.
 _RESULT_OPTIONS = ("lr", "max_steps", "key_init", "stop_margin", "stop_on", "n_prefixes", "prefix_tokens",
@@ -261,46 +261,16 @@ class CollectModule(L.LightningModule):
               f"{tr.get('prompt_only', {}).get('paraphrase_exact', 'n/a')}) -> {self.out_dir}")
 
     def transfer_diagnostic(self) -> dict:
-        """Collect neurons for sampled pseudo-edits; how often does the neuron carry over to their paraphrases?"""
-        pool = [r for r in self.prepared.pseudo_edits if r.paraphrases]
-        if not pool:
-            return {"error": "the prepare artifact has no pseudo-edits with paraphrases"}
-        rng = random.Random(self.hparams.transfer_seed)
-        sample = rng.sample(pool, min(self.hparams.transfer_n, len(pool)))
-        out = {"n_pseudo_edits": len(sample)}
-        configs = {"configured": self.prefixes}
+        """Neurons for sampled pseudo-edits: how often do they carry over to those records' paraphrases?"""
+        try:
+            sample = sample_pseudo(self.prepared.pseudo_edits, self.hparams.transfer_n, self.hparams.transfer_seed)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        out = {"n_pseudo_edits": len(sample),
+               "configured": measure_transfer(self.lm, self.tokenizer, self.spec, self.neuron, sample, self.options,
+                                              self.prefixes)}
         if self.hparams.transfer_compare and (self.prefixes or self.hparams.stop_margin or
                                               self.hparams.key_init != "last"):
-            configs["prompt_only"] = None
-        for name, prefixes in configs.items():
-            opts = self.options if prefixes is not None else CollectOptions(
-                lr=self.options.lr, max_steps=self.options.max_steps, capacity=self.options.capacity)
-            pre = prefixes or []
-            fmt = self.spec.format_prompt
-            items = [CollectItem(i, [fmt(r.prompt, r.prompt_kind)] +
-                                 [fmt(with_prefix(p, r.prompt), r.prompt_kind) for p in pre], r.target_new)
-                     for i, r in enumerate(sample)]
-            results = collect(self.lm, self.tokenizer, self.spec, items, opts, neuron=self.neuron)
-            out[name] = transfer_scores(self.lm, self.tokenizer, self.neuron, self.spec, sample, results)
+            out["prompt_only"] = measure_transfer(self.lm, self.tokenizer, self.spec, self.neuron, sample,
+                                                  self.options, [], stop_margin=0.0, key_init="last")
         return out
-
-
-def transfer_scores(model, tokenizer, neuron, spec, records, results) -> dict:
-    """Greedy exact match and teacher-forced token accuracy on the paraphrases, with each record's own neuron."""
-    prompts, targets, rows, base_rows = [], [], [], []
-    for i, (rec, res) in enumerate(zip(records, results)):
-        for p in rec.paraphrases:
-            prompts.append(spec.format_prompt(p, rec.prompt_kind))
-            targets.append(rec.target_new)
-            rows.append(i)
-    W = torch.stack([r.weights for r in results])[rows]
-    ok = torch.tensor([r.success for r in results])
-    exact = greedy_match(model, tokenizer, neuron, prompts, targets, W, batch_size=64)
-    tf = teacher_forced(model, tokenizer, neuron, prompts, targets, W, batch_size=64)
-    base = greedy_match(model, tokenizer, None, prompts, targets, None, batch_size=64)
-    return {"prompt_success": round(float(ok.float().mean()), 4),
-            "n_paraphrases": len(prompts),
-            "paraphrase_exact": round(float(exact.float().mean()), 4),
-            "paraphrase_token_acc": round(float(tf["token_acc"].mean()), 4),
-            "paraphrase_exact_unedited": round(float(base.float().mean()), 4),
-            "steps_mean": round(sum(r.steps for r in results) / len(results), 2)}
