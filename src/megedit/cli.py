@@ -67,6 +67,7 @@ def _usage() -> str:
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> ("module:function", help)
     "ask": ("megedit.ask:main", "answer questions with an edited run and show the routing provenance"),
+    "report": ("megedit.report:main", "gather several evaluate results into one table and a scaling plot"),
 }
 
 

@@ -32,7 +32,7 @@ class EvaluateModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
                  variants: list[str] = ["meg", "meg_no_router", "ft"], steps: int = 50, sampler: str = "ddim",
                  seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 10, ft_lr: float = 5e-4,
-                 ft_batch_size: int = 32, lm_batch_size: int = 32):
+                 ft_batch_size: int = 32, router_threshold: float | None = None):
         """
         Args:
             out_dir: where results go.
@@ -42,6 +42,7 @@ class EvaluateModule(L.LightningModule):
             seed: sampling seed.
             ag_protocol: ``target_length`` (default) or ``official`` (see AG_PROTOCOLS; recorded in metric_meta).
             ft_epochs, ft_lr, ft_batch_size: FT baseline (Adam on the edit layer's MLP only).
+            router_threshold: override the familiarity artifact's entropy threshold (threshold sweeps, Table 16).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -64,6 +65,8 @@ class EvaluateModule(L.LightningModule):
         dm.setup("test")
         self.edited = EditedLM.load(dm.hparams.run_dir, steps=self.hparams.steps, sampler=self.hparams.sampler,
                                     seed=self.hparams.seed, use_router=True)
+        if self.hparams.router_threshold is not None:
+            self.edited.router.threshold = float(self.hparams.router_threshold)
         self.ft_state = None
 
     def on_test_start(self) -> None:

@@ -1,0 +1,96 @@
+"""``megedit report RUN_DIR/evaluate ...``: gather evaluate results into one table and a scaling plot.
+
+Writes ``report.md`` (every run and variant, grouped by protocol so numbers from different
+metric protocols are never put in one column by mistake), ``report.json`` and ``scaling.png``
+(Score and the six metrics against N, one line per model/dataset/variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from megedit.artifacts import atomic_path, atomic_write_json, atomic_write_text
+from megedit.evaluate.metrics import metric_names
+from megedit.evaluate.report import LABELS
+
+
+def collect(paths) -> list[dict]:
+    rows = []
+    for p in paths:
+        p = Path(p)
+        f = p / "results.json" if p.is_dir() else p
+        if not f.is_file():
+            raise FileNotFoundError(f"{p}: no results.json (run the evaluate stage there first)")
+        s = json.loads(f.read_text())
+        meta, lin = s["metric_meta"], s["lineage"]
+        for variant, r in s["results"].items():
+            rows.append({"run": str(f.parent), "model": lin["model"], "dataset": lin["dataset"], "n": meta["n_edits"],
+                         "variant": variant, "protocol": f"{meta['protocol']}/{meta['ag_protocol']}",
+                         "threshold": meta.get("router_threshold"), **{k: r[k] for k in metric_names() + ["score"]}})
+    return rows
+
+
+def table(rows) -> str:
+    out = []
+    by_protocol = defaultdict(list)
+    for r in rows:
+        by_protocol[r["protocol"]].append(r)
+    for protocol, items in by_protocol.items():
+        out += [f"## protocol `{protocol}`", "",
+                "| run | model | dataset | N | method | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(items, key=lambda r: (r["model"], r["dataset"], r["n"], r["variant"], r["run"])):
+            vals = " | ".join("n/a" if r[k] is None else f"{r[k]:.2f}" for k in
+                              ["rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf", "score"])
+            out.append(f"| {r['run']} | {r['model']} | {r['dataset']} | {r['n']} | "
+                       f"{LABELS.get(r['variant'], r['variant'])} | {vals} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def scaling_plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["score"] + metric_names()
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), sharey=True)
+    lines = defaultdict(list)
+    for r in rows:
+        lines[(r["model"], r["dataset"], r["variant"], r["protocol"])].append(r)
+    for (model, dataset, variant, _), items in sorted(lines.items()):
+        items.sort(key=lambda r: r["n"])
+        for ax, name in zip(axes, names):
+            ax.plot([r["n"] for r in items], [r[name] or 0.0 for r in items], marker="o",
+                    label=f"{model}/{dataset}/{LABELS.get(variant, variant)}")
+    for ax, name in zip(axes, names):
+        ax.set_title(name.replace("_", " ").upper())
+        ax.set_xscale("log")
+        ax.set_xlabel("N edits")
+        ax.set_ylim(0, 105)
+    axes[0].set_ylabel("%")
+    axes[-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="megedit report", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="evaluate output folders (or their results.json)")
+    p.add_argument("--out", default="runs/report", help="folder for report.md, report.json, scaling.png")
+    args = p.parse_args(argv)
+    rows = collect(args.results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", rows)
+    atomic_write_text(out / "report.md", table(rows))
+    scaling_plot(rows, out / "scaling.png")
+    print(table(rows))
+    print(f"wrote {out}/report.md, report.json, scaling.png")
+    return 0
