@@ -11,7 +11,6 @@ DATASET ?= counterfact
 N       ?= 1024
 SEED    ?= 0
 RUNS    ?= runs
-RUN     ?= $(RUNS)/$(MODEL)-$(DATASET)-$(N)
 # Extra LightningCLI flags per stage, e.g. COLLECT_ARGS="--trainer.devices 2 --trainer.strategy ddp"
 PREPARE_ARGS     ?=
 ENCODER_ARGS     ?=
@@ -23,9 +22,8 @@ EVALUATE_ARGS    ?=
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.megedit-installed
-TB      := --trainer.logger.init_args.save_dir $(RUN)/tb
 
-.PHONY: all install test test-fast prepare encoder familiarity collect diffusion evaluate tensorboard clean-run
+.PHONY: all install test test-fast prepare encoder familiarity collect diffusion evaluate tensorboard clean-run report sweep-threshold
 .DELETE_ON_ERROR:
 
 # ---------------------------------------------------------------- install
@@ -42,36 +40,70 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 # ---------------------------------------------------------------- stages
-prepare: $(RUN)/prepare/manifest.json
-$(RUN)/prepare/manifest.json: | $(STAMP)
-	$(PY) stages/prepare.py --data.model $(MODEL) --data.dataset $(DATASET) --data.n_edits $(N) \
-	  --data.seed $(SEED) --model.out_dir $(RUN)/prepare $(PREPARE_ARGS)
+# EXP=<name> runs an ablation from configs/experiments/<name>/<stage>.yaml into $(BASE)-<name>.
+# A stage without an experiment config, whose inputs are shared too, is linked from the base run
+# instead of recomputed (e.g. EXP=mlp-generator retrains only the generator and re-evaluates).
+BASE    := $(RUNS)/$(MODEL)-$(DATASET)-$(N)
+RUN     ?= $(BASE)$(if $(EXP),-$(EXP))
+EXPDIR  := configs/experiments/$(EXP)
+exp_cfg  = $(if $(EXP),$(wildcard $(EXPDIR)/$(1).yaml))
+own_prepare     = $(call exp_cfg,prepare)
+own_encoder     = $(or $(call exp_cfg,encoder),$(own_prepare))
+own_familiarity = $(or $(call exp_cfg,familiarity),$(own_encoder))
+own_collect     = $(or $(call exp_cfg,collect),$(own_prepare))
+own_diffusion   = $(or $(call exp_cfg,diffusion),$(own_encoder),$(own_collect))
+own_evaluate    = yes
+TB       = --trainer.logger.init_args.save_dir $(RUN)/tb
+CFG      = $(if $(call exp_cfg,$(1)),--config $(call exp_cfg,$(1)))
 
-encoder: $(RUN)/encoder/manifest.json
-$(RUN)/encoder/manifest.json: $(RUN)/prepare/manifest.json
-	$(PY) stages/encoder.py --data.prepare_dir $(RUN)/prepare --model.out_dir $(RUN)/encoder $(TB) $(ENCODER_ARGS)
+CMD_prepare     = stages/prepare.py --data.model $(MODEL) --data.dataset $(DATASET) --data.n_edits $(N) \
+                  --data.seed $(SEED) --model.out_dir $(RUN)/prepare $(call CFG,prepare) $(PREPARE_ARGS)
+CMD_encoder     = stages/encoder.py --data.prepare_dir $(RUN)/prepare --model.out_dir $(RUN)/encoder $(TB) \
+                  $(call CFG,encoder) $(ENCODER_ARGS)
+CMD_familiarity = stages/familiarity.py --data.prepare_dir $(RUN)/prepare --data.encoder_dir $(RUN)/encoder \
+                  --model.out_dir $(RUN)/familiarity $(TB) $(call CFG,familiarity) $(FAMILIARITY_ARGS)
+CMD_collect     = stages/collect.py --data.prepare_dir $(RUN)/prepare --model.out_dir $(RUN)/collect \
+                  $(call CFG,collect) $(COLLECT_ARGS)
+CMD_diffusion   = stages/diffusion.py --data.prepare_dir $(RUN)/prepare --data.encoder_dir $(RUN)/encoder \
+                  --data.collect_dir $(RUN)/collect --model.out_dir $(RUN)/diffusion $(TB) \
+                  $(call CFG,diffusion) $(DIFFUSION_ARGS)
+CMD_evaluate    = stages/evaluate.py --data.prepare_dir $(RUN)/prepare --data.run_dir $(RUN) \
+                  --model.out_dir $(RUN)/evaluate $(TB) $(call CFG,evaluate) $(EVALUATE_ARGS)
 
-familiarity: $(RUN)/familiarity/manifest.json
-$(RUN)/familiarity/manifest.json: $(RUN)/prepare/manifest.json $(RUN)/encoder/manifest.json
-	$(PY) stages/familiarity.py --data.prepare_dir $(RUN)/prepare --data.encoder_dir $(RUN)/encoder \
-	  --model.out_dir $(RUN)/familiarity $(TB) $(FAMILIARITY_ARGS)
+DEPS_prepare     =
+DEPS_encoder     = prepare
+DEPS_familiarity = prepare encoder
+DEPS_collect     = prepare
+DEPS_diffusion   = prepare encoder collect
+DEPS_evaluate    = prepare encoder familiarity diffusion
 
-collect: $(RUN)/collect/manifest.json
-$(RUN)/collect/manifest.json: $(RUN)/prepare/manifest.json
-	$(PY) stages/collect.py --data.prepare_dir $(RUN)/prepare --model.out_dir $(RUN)/collect $(COLLECT_ARGS)
-
-diffusion: $(RUN)/diffusion/manifest.json
-$(RUN)/diffusion/manifest.json: $(RUN)/prepare/manifest.json $(RUN)/encoder/manifest.json $(RUN)/collect/manifest.json
-	$(PY) stages/diffusion.py --data.prepare_dir $(RUN)/prepare --data.encoder_dir $(RUN)/encoder \
-	  --data.collect_dir $(RUN)/collect --model.out_dir $(RUN)/diffusion $(TB) $(DIFFUSION_ARGS)
-
-evaluate: $(RUN)/evaluate/manifest.json
-$(RUN)/evaluate/manifest.json: $(RUN)/prepare/manifest.json $(RUN)/encoder/manifest.json \
-                               $(RUN)/familiarity/manifest.json $(RUN)/diffusion/manifest.json
-	$(PY) stages/evaluate.py --data.prepare_dir $(RUN)/prepare --data.run_dir $(RUN) \
-	  --model.out_dir $(RUN)/evaluate $(TB) $(EVALUATE_ARGS)
+define STAGE_RULE
+$(1): $(RUN)/$(1)/manifest.json
+$(RUN)/$(1)/manifest.json: $(foreach d,$(DEPS_$(1)),$(RUN)/$(d)/manifest.json) | $(STAMP)
+ifeq ($(if $(EXP),$(own_$(1)),yes),)
+	$$(MAKE) --no-print-directory $(BASE)/$(1)/manifest.json EXP= RUN=$(BASE)
+	mkdir -p $(RUN) && ln -sfn $(abspath $(BASE)/$(1)) $(RUN)/$(1)
+else
+	$(PY) $(CMD_$(1))
+endif
+endef
+$(foreach s,prepare encoder familiarity collect diffusion evaluate,$(eval $(call STAGE_RULE,$(s))))
 
 all: evaluate
+
+# Table 16: evaluate one run at several entropy thresholds (no retraining).
+THRESHOLDS ?= 0.05 0.1 0.2 0.3 0.5
+sweep-threshold: $(RUN)/evaluate/manifest.json
+	for t in $(THRESHOLDS); do \
+	  $(PY) stages/evaluate.py --data.prepare_dir $(RUN)/prepare --data.run_dir $(RUN) --model.variants '[meg]' \
+	    --model.router_threshold $$t --model.out_dir $(RUN)/evaluate-threshold-$$t $(TB) || exit 1; done
+	$(PY) -m megedit.cli report $(RUN)/evaluate $(foreach t,$(THRESHOLDS),$(RUN)/evaluate-threshold-$(t)) \
+	  --out $(RUN)/threshold-sweep
+
+# One table and a scaling plot over every finished run (or REPORT_RUNS="dir1 dir2").
+REPORT_RUNS ?= $(wildcard $(RUNS)/*/evaluate)
+report: | $(STAMP)
+	$(PY) -m megedit.cli report $(REPORT_RUNS) --out $(RUNS)/report
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir $(RUNS)
