@@ -27,8 +27,8 @@ def test_every_stage_yaml_parses(path):
 
 def test_unknown_flag_is_refused():
     stage = STAGES["prepare"]
-    with pytest.raises(Exception, match="n_edit"):
-        parse_stage_args("prepare", _load(stage.module), _load(stage.datamodule), stage.links, ["--data.n_edit", "3"])
+    with pytest.raises(Exception, match="bogus"):
+        parse_stage_args("prepare", _load(stage.module), _load(stage.datamodule), stage.links, ["--data.bogus", "3"])
 
 
 def test_cli_lists_every_stage(capsys):
@@ -36,3 +36,11 @@ def test_cli_lists_every_stage(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in STAGES)
     assert main(["nope"]) == 2
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR / "experiments").glob("*/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_experiment_override_parses(path):
+    stage = STAGES.get(path.stem)
+    assert stage is not None, f"{path}: file name must be a stage name"
+    parse_stage_args(path.stem, _load(stage.module), _load(stage.datamodule), stage.links, ["--config", str(path)])
