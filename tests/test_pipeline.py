@@ -1,0 +1,84 @@
+"""The whole pipeline end to end on the packaged SmolLM2 + MiniLM with 8 CounterFact edits:
+encoder -> familiarity -> collect -> diffusion -> evaluate, then ``megedit ask`` on the result."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from megedit.cli import main as megedit_main
+from megedit.cli import stage_main
+
+pytestmark = pytest.mark.slow
+QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(prepared_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("pipeline") / "smollm2-counterfact-8"
+    run.mkdir()
+    os.symlink(prepared_dir, run / "prepare")
+    p = ["--data.prepare_dir", str(run / "prepare")]
+    tb = ["--trainer.logger.init_args.save_dir", str(run / "tb")]
+    stage_main("encoder", [*p, "--model.out_dir", str(run / "encoder"), "--data.max_train_groups", "128",
+                           "--data.batch_size", "32", "--data.min_val_per_source", "32", "--data.max_val_per_source",
+                           "32", "--trainer.max_epochs", "1", *tb, *QUIET])
+    stage_main("familiarity", [*p, "--data.encoder_dir", str(run / "encoder"), "--model.out_dir",
+                               str(run / "familiarity"), *tb, *QUIET])
+    stage_main("collect", [*p, "--model.out_dir", str(run / "collect"), "--model.transfer_n", "0", *QUIET])
+    stage_main("diffusion", [*p, "--data.encoder_dir", str(run / "encoder"), "--data.collect_dir", str(run / "collect"),
+                             "--model.out_dir", str(run / "diffusion"), "--model.preset", "dit-tiny",
+                             "--data.batch_size", "8", "--trainer.max_epochs", "400", "--trainer.check_val_every_n_epoch",
+                             "400", "--data.val_edits", "8", "--model.report_steps", "20", *tb, *QUIET])
+    stage_main("evaluate", ["--data.prepare_dir", str(run / "prepare"), "--data.run_dir", str(run), "--model.out_dir",
+                            str(run / "evaluate"), "--model.steps", "20", "--model.ft_epochs", "3", *tb, *QUIET])
+    return run
+
+
+def test_evaluate_writes_every_output_with_its_protocol(run_dir):
+    out = run_dir / "evaluate"
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["results"]) == {"meg", "meg_no_router", "ft"}
+    meta = summary["metric_meta"]
+    assert meta["ag_protocol"] == "target_length" and meta["n_edits"] == 8 and meta["steps"] == 20
+    for variant, r in summary["results"].items():
+        six = [r[k] for k in ("rel_tf", "rel_ag", "gen_tf", "gen_ag", "loc_tf", "loc_ag")]
+        assert all(0.0 <= v <= 100.0 for v in six), (variant, r)
+        if min(six) > 0:
+            assert r["score"] == pytest.approx(6 / sum(1 / v for v in six), abs=0.02)
+    meg, ft = summary["results"]["meg"], summary["results"]["ft"]
+    # The routed-away locality prompts run on the untouched LM, so they keep their pre-edit answers.
+    unrouted = 100.0 - meg["routing_familiar"]["loc"]
+    assert meg["loc_tf"] >= unrouted - 1e-6
+    assert meg["rel_tf"] > 50.0, meg
+    assert ft["routing_familiar"] == {"rel": 0.0, "gen": 0.0, "loc": 0.0}
+    rows = [json.loads(line) for line in (out / "per_example.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * sum(meta["items"].values())
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| MeG |" in (out / "results.md").read_text()
+    assert list((run_dir / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_ask_answers_edit_and_leaves_unrelated_question_alone(run_dir, capsys):
+    from megedit.prepare.artifact import load_prepared
+
+    prepared = load_prepared(run_dir / "prepare")
+    rows = [json.loads(line) for line in (run_dir / "evaluate" / "per_example.jsonl").read_text().splitlines()]
+    meg = {(r["group"], r["edit"], r["pos"]): r for r in rows if r["variant"] == "meg"}
+    # An edit the evaluation found right on its prompt and on a paraphrase, and an unrouted locality prompt.
+    edit = next(i for i in range(len(prepared.edits)) if meg[("reliability", i, 0)]["ag"] and meg.get(("generality", i, 0), {}).get("ag"))
+    loc = next(r for r in rows if r["variant"] == "meg" and r["group"] == "locality" and not r["familiar"])
+    rec = prepared.edits[edit]
+    questions = [rec.prompt, rec.paraphrases[0], loc["query"]]
+    assert megedit_main(["ask", "--run", str(run_dir), "--kind", "completion", "--steps", "20", "--json",
+                         "--max-new-tokens", "8", *questions]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [a["question"] for a in answers] == questions
+    assert answers[0]["routed"] and answers[0]["answer"].startswith(rec.target_new)
+    assert answers[1]["routed"] and answers[1]["answer"].startswith(rec.target_new)
+    assert answers[0]["nearest_edit"]["id"] == rec.id and answers[0]["nearest_edit"]["similarity"] > 0.99
+    pre = prepared.pre_edit[loc["edit"]]["locality"][loc["pos"]]["text"].strip()
+    assert not answers[2]["routed"] and pre.startswith(answers[2]["answer"])
