@@ -90,8 +90,8 @@ def test_mlp_denoiser_same_interface_and_zero_init():
 def test_presets_and_overrides():
     assert (PRESETS["dit-b"].hidden, PRESETS["dit-b"].depth, PRESETS["dit-b"].num_heads,
             PRESETS["dit-b"].patch_size) == (768, 12, 12, 100)
-    p = resolve_preset("dit-small", patch_size=50, depth=None)
-    assert p.patch_size == 50 and p.depth == PRESETS["dit-small"].depth
+    p = resolve_preset("dit-cpu", patch_size=50, depth=None)
+    assert p.patch_size == 50 and p.depth == PRESETS["dit-cpu"].depth
     assert isinstance(build_denoiser(resolve_preset("mlp-tiny"), 20, 4), MLPDenoiser)
     with pytest.raises(ValueError, match="unknown generator preset"):
         resolve_preset("dit-xxl")

@@ -29,7 +29,7 @@ LAST_CKPT = "last.ckpt"
 
 
 class DiffusionModule(L.LightningModule):
-    def __init__(self, out_dir: str = "runs/diffusion", preset: str = "dit-small", hidden: int | None = None,
+    def __init__(self, out_dir: str = "runs/diffusion", preset: str = "dit-cpu", hidden: int | None = None,
                  depth: int | None = None, num_heads: int | None = None, patch_size: int | None = None,
                  schedule: str = "linear", num_train_timesteps: int = 1000, normalisation: str = "standardise",
                  scale: float = 100.0, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
@@ -39,7 +39,7 @@ class DiffusionModule(L.LightningModule):
         """
         Args:
             out_dir: the artifact folder (generator, report, manifest; Lightning checkpoints under ``checkpoints/``).
-            preset: ``dit-b`` (paper), ``dit-s``, ``dit-small`` (CPU default), ``dit-tiny``, ``mlp`` (Table 7
+            preset: ``dit-b`` (paper), ``dit-s``, ``dit-cpu`` (CPU default), ``dit-tiny``, ``mlp`` (Table 7
                 ablation), ``mlp-tiny``; see ``megedit.components.dit.PRESETS``.
             hidden, depth, num_heads, patch_size: override one field of the preset (patch 100 as in the paper).
             schedule: ``linear`` (DDPM betas 1e-4..0.02) or ``cosine``.
