@@ -112,3 +112,29 @@ def test_familiarity_refuses_encoder_of_another_prepare_run(prepared_dir, encode
     with pytest.raises(ArtifactError, match="built from the 'prepare' artifact"):
         stage_main("familiarity", ["--data.prepare_dir", str(other), "--data.encoder_dir", str(encoder_dirs[0]),
                                    "--model.out_dir", str(tmp_path / "f"), "--trainer.logger", "false"])
+
+
+@pytest.mark.ddp
+def test_both_stages_under_ddp_gloo(prepared_dir, tmp_path):
+    """Two CPU processes on gloo: gathered InfoNCE negatives, sharded embedding, identical convergence decisions."""
+    import subprocess
+    import sys
+
+    from megedit.paths import REPO_ROOT
+
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    enc, fam = tmp_path / "encoder", tmp_path / "familiarity"
+    for script, args in (("encoder", ["--data.prepare_dir", str(prepared_dir), "--model.out_dir", str(enc),
+                                      *ENCODER_SMALL, *ddp]),
+                         ("familiarity", ["--data.prepare_dir", str(prepared_dir), "--data.encoder_dir", str(enc),
+                                          "--model.out_dir", str(fam), "--trainer.logger", "false", *FAMILIARITY_SMALL,
+                                          *ddp])):
+        # A subprocess: Lightning's DDP launcher re-executes the script for rank 1.
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / f"{script}.py"), *args], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((enc / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 96 // (16 * 2)
+    routing = json.loads((fam / "routing_report.json").read_text())
+    assert routing["rates"]["edit_prompts_familiar"] == 1.0 and routing["fit"]["converged"]
+    read_manifest(fam, stage="familiarity")

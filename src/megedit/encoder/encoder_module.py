@@ -63,12 +63,19 @@ class EncoderModule(L.LightningModule):
         enc = TextEncoder.from_source(self.encoder_source)
         # The configured pooling wins even over a saved megedit encoder's pooling.json.
         enc.pooling, enc.max_length = self.hparams.pooling, self.hparams.max_length
+        # BERT's pooler head is not part of either pooling: frozen, so DDP finds no unused trainable weights.
+        for name, p in enc.backbone.named_parameters():
+            if name.startswith("pooler."):
+                p.requires_grad_(False)
         return enc
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
         if self.hparams.objective == "frozen":
             self.trainer.limit_train_batches = 0  # the fit loop is skipped; on_fit_end still packages the encoder
+
+    def on_fit_start(self) -> None:
+        self.encoder.train()  # from_pretrained returns eval mode; dropout is part of the fine-tuning recipe
 
     def on_train_epoch_start(self) -> None:
         self.trainer.datamodule.train_set.epoch = self.current_epoch  # a fresh paraphrase draw per group
@@ -99,8 +106,9 @@ class EncoderModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, p in self.encoder.named_parameters():
-            (no_decay if p.ndim < 2 else decay).append(p)
+        for p in self.encoder.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.hparams.objective != "frozen" else 1
