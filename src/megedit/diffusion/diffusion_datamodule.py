@@ -45,7 +45,7 @@ def read_collected(collect_dir: str | Path) -> tuple[dict, torch.Tensor, torch.T
 
 class DiffusionDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, collect_dir: str, batch_size: int = 256,
-                 only_successful: bool = False, zero_weight_aug: bool = False, n_zero: int | None = None,
+                 only_successful: bool | None = None, zero_weight_aug: bool = False, n_zero: int | None = None,
                  val_edits: int = 128, val_batch_size: int = 64, seed: int = 0, embed_batch_size: int = 256,
                  num_workers: int = 0):
         """
@@ -54,7 +54,8 @@ class DiffusionDataModule(L.LightningDataModule):
             encoder_dir: the encoder artifact; its ``encoder/`` folder embeds the prompts.
             collect_dir: the collect artifact (``neurons.safetensors``: weights [N, D], success [N]).
             batch_size: training pairs per step and process.
-            only_successful: train only on neurons whose collection reproduced the target (the paper's filter).
+            only_successful: train only on neurons whose collection reproduced the target (the paper's filter);
+                None: follow the collect run (``model.drop_failed``, see ``megedit.collect.artifact.training_rows``).
             zero_weight_aug: add (pseudo-irrelevant prompt, zero vector) pairs (paper App. A.3).
             n_zero: how many pseudo-irrelevant prompts to use; None: all of them.
             val_edits: edits (seeded subset) on which validation samples weights and measures L2 and
@@ -91,7 +92,13 @@ class DiffusionDataModule(L.LightningDataModule):
 
         encoder = TextEncoder.from_source(str(encoder_dir / "encoder"))
         self.edit_cond = encoder.embed([r.prompt for r in edits], batch_size=hp.embed_batch_size)
-        keep = success if hp.only_successful else torch.ones_like(success)
+        if hp.only_successful is None:
+            from megedit.collect.artifact import training_rows
+
+            keep = torch.zeros_like(success)
+            keep[training_rows(success, self.collect_manifest)] = True
+        else:
+            keep = success if hp.only_successful else torch.ones_like(success)
         if not keep.any():
             raise ArtifactError(f"{collect_dir}: no successfully collected neuron to train on "
                                 "(set data.only_successful false to train on all of them)")

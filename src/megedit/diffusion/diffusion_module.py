@@ -258,7 +258,7 @@ class DiffusionModule(L.LightningModule):
                                     seed=start))
         summary = self.summarise(rows)
         ema.save(out, extra={"trained_on": {"edits": dm.n_train_edits, "zero_vectors": dm.n_zero,
-                                            "only_successful": dm.hparams.only_successful},
+                                            "only_successful": dm.n_train_edits < len(dm.success)},
                              "checkpoint": best})
         report = {"generated_vs_collected": summary, "sampler": {"name": "ddim", "steps": hp.report_steps},
                   "collected_success_rate": float(dm.success.float().mean()),
