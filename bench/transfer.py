@@ -28,6 +28,7 @@ VARIANTS = {
     "prefixes4": ({}, 4),
     "margin3": ({"stop_margin": 3.0}, 0),
     "key_mean": ({"key_init": "mean"}, 0),
+    "key_subject": ({"key_init": "subject"}, 0),
     "prefixes4_margin3": ({"stop_margin": 3.0}, 4),
 }
 

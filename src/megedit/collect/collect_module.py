@@ -49,7 +49,8 @@ class CollectModule(L.LightningModule):
             lr: Adam learning rate of the per-edit optimisation.
             max_steps: Adam steps per edit before it counts as failed.
             capacity: edits optimised side by side (rows of the batch); finished rows are refilled at once.
-            key_init: ``last`` (key = last prompt token's MLP input / its squared norm, value 0), ``mean``
+            key_init: ``last`` (key = last prompt token's MLP input / its squared norm, value 0), ``subject``
+                (the same at the subject's last token, where ROME puts its key), ``mean``
                 (same from the mean over prompt tokens) or ``random``.
             stop_margin: an edit stops once every target token beats the runner-up logit by this margin.
             stop_on: ``all`` views (prompt and prefixed copies) must pass, or only the ``prompt``.
@@ -132,8 +133,9 @@ class CollectModule(L.LightningModule):
             self.stats["shards_resumed"] += 1
             return None
         start, end = int(batch["start"]), int(batch["end"])
-        items = [CollectItem(i, self.views(self.prepared.edits[i].prompt, self.prepared.edits[i].prompt_kind),
-                             self.prepared.edits[i].target_new) for i in range(start, end)]
+        edits = self.prepared.edits
+        items = [CollectItem(i, self.views(edits[i].prompt, edits[i].prompt_kind), edits[i].target_new,
+                             edits[i].subject) for i in range(start, end)]
         t0 = time.time()
         self._buffers[shard] = {}
         self.engine.add(items, extra={"shard": shard})

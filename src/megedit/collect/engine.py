@@ -32,7 +32,7 @@ from megedit.loading import decoder_layers, edit_mlp
 from megedit.registry import ModelSpec
 from megedit.scoring import positions_from_mask, target_batch
 
-KEY_INITS = ("last", "mean", "random")
+KEY_INITS = ("last", "subject", "mean", "random")
 
 
 @dataclass
@@ -40,7 +40,7 @@ class CollectOptions:
     lr: float = 0.05  # Adam learning rate
     max_steps: int = 50  # per edit; an edit that has not passed by then is recorded as failed
     capacity: int = 64  # edits optimised side by side
-    key_init: str = "last"  # last: last prompt token's MLP input / |.|^2; mean: mean over the prompt; random
+    key_init: str = "last"  # last: last prompt token's MLP input / |.|^2; subject: the subject's last token; mean; random
     stop_margin: float = 0.0  # target logit must beat the runner-up by this much (logits) at every target token
     stop_on: str = "all"  # all: every view must pass; prompt: only the plain prompt
     betas: tuple[float, float] = (0.9, 0.999)
@@ -65,6 +65,7 @@ class CollectItem:
     key: object  # caller's id (row index, edit id, ...)
     views: list[str]
     target: str
+    subject: str | None = None  # needed by key_init="subject" (found in the first view)
 
 
 @dataclass
@@ -200,6 +201,7 @@ class NeuronCollector:
         self.n_done = 0
         self.cache_bytes = 0  # lower-layer cache held right now (queued + active edits)
         self.peak_cache_bytes = 0
+        self.subject_fallbacks = 0  # key_init="subject" but the subject was not found in the prompt
 
     # ------------------------------------------------------------------ queue
     @property
@@ -244,14 +246,32 @@ class NeuronCollector:
                 labels[i, v] = batch["input_ids"][r, -n_t:].clone()
                 mlp_in[i, v] = mlp_input[r, -n:-n_t].float().clone()  # prompt positions only
         return [_Cached(it, [hidden[i, v] for v in range(len(it.views))],
-                        [labels[i, v] for v in range(len(it.views))], self._init_weights(mlp_in[i, 0]),
-                        extra=dict(extra or {}))
+                        [labels[i, v] for v in range(len(it.views))],
+                        self._init_weights(mlp_in[i, 0], self._subject_position(it)), extra=dict(extra or {}))
                 for i, it in enumerate(items)]
 
-    def _init_weights(self, prompt_mlp_in: Tensor) -> Tensor:
+    def _subject_position(self, item: CollectItem) -> int | None:
+        """Index (within the prompt's tokens) of the subject's last token in the first view, or None."""
+        if self.opt.key_init != "subject" or not item.subject:
+            return None
+        text = item.views[0]
+        start = text.find(item.subject)
+        if start < 0:
+            self.subject_fallbacks += 1
+            return None
+        end = start + len(item.subject)
+        offsets = self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        inside = [t for t, (a, b) in enumerate(offsets) if b > a and a < end]
+        if not inside:
+            self.subject_fallbacks += 1
+            return None
+        return inside[-1]
+
+    def _init_weights(self, prompt_mlp_in: Tensor, subject_pos: int | None = None) -> Tensor:
         d = self.spec.hidden_size
-        if self.opt.key_init == "last":
-            h = prompt_mlp_in[-1]
+        if self.opt.key_init in ("last", "subject"):
+            # Subject: the key fires where the subject is read (ROME's key site); the last token otherwise.
+            h = prompt_mlp_in[subject_pos if subject_pos is not None else -1]
             key = h / h.pow(2).sum().clamp_min(1e-12)  # h.k = 1 at the last prompt token
         elif self.opt.key_init == "mean":
             h = prompt_mlp_in.mean(0)

@@ -50,7 +50,7 @@ def measure_transfer(model, tokenizer, spec, neuron, records, options: CollectOp
     """Collect neurons for ``records`` (prompt + ``prefixes`` views) and score them on the paraphrases."""
     fmt = spec.format_prompt
     items = [CollectItem(i, [fmt(r.prompt, r.prompt_kind)] +
-                         [fmt(with_prefix(p, r.prompt), r.prompt_kind) for p in prefixes], r.target_new)
+                         [fmt(with_prefix(p, r.prompt), r.prompt_kind) for p in prefixes], r.target_new, r.subject)
              for i, r in enumerate(records)]
     opts = dataclasses.replace(options, **overrides)
     t0 = time.perf_counter()
