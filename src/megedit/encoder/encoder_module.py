@@ -139,8 +139,8 @@ class EncoderModule(L.LightningModule):
         emb = torch.stack([store[i] for i in range(len(dm.val_texts))])
         n = len(dm.val_anchors)
         m = retrieval_metrics(emb[n:], emb[:n], torch.tensor(dm.val_targets))
-        self.log("val/recall@1", m["recall@1"], sync_dist=False, rank_zero_only=False)
-        self.log("val/mrr", m["mrr"], sync_dist=False, rank_zero_only=False)
+        self.log("val/recall@1", m["recall@1"], sync_dist=True)  # equal on every rank
+        self.log("val/mrr", m["mrr"], sync_dist=True)  # equal on every rank
 
     # ------------------------------------------------------------------ outputs
     def on_fit_end(self) -> None:

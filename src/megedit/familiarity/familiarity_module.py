@@ -130,7 +130,7 @@ class FamiliarityModule(L.LightningModule):
             states["calibration"] = self._fit_state(self.calib_net, self.calib_emb, self.calib_labels)
         for name, s in states.items():
             for k, v in s.items():
-                self.log(f"fit/{name}_{k}", v, rank_zero_only=False)
+                self.log(f"fit/{name}_{k}", v, sync_dist=True)  # equal on every rank
         self._epochs_run = self.current_epoch + 1
         self._fit_states = states
         self._converged = all(s["accuracy"] == 1.0 and s["mean_entropy"] < hp.converge_entropy for s in states.values())
