@@ -98,3 +98,38 @@ def test_engine_cache_is_released_and_options_checked(tiny_llama):
         CollectOptions(key_init="middle")
     with pytest.raises(ValueError, match="stop_on"):
         CollectOptions(stop_on="some")
+
+
+class _OffsetTokenizer(_ToyTokenizer):
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+        out = super().__call__(text, add_special_tokens)
+        if return_offsets_mapping:
+            offsets, pos = [], 0
+            for word in text.split():
+                start = text.index(word, pos)
+                offsets.append((start, start + len(word)))
+                pos = start + len(word)
+            out["offset_mapping"] = offsets
+        return out
+
+
+def test_key_starts_where_it_should(tiny_llama):
+    """key_init last / subject: h.k = 1 exactly at that token of the prompt, value 0 (so no edit yet)."""
+    model, spec = tiny_llama
+    from megedit.loading import edit_mlp
+
+    tok = _OffsetTokenizer()
+    item = CollectItem("x", ["5 9 3 7"], "40", subject="9 3")
+    seen = {}
+    handle = edit_mlp(model, spec).register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0][0]))
+    model(torch.tensor([[5, 9, 3, 7]]))
+    handle.remove()
+    d = spec.hidden_size
+    for key_init, pos in (("last", 3), ("subject", 2)):
+        engine = NeuronCollector(model, tok, spec, CollectOptions(key_init=key_init))
+        w = engine.initial_weights([item])[0]
+        assert torch.allclose(seen["h"][pos] @ w[:d], torch.tensor(1.0), atol=1e-4)
+        assert torch.equal(w[d:], torch.zeros(d))
+    engine = NeuronCollector(model, tok, spec, CollectOptions(key_init="subject"))
+    engine.initial_weights([CollectItem("y", ["5 9 3 7"], "40", subject="not there")])
+    assert engine.subject_fallbacks == 1
