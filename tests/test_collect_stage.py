@@ -79,27 +79,28 @@ def test_collect_stage_writes_verified_neurons(prepared_dir, tmp_path):
 
 def test_collect_resumes_after_sigkill(prepared_dir, tmp_path):
     out = tmp_path / "collect"
-    # One edit per shard and per batch, so shards land one after another and the kill falls between them.
-    cmd = _cmd(prepared_dir, out, "--data.shard_size", "1", "--model.capacity", "1", "--model.transfer_n", "0")
+    # 4 edits, one per shard and per batch, so shards land one after another and the kill falls between them.
+    cmd = _cmd(prepared_dir, out, "--data.shard_size", "1", "--model.capacity", "1", "--model.transfer_n", "0",
+               "--data.limit", "4")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     shards = out / "shards"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if shards.is_dir() and len(list(shards.glob("shard-*.safetensors"))) >= 2:
+        if shards.is_dir() and len(list(shards.glob("shard-*.safetensors"))) >= 1:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished (or died) before it could be killed: " + proc.stderr.read().decode()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = sorted(p.name for p in shards.glob("shard-*.safetensors"))
-    assert 2 <= len(done_before) < 8 and not (out / "manifest.json").exists()
+    assert 1 <= len(done_before) < 4 and not (out / "manifest.json").exists()
 
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, success, _, rows = _check_artifact(out, prepared_dir)
+    _, success, _, rows = _check_artifact(out, prepared_dir, n=4)
     report = json.loads((out / "report.json").read_text())
     resumed = report["per_rank"][0]["shards_resumed"]
-    assert resumed >= len(done_before) and report["edits_collected_this_run"] == 8 - resumed
-    assert success.float().mean() >= 7 / 8
+    assert resumed >= len(done_before) and report["edits_collected_this_run"] == 4 - resumed
+    assert success.float().mean() >= 3 / 4
 
     # A shard from another configuration is refused, not silently mixed in.
     from megedit.collect.artifact import read_shard, shard_path, write_shard
