@@ -75,10 +75,12 @@ class EvaluateModule(L.LightningModule):
             e = self.edited
             edits = [e.prepared.edits[i] for i in sorted({it["edit"] for it in self.trainer.datamodule.items})]
             t0 = time.time()
-            res = finetune_mlp(e.lm, e.tokenizer, e.spec, [e.spec.format_prompt(r.prompt, r.prompt_kind) for r in edits],
-                               [r.target_new for r in edits], epochs=self.hparams.ft_epochs, lr=self.hparams.ft_lr,
-                               batch_size=self.hparams.ft_batch_size, seed=self.hparams.seed,
-                               progress=self.global_rank == 0)
+            with torch.inference_mode(False), torch.enable_grad():  # the test loop runs under inference mode
+                res = finetune_mlp(e.lm, e.tokenizer, e.spec,
+                                   [e.spec.format_prompt(r.prompt, r.prompt_kind) for r in edits],
+                                   [r.target_new for r in edits], epochs=self.hparams.ft_epochs, lr=self.hparams.ft_lr,
+                                   batch_size=self.hparams.ft_batch_size, seed=self.hparams.seed,
+                                   progress=self.global_rank == 0)
             self.ft_state, self.ft_losses = res["state"], res["losses"]
             self._timing["ft_train"] = time.time() - t0
 
