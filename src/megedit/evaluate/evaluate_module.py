@@ -165,7 +165,7 @@ class EvaluateModule(L.LightningModule):
                 self.metrics[f"{variant}__{g}_ag"].update(ag[i])
                 self.metrics[f"{variant}__familiar_{g}"].update(familiar[i].float())
                 self._rows.append({"key": it["key"], "variant": variant, "edit": it["edit"], "group": it["group"],
-                                   "pos": it["pos"], "query": it["query"], "target": it["target"],
+                                   "pos": it["pos"], "query": it["query"], "kind": it["kind"], "target": it["target"],
                                    "familiar": bool(familiar[i]),
                                    "entropy": None if variant == "ft" else round(float(routing.entropy[i]), 4),
                                    "tf": round(float(tf[i]), 4), "ag": bool(ag[i]),
