@@ -7,7 +7,7 @@ the time of one greedy LM answer per query (what the generator's cost adds to).
     python bench/sampler.py --diffusion_dir runs/smollm2-counterfact-1024/diffusion [--queries 128]
 
 The prepare, encoder and collect artifacts are the ones recorded in the diffusion manifest.
-Prints a table and writes JSON (default ``<diffusion_dir>/bench_sampler.json``).
+Prints a table and writes JSON (default ``bench/results/sampler.json``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON path (default <diffusion_dir>/bench_sampler.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/sampler.json)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
               f"{r['l2_mean']:>8.3f}{r['tf']:>7.3f}{r['ag']:>7.3f}")
     print(f"{'collected':<16}{'':>22}{'':>8}{baseline['collected']['tf']:>7.3f}{baseline['collected']['ag']:>7.3f}")
     print(f"LM greedy answer (20 tokens): {baseline['lm_greedy_20_tokens_per_query_s']:.3f} s/query")
-    out = Path(args.out) if args.out else out_dir / "bench_sampler.json"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "sampler.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
