@@ -8,7 +8,7 @@
 
 MODEL   ?= smollm2
 DATASET ?= counterfact
-N       ?= 1024
+N       ?= 256
 SEED    ?= 0
 RUNS    ?= runs
 # Extra LightningCLI flags per stage, e.g. COLLECT_ARGS="--trainer.devices 2 --trainer.strategy ddp"
