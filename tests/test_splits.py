@@ -52,6 +52,13 @@ def test_split_is_seeded_disjoint_and_leak_free():
         assert a.counts["corpus_leak_filtered"] == 1
 
 
+def test_small_benchmarks_keep_pseudo_edits():
+    records = [rec(i, f"Subject{i}") for i in range(30)]
+    s = make_splits(records, [], n_edits=10, seed=0, n_pseudo_irrelevant=2048)
+    assert len(s.pseudo_irrelevant) == 10 and len(s.pseudo_edits) == 10
+    assert s.counts["pseudo_irrelevant_short_by"] == 2048 - 10
+
+
 def test_split_refuses_more_edits_than_eligible_records():
     import pytest
 

@@ -126,12 +126,15 @@ def make_splits(records: list[EditRecord], groups: list[ParaphraseGroup], n_edit
     def clean(texts) -> bool:
         return not any(t in forbidden or edit_subjects.mentions(t) for t in texts)
 
+    # On a small benchmark the irrelevant set may take at most half of what is left, so the pseudo-edit
+    # set (encoder pairs, threshold calibration, transfer diagnostics) never ends up empty.
+    irrelevant_cap = min(n_pseudo_irrelevant, len(rest) // 2)
     irrelevant, pseudo_edits = [], []
     for rec in rest:
         if not clean([rec.prompt, *rec.paraphrases]):
             counts["pseudo_leak_filtered"] += 1
             continue
-        if len(irrelevant) < n_pseudo_irrelevant:
+        if len(irrelevant) < irrelevant_cap:
             irrelevant.append({"id": rec.id, "subject": rec.subject, "prompt": rec.prompt,
                                "prompt_kind": rec.prompt_kind, "source": rec.source})
         elif rec.paraphrases and (max_pseudo_edits is None or len(pseudo_edits) < max_pseudo_edits):
