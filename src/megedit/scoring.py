@@ -116,7 +116,7 @@ def teacher_forced(model, tokenizer, neuron, prompts: Sequence[str], targets: Se
 
 
 @torch.no_grad()
-def _generate_raw(model, tokenizer, neuron, prompts, weights, max_new_tokens: list[int] | int, batch_size: int):
+def greedy_tokens(model, tokenizer, neuron, prompts, weights, max_new_tokens: list[int] | int, batch_size: int):
     """Greedy continuations, not cut at EOS; ``max_new_tokens`` per prompt or shared."""
     _check(prompts, weights)
     n = len(prompts)
@@ -142,7 +142,7 @@ def greedy_generate(model, tokenizer, neuron, prompts: Sequence[str], weights: T
                     max_new_tokens: int = 20, batch_size: int = 32) -> list[list[int]]:
     """New token ids of greedy decoding, cut at (and without) the first EOS."""
     eos = tokenizer.eos_token_id
-    raw = _generate_raw(model, tokenizer, neuron, prompts, weights, max_new_tokens, batch_size)
+    raw = greedy_tokens(model, tokenizer, neuron, prompts, weights, max_new_tokens, batch_size)
     return [toks[: toks.index(eos)] if eos in toks else toks for toks in raw]
 
 
@@ -152,5 +152,5 @@ def greedy_match(model, tokenizer, neuron, prompts: Sequence[str], targets: Sequ
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     want = [target_ids(tokenizer, t) for t in targets]
-    raw = _generate_raw(model, tokenizer, neuron, prompts, weights, [len(t) for t in want], batch_size)
+    raw = greedy_tokens(model, tokenizer, neuron, prompts, weights, [len(t) for t in want], batch_size)
     return torch.tensor([got == t for got, t in zip(raw, want)], dtype=torch.bool)

@@ -10,8 +10,6 @@ from torch.utils.data import DataLoader
 
 from megedit.prepare.artifact import load_prepared
 
-GROUPS = ("reliability", "generality", "locality")
-
 
 class EvaluateDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str = "runs/smollm2-counterfact-1024/prepare",

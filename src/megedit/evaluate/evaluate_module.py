@@ -16,7 +16,7 @@ from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
 from megedit.evaluate.metrics import SHORT, make_metrics, summarise
 from megedit.evaluate.report import write_reports
-from megedit.scoring import _generate_raw, left_pad, positions_from_mask, target_ids
+from megedit.scoring import greedy_tokens, left_pad, positions_from_mask, target_ids
 
 VARIANTS = ("meg", "meg_no_router", "ft")
 AG_PROTOCOLS = {
@@ -116,10 +116,10 @@ class EvaluateModule(L.LightningModule):
     def _ag(self, prompts, items, targets, weights) -> tuple[torch.Tensor, list[list[int]]]:
         e = self.edited
         if self.hparams.ag_protocol == "target_length":
-            gen = _generate_raw(e.lm, e.tokenizer, e.neuron, prompts, weights, [len(t) for t in targets],
+            gen = greedy_tokens(e.lm, e.tokenizer, e.neuron, prompts, weights, [len(t) for t in targets],
                                 len(prompts))
             return torch.tensor([g == t for g, t in zip(gen, targets)], dtype=torch.float), gen
-        gen = _generate_raw(e.lm, e.tokenizer, e.neuron, prompts, weights, 20, len(prompts))
+        gen = greedy_tokens(e.lm, e.tokenizer, e.neuron, prompts, weights, 20, len(prompts))
         eos = e.tokenizer.eos_token_id
         gen = [g[: g.index(eos)] if eos in g else g for g in gen]
         hits = []
