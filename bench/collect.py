@@ -12,7 +12,6 @@ Both start from the same initial neuron and are verified with real greedy decodi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import threading
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megedit.artifacts import atomic_write_json
 from megedit.collect.engine import CollectItem, CollectOptions, NeuronCollector, collect
 from megedit.components.neuron import DynamicNeuron
 from megedit.loading import load_lm
@@ -126,8 +126,7 @@ def main(argv=None):
               "lr": args.lr, "max_steps": args.max_steps, "threads": torch.get_num_threads(),
               "naive": rows["naive"], "batched": rows["batched"], "speedup": round(ratio, 2)}
     print(f"speedup (edits/s batched / naive): {ratio:.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(Path(args.out), result)
     print(f"wrote {args.out}")
     return result
 

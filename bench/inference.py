@@ -10,12 +10,13 @@ time, and the time per component (encoder, router, sampler, LM), as a table and 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+
+from megedit.artifacts import atomic_write_json
 
 
 def main(argv=None) -> int:
@@ -86,8 +87,7 @@ def main(argv=None) -> int:
         result["routed_familiar"][g] = round(100.0 * routing.familiar[start:start + len(items)].float().mean().item(), 1)
         start += len(items)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     print(f"{'path':<10} {'seconds':>9} {'queries/s':>10}")
     print(f"{'plain LM':<10} {plain_s:>9.2f} {n / plain_s:>10.2f}")
     print(f"{'MeG':<10} {meg_s:>9.2f} {n / meg_s:>10.2f}")

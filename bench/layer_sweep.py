@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
+from megedit.artifacts import atomic_write_json
 from megedit.collect.engine import CollectOptions, generate_prefixes
 from megedit.collect.transfer import measure_transfer, sample_pseudo
 from megedit.components.neuron import DynamicNeuron
@@ -51,8 +51,7 @@ def main(argv=None):
         out["layers"][layer] = row
         print(f"{layer:>5} {row['prompt_success']:>8.3f} {row['steps_mean']:>6.1f} {row['edits_per_second']:>8.3f} "
               f"{row['paraphrase_exact']:>9.3f} {row['paraphrase_token_acc']:>8.3f}", flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        atomic_write_json(Path(args.out), out)
     print(f"wrote {args.out}")
     return out
 

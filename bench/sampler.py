@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from megedit.artifacts import atomic_write_json
+
 
 def _time(fn, repeats: int) -> float:
     """Median wall seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
@@ -121,8 +123,7 @@ def main(argv=None) -> dict:
     print(f"{'collected':<16}{'':>22}{'':>8}{baseline['collected']['tf']:>7.3f}{baseline['collected']['ag']:>7.3f}")
     print(f"LM greedy answer (20 tokens): {baseline['lm_greedy_20_tokens_per_query_s']:.3f} s/query")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "sampler.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     print(f"wrote {out}")
     return result
 

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from megedit.artifacts import atomic_write_json
 from megedit.collect.engine import CollectOptions, generate_prefixes
 from megedit.collect.transfer import measure_transfer, sample_pseudo
 from megedit.components.neuron import DynamicNeuron
@@ -57,8 +58,7 @@ def main(argv=None):
         prefixes = generate_prefixes(lm, tok, k, 10, 0)
         out["variants"][name] = measure_transfer(lm, tok, spec, neuron, records, base, prefixes, **overrides)
         print(f"{name:20s} {json.dumps(out['variants'][name])}", flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")  # after each variant: partial results survive
+        atomic_write_json(Path(args.out), out)  # after each variant: partial results survive
     print(f"wrote {args.out}")
     return out
 
