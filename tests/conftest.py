@@ -31,6 +31,15 @@ def _tiny_spec(kind: str, hidden: int, layers: int, layers_path: str, activation
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matrices: a second OpenMP thread only adds contention on shared CI cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_llama():
     """(model, spec): a 3-layer random Llama (gated MLP)."""
     from transformers import LlamaConfig, LlamaForCausalLM

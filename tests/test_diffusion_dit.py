@@ -10,12 +10,7 @@ from megedit.components.dit import (PRESETS, DiT1D, LocalAttention, LocalMlp, ML
                                     resolve_preset)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_local_blocks_use_timm_parameter_names():

@@ -12,13 +12,7 @@ from megedit.artifacts import ArtifactError
 from megedit.diffusion.generator import WeightGenerator, load_generator, make_sampler, make_training_scheduler
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: a second OpenMP thread only adds contention on shared CI cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_alphas_cumprod(schedule: str, n: int = 1000) -> torch.Tensor:
