@@ -8,6 +8,11 @@ Two routers train side by side on identical recipes:
   entropy on those held-out pseudo edits' paraphrases versus pseudo-irrelevant prompts shows
   where the threshold should go, without touching any evaluation text of the edits.
 
+With ``train_negatives`` both routers also see unfamiliar pseudo prompts (pseudo originals
+outside the calibration set, and the half of the pseudo-irrelevant prompts that calibration does
+not score) and are pushed to a uniform output on them, which sharpens the familiar region
+around each memorised prompt (the paper trains on positives only; ``train_negatives: 0`` is that).
+
 The edits' evaluation paraphrases and locality prompts are embedded only for the report.
 """
 
@@ -56,7 +61,7 @@ def embed_sharded(encoder: TextEncoder, texts: list[str], batch_size: int, progr
 class FamiliarityDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, batch_size: int = 256, calibrate: bool = True,
                  max_calibration_positives: int = 2000, max_calibration_negatives: int = 4000, seed: int = 0,
-                 embed_batch_size: int = 256, num_workers: int = 0):
+                 embed_batch_size: int = 256, num_workers: int = 0, train_negatives: int = 4096):
         """
         Args:
             prepare_dir: the prepare artifact.
@@ -68,6 +73,9 @@ class FamiliarityDataModule(L.LightningDataModule):
             max_calibration_negatives: cap on pseudo-irrelevant prompts scored for calibration.
             seed: seed of the subsets.
             embed_batch_size: texts per encoder batch (split across DDP ranks).
+            train_negatives: at most this many unfamiliar pseudo prompts both routers learn a uniform
+                output on (0: positives only, as the paper). They never overlap the calibration
+                positives, negatives or memorised pseudo prompts, nor any evaluation text.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -95,6 +103,10 @@ class FamiliarityDataModule(L.LightningDataModule):
         }
         self.paraphrase_owner = [k for k, e in enumerate(prep.edits) for _ in e.paraphrases]
         if not hp.calibrate:
+            if hp.train_negatives > 0:
+                pool = sorted({r["prompt"] for r in prep.pseudo_irrelevant} | {r.prompt for r in prep.pseudo_edits})
+                random.Random(hp.seed).shuffle(pool)
+                texts["train_negatives"] = pool[: hp.train_negatives]
             return texts
         heldout = set(json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())["groups"])
         rng = random.Random(hp.seed)
@@ -125,13 +137,24 @@ class FamiliarityDataModule(L.LightningDataModule):
             filler = sorted({p["anchor"] for p in prep.pseudo_pairs} - used - irrelevant)
             rng.shuffle(filler)
             calib_prompts += filler[: n - len(calib_prompts)]
-        negatives = [r["prompt"] for r in prep.pseudo_irrelevant]
-        negatives = rng.sample(negatives, min(len(negatives), hp.max_calibration_negatives))
+        negatives = sorted({r["prompt"] for r in prep.pseudo_irrelevant})
+        rng.shuffle(negatives)
+        train_negatives: list[str] = []
+        if hp.train_negatives > 0:
+            # Half the pseudo-irrelevant prompts stay unseen so calibration measures the trained routers honestly.
+            half = len(negatives) // 2
+            negatives, train_negatives = negatives[:half], negatives[half:]
+            taken = set(calib_prompts) | set(negatives) | {p for _, g in pseudo_groups for p in g["positives"]}
+            others = sorted({r.prompt for r in prep.pseudo_edits} - taken - set(train_negatives))
+            rng.shuffle(others)
+            train_negatives = (train_negatives + others)[: hp.train_negatives]
+        negatives = negatives[: hp.max_calibration_negatives]
         self.calibration_counts = {"memorised": len(calib_prompts), "positive_groups": min(n, len(pseudo_groups)),
                                    "positives": len(keep), "negatives": len(negatives),
-                                   "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups))}
+                                   "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups)),
+                                   "train_negatives": len(train_negatives)}
         texts.update(calib_prompts=calib_prompts, calib_positives=[positives[i] for i in keep],
-                     calib_negatives=negatives)
+                     calib_negatives=negatives, train_negatives=train_negatives)
         return texts
 
     def setup(self, stage: str | None = None) -> None:

@@ -42,7 +42,7 @@ class FamiliarityModule(L.LightningModule):
                  converge_entropy: float = 0.01, min_epochs: int = 20,
                  threshold: Union[float, Literal["auto"]] = "auto",
                  calibration_rule: Literal["balanced", "max_fpr"] = "balanced", target_fpr: float = 0.02,
-                 hist_bins: int = 60):
+                 hist_bins: int = 60, negative_weight: float = 1.0):
         """
         Args:
             out_dir: where the router artifact goes.
@@ -60,6 +60,8 @@ class FamiliarityModule(L.LightningModule):
                 ``max_fpr`` takes the largest threshold whose pseudo-irrelevant FPR <= target_fpr.
             target_fpr: for ``max_fpr``.
             hist_bins: bins of the entropy histogram.
+            negative_weight: weight of the uniform-output loss on the datamodule's ``train_negatives``
+                (cross-entropy to the uniform distribution; no effect when there are none).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -90,10 +92,13 @@ class FamiliarityModule(L.LightningModule):
             self.calib_net = make()
             self.calib_emb = dm.emb["calib_prompts"]
             self.calib_labels = random_labels(len(self.calib_emb), hp.num_classes, hp.seed + 1)
+        self.neg_emb = dm.emb.get("train_negatives")
+        if self.neg_emb is not None and len(self.neg_emb) == 0:
+            self.neg_emb = None
 
     def on_fit_start(self) -> None:
-        for name in ("main_emb", "main_labels", "calib_emb", "calib_labels"):
-            if hasattr(self, name):
+        for name in ("main_emb", "main_labels", "calib_emb", "calib_labels", "neg_emb"):
+            if getattr(self, name, None) is not None:
                 setattr(self, name, getattr(self, name).to(self.device))
 
     def configure_optimizers(self):
@@ -102,14 +107,29 @@ class FamiliarityModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         i_main, i_calib = batch
-        loss_main = F.cross_entropy(self.main_net(self.main_emb[i_main]), self.main_labels[i_main])
+        neg = None
+        if self.neg_emb is not None and self.hparams.negative_weight > 0:
+            # Same draw for both routers, so the calibration router keeps the main router's recipe.
+            neg = self.neg_emb[torch.randint(len(self.neg_emb), (len(i_main),), device=self.neg_emb.device)]
+        loss_main = self._router_loss(self.main_net, self.main_emb[i_main], self.main_labels[i_main], neg, "train")
         loss = loss_main
         self.log("train/loss", loss_main, prog_bar=True, batch_size=len(i_main))
         if self.calib_net is not None:
             # Separate nets and Adam is per-parameter: the sum trains both exactly as two runs would.
-            loss_calib = F.cross_entropy(self.calib_net(self.calib_emb[i_calib]), self.calib_labels[i_calib])
+            loss_calib = self._router_loss(self.calib_net, self.calib_emb[i_calib], self.calib_labels[i_calib],
+                                           neg, "train/calibration")
             self.log("train/calibration_loss", loss_calib, batch_size=len(i_calib))
             loss = loss + loss_calib
+        return loss
+
+    def _router_loss(self, net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor,
+                     neg: torch.Tensor | None, prefix: str) -> torch.Tensor:
+        """Cross-entropy to the random labels (eq. 6), plus cross-entropy to uniform on negatives."""
+        loss = F.cross_entropy(net(emb), labels)
+        if neg is not None:
+            uniform = -F.log_softmax(net(neg), dim=-1).mean(-1).mean() - math.log(self.hparams.num_classes)
+            self.log(f"{prefix}_negative_kl", uniform, batch_size=len(neg))
+            loss = loss + self.hparams.negative_weight * uniform
         return loss
 
     @torch.no_grad()
