@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from megedit.artifacts import ArtifactError, atomic_write_json, write_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
-from megedit.familiarity.familiarity_module import random_labels
+from megedit.familiarity.familiarity_module import random_labels, router_loss
 from megedit.familiarity.router import auroc, choose_threshold, load_router
 
 
@@ -55,6 +55,45 @@ def test_familiarity_net_separates_seen_and_neighbours_from_unseen(one_thread):
     assert router.is_familiar(seen).all()
     assert router.is_familiar(unseen).float().mean() < 0.2
     assert ((e_unseen >= 0) & (e_unseen <= math.log(10) + 1e-5)).all()
+
+
+def test_training_negatives_sharpen_the_familiar_region(one_thread):
+    """Hard negatives (near a memorised point, farther than its paraphrases) end up above the
+    paraphrases' entropy far more often when the router also learns a uniform output on
+    other draws of such negatives."""
+    torch.manual_seed(0)
+    n, d = 128, 32
+    seen = F.normalize(torch.randn(n, d), dim=-1)
+    near = lambda scale: F.normalize(seen + scale * torch.randn(n, d), dim=-1)  # noqa: E731
+    paraphrases, hard_eval = near(0.1), near(0.6)
+    hard_train = torch.cat([near(0.6) for _ in range(4)])
+    labels = random_labels(n, 10, 0)
+    aurocs = {}
+    for use_negatives in (False, True):
+        torch.manual_seed(1)
+        net = FamiliarityNet(d, num_classes=10, depth=2, hidden_mult=4)
+        opt = torch.optim.Adam(net.parameters(), 3e-3)
+        for _ in range(300):
+            neg = hard_train[torch.randint(len(hard_train), (n,))] if use_negatives else None
+            loss, kl = router_loss(net, seen, labels, neg)
+            assert (kl is None) == (not use_negatives)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        router = FamiliarityRouter(net, threshold=0.1)
+        assert (net(seen).argmax(-1) == labels).all()
+        aurocs[use_negatives] = auroc(-router.entropy(paraphrases), -router.entropy(hard_eval))
+    assert aurocs[True] > 0.9
+    assert aurocs[True] > aurocs[False] + 0.05, aurocs
+
+
+def test_router_loss_kl_is_zero_for_uniform_output():
+    net = FamiliarityNet(8, num_classes=4, depth=1)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+    _, kl = router_loss(net, torch.randn(3, 8), torch.tensor([0, 1, 2]), torch.randn(5, 8))
+    assert abs(kl.item()) < 1e-6
 
 
 def test_entropy_from_logits_bounds():

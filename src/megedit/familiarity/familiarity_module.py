@@ -36,6 +36,20 @@ def random_labels(n: int, k: int, seed: int) -> torch.Tensor:
     return (torch.arange(n) % k)[torch.randperm(n, generator=g)]
 
 
+def router_loss(net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor, neg: torch.Tensor | None = None,
+                negative_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy to the random labels (eq. 6), plus ``negative_weight`` x KL(uniform || p) on the
+    negatives ``neg`` (unfamiliar prompts), which is zero exactly when their output is uniform.
+
+    Returns (loss, the negatives' mean KL or None).
+    """
+    loss = F.cross_entropy(net(emb), labels)
+    if neg is None or negative_weight <= 0:
+        return loss, None
+    kl = -F.log_softmax(net(neg), dim=-1).mean(-1).mean() - math.log(net.num_classes)
+    return loss + negative_weight * kl, kl
+
+
 class FamiliarityModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/familiarity", num_classes: int = 10, depth: int = 5, hidden_mult: int = 4,
                  width: int | None = None, lr: float = 1e-3, seed: int = 0,
@@ -124,12 +138,9 @@ class FamiliarityModule(L.LightningModule):
 
     def _router_loss(self, net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor,
                      neg: torch.Tensor | None, prefix: str) -> torch.Tensor:
-        """Cross-entropy to the random labels (eq. 6), plus cross-entropy to uniform on negatives."""
-        loss = F.cross_entropy(net(emb), labels)
-        if neg is not None:
-            uniform = -F.log_softmax(net(neg), dim=-1).mean(-1).mean() - math.log(self.hparams.num_classes)
-            self.log(f"{prefix}_negative_kl", uniform, batch_size=len(neg))
-            loss = loss + self.hparams.negative_weight * uniform
+        loss, kl = router_loss(net, emb, labels, neg, self.hparams.negative_weight)
+        if kl is not None:
+            self.log(f"{prefix}_negative_kl", kl, batch_size=len(neg))
         return loss
 
     @torch.no_grad()
