@@ -75,7 +75,7 @@ DEPS_encoder     = prepare
 DEPS_familiarity = prepare encoder
 DEPS_collect     = prepare
 DEPS_diffusion   = prepare encoder collect
-DEPS_evaluate    = prepare encoder familiarity diffusion
+DEPS_evaluate    = prepare encoder familiarity collect diffusion
 
 define STAGE_RULE
 $(1): $(RUN)/$(1)/manifest.json

@@ -48,7 +48,7 @@ def run_dir(tmp_path_factory, data_dir) -> Path:
 def test_evaluate_writes_every_output_with_its_protocol(run_dir):
     out = run_dir / "evaluate"
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["results"]) == {"meg", "meg_no_router", "ft"}
+    assert set(summary["results"]) == {"meg", "meg_no_router", "meg_retrieval", "ft"}
     meta = summary["metric_meta"]
     assert meta["ag_protocol"] == "target_length" and meta["n_edits"] == N_EDITS and meta["steps"] == 20
     for variant, r in summary["results"].items():
@@ -62,8 +62,14 @@ def test_evaluate_writes_every_output_with_its_protocol(run_dir):
     assert meg["loc_tf"] >= unrouted - 1e-6
     assert meg["rel_tf"] > 50.0, meg
     assert ft["routing_familiar"] == {"rel": 0.0, "gen": 0.0, "loc": 0.0}
+    # An edit prompt's nearest edit is itself, so a routed edit prompt gets its own verified neuron.
+    retrieval = summary["results"]["meg_retrieval"]
+    assert retrieval["routing_familiar"] == meg["routing_familiar"]
+    collect_report = json.loads((run_dir / "collect" / "report.json").read_text())
+    if collect_report["success_rate"] == 1.0:
+        assert retrieval["rel_ag"] >= retrieval["routing_familiar"]["rel"] - 1e-6, retrieval
     rows = [json.loads(line) for line in (out / "per_example.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 * sum(meta["items"].values())
+    assert len(rows) == 4 * sum(meta["items"].values())
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "| MeG |" in (out / "results.md").read_text()
     assert list((run_dir / "tb").rglob("events.out.tfevents.*"))

@@ -126,7 +126,7 @@ class EditedLM:
 
     # ------------------------------------------------------------------ provenance
     def nearest_edits(self, embeddings: torch.Tensor) -> list[dict]:
-        """For each embedding: the most similar edit prompt (id, prompt, target, cosine similarity)."""
+        """For each embedding: the most similar edit prompt (index, id, prompt, target, cosine similarity)."""
         if self._edit_embeddings is None:
             self._edit_embeddings = self.encoder.embed([e.prompt for e in self.prepared.edits])
         sims = embeddings @ self._edit_embeddings.T
@@ -134,5 +134,5 @@ class EditedLM:
         out = []
         for score, i in zip(best.values.tolist(), best.indices.tolist()):
             e = self.prepared.edits[i]
-            out.append({"id": e.id, "prompt": e.prompt, "target_new": e.target_new, "similarity": round(score, 4)})
+            out.append({"index": i, "id": e.id, "prompt": e.prompt, "target_new": e.target_new, "similarity": round(score, 4)})
         return out

@@ -18,7 +18,7 @@ from megedit.evaluate.metrics import SHORT, make_metrics, summarise
 from megedit.evaluate.report import write_reports
 from megedit.scoring import greedy_tokens, left_pad, positions_from_mask, target_ids
 
-VARIANTS = ("meg", "meg_no_router", "ft")
+VARIANTS = ("meg", "meg_no_router", "meg_retrieval", "ft")
 AG_PROTOCOLS = {
     "target_length": "greedy decoding of exactly the target's token count; correct iff every token matches "
                      "(locality: the first L pre-edit tokens, L = token count of the locality answer, else of the "
@@ -37,7 +37,10 @@ class EvaluateModule(L.LightningModule):
         Args:
             out_dir: where results go.
             variants: any of ``meg`` (full method), ``meg_no_router`` (familiarity net bypassed: every query gets a
-                generated neuron; paper Table 5 "w/o FN") and ``ft`` (fine-tune the edit layer's MLP on all edits).
+                generated neuron; paper Table 5 "w/o FN"), ``meg_retrieval`` (same routing, but a familiar query gets
+                the *collected* neuron of its nearest edit by encoder cosine instead of a generated one: what a
+                perfect generator would reach, so the gap to ``meg`` is the generator's share of the loss) and
+                ``ft`` (fine-tune the edit layer's MLP on all edits).
             steps, sampler: generator sampling (DDIM 50 steps by default; ``ancestral`` as the official code).
             seed: sampling seed.
             ag_protocol: ``target_length`` (default) or ``official`` (see AG_PROTOCOLS; recorded in metric_meta).
@@ -68,6 +71,15 @@ class EvaluateModule(L.LightningModule):
         if self.hparams.router_threshold is not None:
             self.edited.router.threshold = float(self.hparams.router_threshold)
         self.ft_state = None
+        self.collected = None
+        if "meg_retrieval" in self.variants:
+            from megedit.collect.artifact import load_collected
+
+            collect_dir = Path(dm.hparams.run_dir) / "collect"
+            self.collected = load_collected(collect_dir)[0]
+            if self.collected.shape[0] != len(self.edited.prepared.edits):
+                raise ValueError(f"{collect_dir}: {self.collected.shape[0]} neurons for "
+                                 f"{len(self.edited.prepared.edits)} edits")
 
     def on_test_start(self) -> None:
         self._started = time.time()
@@ -151,6 +163,13 @@ class EvaluateModule(L.LightningModule):
                 weights[rest] = e.generator.sample(routing.embeddings[rest], steps=e.steps, sampler=e.sampler,
                                                    seed=e.seed).cpu()
             runs["meg_no_router"] = (weights, torch.ones(len(items), dtype=torch.bool))
+        if "meg_retrieval" in self.variants:
+            weights = torch.zeros_like(routing.weights)
+            fam = routing.familiar.nonzero().flatten()
+            if len(fam):
+                nearest = torch.tensor([n["index"] for n in e.nearest_edits(routing.embeddings[fam])])
+                weights[fam] = self.collected[nearest].to(weights.dtype)
+            runs["meg_retrieval"] = (weights if len(fam) else None, routing.familiar)
         if "ft" in self.variants:
             runs["ft"] = (None, torch.zeros(len(items), dtype=torch.bool))
         t1 = time.time()
@@ -211,7 +230,8 @@ class EvaluateModule(L.LightningModule):
         run = Path(dm.hparams.run_dir)
         write_manifest(out, "evaluate", e.prepared.lineage, config={"model": dict(self.hparams), "data": dict(dm.hparams)},
                        outputs=["results.json", "results.md", "results.png", "per_example.jsonl"],
-                       upstream={n: run / n for n in ("prepare", "encoder", "familiarity", "diffusion")})
+                       upstream={n: run / n for n in ("prepare", "encoder", "familiarity", "diffusion")
+                                 + (("collect",) if "meg_retrieval" in self.variants else ())})
         print((out / "results.md").read_text())
 
     def configure_optimizers(self):

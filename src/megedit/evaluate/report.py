@@ -7,7 +7,8 @@ from pathlib import Path
 from megedit.artifacts import atomic_path, atomic_write_text
 from megedit.evaluate.metrics import metric_names
 
-LABELS = {"meg": "MeG", "meg_no_router": "MeG w/o FN", "ft": "FT"}
+LABELS = {"meg": "MeG", "meg_no_router": "MeG w/o FN", "meg_retrieval": "MeG, collected neuron of nearest edit",
+          "ft": "FT"}
 
 
 def _fmt(v) -> str:
