@@ -35,12 +35,13 @@ def _items(n):
     return [CollectItem(f"e{i}", [PROMPTS[i % len(PROMPTS)]], str(40 + i)) for i in range(n)]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
-def test_batched_refill_equals_one_at_a_time(fixture, request):
-    """Per-row Adam state: batching with refill gives each edit the same trajectory as running it alone."""
+@pytest.mark.parametrize("fixture,optimizer,lr", [("tiny_llama", "adam", 0.5), ("tiny_gpt2", "adam", 0.5),
+                                                  ("tiny_llama", "sgd", 20.0)])
+def test_batched_refill_equals_one_at_a_time(fixture, optimizer, lr, request):
+    """Per-row optimiser state: batching with refill gives each edit the same trajectory as running it alone."""
     model, spec = request.getfixturevalue(fixture)
     items = _items(7)
-    opts = dict(lr=0.5, max_steps=60)
+    opts = dict(lr=lr, max_steps=60, optimizer=optimizer)
     alone = collect(model, _ToyTokenizer(), spec, items, CollectOptions(capacity=1, **opts))
     batched = collect(model, _ToyTokenizer(), spec, items, CollectOptions(capacity=3, **opts))
     assert [r.key for r in batched] == [it.key for it in items]
@@ -98,6 +99,8 @@ def test_engine_cache_is_released_and_options_checked(tiny_llama):
         CollectOptions(key_init="middle")
     with pytest.raises(ValueError, match="stop_on"):
         CollectOptions(stop_on="some")
+    with pytest.raises(ValueError, match="optimizer"):
+        CollectOptions(optimizer="lbfgs")
 
 
 class _OffsetTokenizer(_ToyTokenizer):

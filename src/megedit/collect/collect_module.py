@@ -28,7 +28,7 @@ from megedit.loading import load_lm, state_dict_sha256
 from megedit.scoring import greedy_match
 
 # Options that change the collected weights (the shard fingerprint); the rest only change speed or reports.
-_RESULT_OPTIONS = ("lr", "max_steps", "key_init", "stop_margin", "stop_on", "n_prefixes", "prefix_tokens",
+_RESULT_OPTIONS = ("lr", "optimizer", "max_steps", "key_init", "stop_margin", "stop_on", "n_prefixes", "prefix_tokens",
                    "prefix_seed", "verify")
 
 
@@ -38,6 +38,7 @@ def peak_rss_mib() -> float:
 
 class CollectModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/collect", lr: float = 0.05, max_steps: int = 50, capacity: int = 64,
+                 optimizer: str = "adam",
                  key_init: str = "last", stop_margin: float = 0.0, stop_on: str = "all", n_prefixes: int = 0,
                  prefix_tokens: int = 10, prefix_seed: int = 0, verify: bool = True, drop_failed: bool = True,
                  transfer_n: int = 64, transfer_compare: bool = True, transfer_seed: int = 0,
@@ -46,8 +47,11 @@ class CollectModule(L.LightningModule):
         Args:
             out_dir: where the artifact goes (``neurons.safetensors``, ``per_edit.jsonl``, ``report.json``,
                 ``manifest.json``; ``shards/`` while running).
-            lr: Adam learning rate of the per-edit optimisation.
-            max_steps: Adam steps per edit before it counts as failed.
+            lr: learning rate of the per-edit optimisation.
+            max_steps: optimiser steps per edit before it counts as failed.
+            optimizer: ``adam`` (per-row moments) or ``sgd`` (plain gradient steps, as the authors' code). SGD
+                moves the weights along the gradient, so neurons stay in a few directions the generator can
+                learn; Adam's per-coordinate steps spread them (see README, "Weight collection").
             capacity: edits optimised side by side (rows of the batch); finished rows are refilled at once.
             key_init: ``last`` (key = last prompt token's MLP input / its squared norm, value 0), ``subject``
                 (the same at the subject's last token, where ROME puts its key), ``mean``
@@ -70,7 +74,8 @@ class CollectModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.options = CollectOptions(lr=lr, max_steps=max_steps, capacity=capacity, key_init=key_init,
+        self.options = CollectOptions(lr=lr, max_steps=max_steps, capacity=capacity, optimizer=optimizer,
+                                      key_init=key_init,
                                       stop_margin=stop_margin, stop_on=stop_on, encode_batch=encode_batch)
         if n_prefixes < 0 or transfer_n < 0:
             raise ValueError("model.n_prefixes and model.transfer_n must be >= 0")

@@ -37,7 +37,8 @@ KEY_INITS = ("last", "subject", "mean", "random")
 
 @dataclass
 class CollectOptions:
-    lr: float = 0.05  # Adam learning rate
+    lr: float = 0.05  # learning rate of `optimizer`
+    optimizer: str = "adam"  # adam (per-row state) | sgd (plain gradient steps, as the authors' code)
     max_steps: int = 50  # per edit; an edit that has not passed by then is recorded as failed
     capacity: int = 64  # edits optimised side by side
     key_init: str = "last"  # last: last prompt token's MLP input / |.|^2; subject: the subject's last token; mean; random
@@ -50,6 +51,8 @@ class CollectOptions:
     def __post_init__(self):
         if self.key_init not in KEY_INITS:
             raise ValueError(f"key_init {self.key_init!r}: expected one of {KEY_INITS}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer {self.optimizer!r}: expected 'adam' or 'sgd'")
         if self.stop_on not in ("all", "prompt"):
             raise ValueError(f"stop_on {self.stop_on!r}: expected 'all' or 'prompt'")
         if self.lr <= 0 or self.max_steps < 1 or self.capacity < 1:
@@ -332,7 +335,7 @@ class NeuronCollector:
         }
 
     def step(self) -> int:
-        """One Adam step for every active row; returns how many edits finished."""
+        """One optimiser step for every active row; returns how many edits finished."""
         if all(s is None for s in self.slots):
             self._refill()
             if all(s is None for s in self.slots):
@@ -387,7 +390,10 @@ class NeuronCollector:
                 else:
                     active[s] = True
                     c.steps += 1
-            self._adam(grad, active)
+            if self.opt.optimizer == "sgd":
+                self.W = torch.where(active[:, None], self.W - self.opt.lr * grad, self.W)
+            else:
+                self._adam(grad, active)
             self.total_steps += 1
         if finished:
             self._batch = None
