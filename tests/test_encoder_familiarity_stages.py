@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 ENCODER_SMALL = ["--data.max_train_groups", "96", "--data.batch_size", "16", "--data.min_val_per_source", "24",
                  "--data.max_val_per_source", "24", "--trainer.max_epochs", "1", "--trainer.logger", "false",
                  "--trainer.enable_progress_bar", "false"]
-FAMILIARITY_SMALL = ["--trainer.max_epochs", "60", "--model.min_epochs", "5", "--model.hidden_mult", "2",
+FAMILIARITY_SMALL = ["--trainer.max_epochs", "150", "--model.min_epochs", "5", "--model.hidden_mult", "2",
                      "--trainer.enable_progress_bar", "false"]
 
 

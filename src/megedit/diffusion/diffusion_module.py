@@ -13,6 +13,7 @@ all edits) and the manifest.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -28,11 +29,22 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 
 
+def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine down to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class DiffusionModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/diffusion", preset: str = "dit-cpu", hidden: int | None = None,
                  depth: int | None = None, num_heads: int | None = None, patch_size: int | None = None,
                  schedule: str = "linear", num_train_timesteps: int = 1000, normalisation: str = "standardise",
                  scale: float = 100.0, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
+                 lr_decay: str = "cosine", min_lr_ratio: float = 0.05,
                  ema_decay: float = 0.999, val_sampler: str = "ddim", val_steps: int = 50, reliability: bool = True,
                  report_edits: int | None = None, report_steps: int = 50, seed: int = 0,
                  torch_threads: int | None = None):
@@ -46,6 +58,8 @@ class DiffusionModule(L.LightningModule):
             normalisation: ``scale`` (w * scale, the official code's x100), ``standardise`` (per value) or
                 ``global`` (one mean/std); the statistics are saved with the generator.
             lr, weight_decay, warmup_steps: AdamW with a linear warm-up.
+            lr_decay: ``cosine`` (down to ``min_lr_ratio`` x lr at the last step of ``trainer.max_epochs``; the
+                final annealing is where memorisation sharpens) or ``constant``.
             ema_decay: EMA of the weights used for validation, sampling and the saved generator.
             val_sampler, val_steps: how validation samples (``ddim`` or ``ancestral``, respaced steps).
             reliability: score generated neurons on the LM during validation (needs the LM in memory).
@@ -108,8 +122,12 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self.generator.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_decay not in ("cosine", "constant"):
+            raise ValueError(f"model.lr_decay must be 'cosine' or 'constant', got {hp.lr_decay!r}")
         warm = max(1, hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        total = max(warm + 1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warm, total, hp.lr_decay,
+                                                                              hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ training

@@ -9,8 +9,8 @@ Two routers train side by side on identical recipes:
   where the threshold should go, without touching any evaluation text of the edits.
 
 With ``train_negatives`` both routers also see unfamiliar pseudo prompts (pseudo originals
-outside the calibration set, and the half of the pseudo-irrelevant prompts that calibration does
-not score) and are pushed to a uniform output on them, which sharpens the familiar region
+outside the calibration set, and half of the pseudo-irrelevant prompts and of the pseudo edits'
+own locality prompts; calibration scores the other halves) and are pushed to a uniform output on them, which sharpens the familiar region
 around each memorised prompt (the paper trains on positives only; ``train_negatives: 0`` is that).
 
 The edits' evaluation paraphrases and locality prompts are embedded only for the report.
@@ -58,6 +58,14 @@ def embed_sharded(encoder: TextEncoder, texts: list[str], batch_size: int, progr
     return out
 
 
+def interleave(*lists: list[str]) -> list[str]:
+    """Round-robin merge, so that a cap keeps every kind of text in proportion."""
+    out = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out += [x[i] for x in lists if i < len(x)]
+    return out
+
+
 class FamiliarityDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, batch_size: int = 256, calibrate: bool = True,
                  max_calibration_positives: int = 2000, max_calibration_negatives: int = 4000, seed: int = 0,
@@ -102,9 +110,19 @@ class FamiliarityDataModule(L.LightningDataModule):
             "locality": [p.prompt for e in prep.edits for p in e.locality],
         }
         self.paraphrase_owner = [k for k, e in enumerate(prep.edits) for _ in e.paraphrases]
+        # Same-subject locality prompts (KnowEdit's relation specificity: another fact about the edited
+        # subject) are a different test from unrelated prompts; the report splits the two.
+        self.locality_same_subject = torch.tensor(
+            [bool(e.subject) and e.subject.lower() in p.prompt.lower() for e in prep.edits for p in e.locality],
+            dtype=torch.bool)
+        evaluation = {t for v in texts.values() for t in v}
+        # Locality prompts of pseudo edits: the same kind of text as the evaluation locality prompts
+        # (CounterFact neighbourhood prompts, ZsRE's NQ questions), which the router must leave alone.
+        pseudo_locality = sorted({p.prompt for r in prep.pseudo_edits for p in r.locality} - evaluation)
         if not hp.calibrate:
             if hp.train_negatives > 0:
-                pool = sorted({r["prompt"] for r in prep.pseudo_irrelevant} | {r.prompt for r in prep.pseudo_edits})
+                pool = sorted(({r["prompt"] for r in prep.pseudo_irrelevant} | {r.prompt for r in prep.pseudo_edits}
+                               | set(pseudo_locality)) - evaluation)
                 random.Random(hp.seed).shuffle(pool)
                 texts["train_negatives"] = pool[: hp.train_negatives]
             return texts
@@ -137,18 +155,21 @@ class FamiliarityDataModule(L.LightningDataModule):
             filler = sorted({p["anchor"] for p in prep.pseudo_pairs} - used - irrelevant)
             rng.shuffle(filler)
             calib_prompts += filler[: n - len(calib_prompts)]
-        negatives = sorted({r["prompt"] for r in prep.pseudo_irrelevant})
-        rng.shuffle(negatives)
+        positive_texts = {p for _, g in pseudo_groups for p in g["positives"]}
+        irrelevant = sorted({r["prompt"] for r in prep.pseudo_irrelevant} - evaluation)
+        locality = sorted(set(pseudo_locality) - set(calib_prompts) - positive_texts - set(irrelevant))
+        rng.shuffle(irrelevant)
+        rng.shuffle(locality)
         train_negatives: list[str] = []
         if hp.train_negatives > 0:
-            # Half the pseudo-irrelevant prompts stay unseen so calibration measures the trained routers honestly.
-            half = len(negatives) // 2
-            negatives, train_negatives = negatives[:half], negatives[half:]
-            taken = set(calib_prompts) | set(negatives) | {p for _, g in pseudo_groups for p in g["positives"]}
-            others = sorted({r.prompt for r in prep.pseudo_edits} - taken - set(train_negatives))
+            # Half of each kind stays unseen, so calibration measures the trained routers honestly.
+            irrelevant, train_irrelevant = irrelevant[: len(irrelevant) // 2], irrelevant[len(irrelevant) // 2:]
+            locality, train_locality = locality[: len(locality) // 2], locality[len(locality) // 2:]
+            taken = set(calib_prompts) | set(irrelevant) | set(locality) | positive_texts | evaluation
+            others = sorted({r.prompt for r in prep.pseudo_edits} - taken - set(train_irrelevant))
             rng.shuffle(others)
-            train_negatives = (train_negatives + others)[: hp.train_negatives]
-        negatives = negatives[: hp.max_calibration_negatives]
+            train_negatives = interleave(train_irrelevant, train_locality, others)[: hp.train_negatives]
+        negatives = interleave(irrelevant, locality)[: hp.max_calibration_negatives]
         self.calibration_counts = {"memorised": len(calib_prompts), "positive_groups": min(n, len(pseudo_groups)),
                                    "positives": len(keep), "negatives": len(negatives),
                                    "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups)),

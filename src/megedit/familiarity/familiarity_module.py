@@ -211,6 +211,7 @@ class FamiliarityModule(L.LightningModule):
             q = torch.quantile(x.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.double)).tolist()
             return {"n": int(x.numel()), "mean": float(x.mean()), "p05": q[0], "median": q[1], "p95": q[2]}
 
+        same = getattr(dm, "locality_same_subject", torch.zeros(len(ent["locality"]), dtype=torch.bool))
         report = {
             "threshold": threshold, "threshold_source": source, "entropy_units": "nats",
             "max_entropy": math.log(hp.num_classes), "n_edits": len(dm.prepared.edits),
@@ -218,6 +219,10 @@ class FamiliarityModule(L.LightningModule):
                 "edit_prompts_familiar": rate(ent["edit_prompts"], True),
                 "edit_paraphrases_familiar": rate(ent["edit_paraphrases"], True),
                 "locality_unfamiliar": rate(ent["locality"], False),
+            },
+            "locality_unfamiliar_by_kind": {
+                "mentions_edit_subject": rate(ent["locality"][same], False), "n_mentions_edit_subject": int(same.sum()),
+                "other": rate(ent["locality"][~same], False), "n_other": int((~same).sum()),
             },
             "auroc": {
                 "edit_paraphrases_vs_locality": auroc(-ent["edit_paraphrases"], -ent["locality"]),
@@ -258,7 +263,8 @@ class FamiliarityModule(L.LightningModule):
         r, a = report["rates"], report["auroc"]
         print(f"familiarity: threshold {threshold:.4f} ({source}); edit prompts familiar "
               f"{r['edit_prompts_familiar']:.3f}, paraphrases familiar {r['edit_paraphrases_familiar']:.3f}, "
-              f"locality unfamiliar {r['locality_unfamiliar']:.3f}; AUROC paraphrase/locality "
+              f"locality unfamiliar {r['locality_unfamiliar']:.3f} (prompts not about the edited subject: "
+              f"{report['locality_unfamiliar_by_kind']['other'] or float('nan'):.3f}); AUROC paraphrase/locality "
               f"{a['edit_paraphrases_vs_locality']:.3f}; {self._epochs_run} epochs; wrote {out} "
               f"({report['wall_seconds']} s)")
 
