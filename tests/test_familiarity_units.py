@@ -15,15 +15,6 @@ from megedit.familiarity.familiarity_module import random_labels, router_loss
 from megedit.familiarity.router import auroc, choose_threshold, load_router
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny nets train fastest on one thread (and do not fight other jobs for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train(net, x, y, max_epochs=200):
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     for _ in range(max_epochs):
