@@ -55,6 +55,11 @@ def test_stage_writes_generator_report_manifest_and_resumes(run, tmp_path):
     # a later run with a larger budget resumes from checkpoints/last.ckpt instead of starting over
     stage_main("diffusion", stage_args(run, out, "--trainer.max_epochs", "6", *FAST[2:]))
     assert json.loads((out / "report.json").read_text())["global_step"] == 12
+    # ... but a run with another config starts over, and keeps the other run's checkpoints aside
+    stage_main("diffusion", stage_args(run, out, *FAST, "--model.lr", "1e-3"))
+    assert json.loads((out / "report.json").read_text())["global_step"] == 8
+    stale = list(out.glob("checkpoints.stale-*"))
+    assert len(stale) == 1 and (stale[0] / "last.ckpt").is_file()
 
 
 def test_zero_weight_augmentation_adds_pseudo_irrelevant_pairs(run, tmp_path):

@@ -114,6 +114,27 @@ def test_familiarity_refuses_encoder_of_another_prepare_run(prepared_dir, encode
                                    "--model.out_dir", str(tmp_path / "f"), "--trainer.logger", "false"])
 
 
+def test_killed_familiarity_run_resumes_from_its_last_checkpoint(prepared_dir, encoder_dirs, tmp_path):
+    from _interrupt import SimulatedKill
+
+    out = tmp_path / "familiarity"
+    args = ["--data.prepare_dir", str(prepared_dir), "--data.encoder_dir", str(encoder_dirs[0]),
+            "--model.out_dir", str(out), "--trainer.logger", "false", *FAMILIARITY_SMALL,
+            "--trainer.max_epochs", "6", "--model.min_epochs", "1", "--model.converge_entropy", "1e-12",
+            "--model.checkpoint_every_n_epochs", "1"]
+    with pytest.raises(SimulatedKill):
+        stage_main("familiarity", [*args, "--trainer.callbacks+=_interrupt.KillAtEpochEnd",
+                                   "--trainer.callbacks.epoch", "3"])
+    last = out / "checkpoints" / "last.ckpt"
+    assert last.is_file() and not (out / "manifest.json").exists()
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 2  # epochs 0-2 saved, 3 was lost
+    stage_main("familiarity", args)
+    report = json.loads((out / "routing_report.json").read_text())
+    assert report["fit"]["resumed_from"] == str(last) and report["fit"]["epochs"] == 6
+    assert not (out / "checkpoints").exists()  # only a resume needs them
+    read_manifest(out, stage="familiarity")
+
+
 @pytest.mark.ddp
 def test_both_stages_under_ddp_gloo(prepared_dir, tmp_path):
     """Two CPU processes on gloo: gathered InfoNCE negatives, sharded embedding, identical convergence decisions."""

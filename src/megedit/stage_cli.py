@@ -32,9 +32,9 @@ def run_stage(stage: str, module_cls, datamodule_cls, method: str, links: Sequen
         save_config_callback=None,  # the stage's manifest records the resolved config instead
         parser_kwargs={"default_config_files": [str(CONFIG_DIR / "stages" / f"{stage}.yaml")]},
     )
-    # A stage that resumes after a kill names its last checkpoint (None on a fresh run).
+    # A stage that resumes after a kill names its last checkpoint of the same run (None: a fresh start).
     resume = getattr(cli.model, "resume_checkpoint", None)
-    extra = {"ckpt_path": resume()} if method == "fit" and callable(resume) else {}
+    extra = {"ckpt_path": resume(cli.datamodule)} if method == "fit" and callable(resume) else {}
     getattr(cli.trainer, method)(cli.model, datamodule=cli.datamodule, **extra)
     return cli
 

@@ -23,10 +23,9 @@ import torch
 from megedit.artifacts import atomic_write_json, write_manifest
 from megedit.distributed import barrier, gather_objects
 from megedit.diffusion.generator import CONFIG_FILE, WEIGHTS_FILE, WeightGenerator
+from megedit.resume import CHECKPOINT_DIR, resumable_checkpoint, run_fingerprint
 
 REPORT_FILE = "report.json"
-CHECKPOINT_DIR = "checkpoints"
-LAST_CKPT = "last.ckpt"
 
 
 def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
@@ -106,10 +105,9 @@ class DiffusionModule(L.LightningModule):
         if getattr(self, "_threads_before", None):
             torch.set_num_threads(self._threads_before)
 
-    def resume_checkpoint(self) -> str | None:
-        """The last checkpoint of an interrupted run in ``out_dir`` (the stage CLI resumes from it)."""
-        last = Path(self.hparams.out_dir) / CHECKPOINT_DIR / LAST_CKPT
-        return str(last) if last.is_file() else None
+    def resume_checkpoint(self, datamodule) -> str | None:
+        """The last checkpoint of an interrupted run of this config on these inputs (the stage CLI resumes it)."""
+        return resumable_checkpoint(self.hparams.out_dir, run_fingerprint(self.hparams, datamodule.hparams))
 
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import ModelCheckpoint

@@ -13,6 +13,7 @@ chosen), ``routing_report.json``, ``entropy_hist.png`` (also logged to TensorBoa
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Literal, Union
@@ -25,6 +26,7 @@ from megedit.artifacts import atomic_path, atomic_write_json, write_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
 from megedit.distributed import barrier
 from megedit.familiarity.router import CONFIG, WEIGHTS, auroc, choose_threshold
+from megedit.resume import CHECKPOINT_DIR, LAST_CKPT, resumable_checkpoint, run_fingerprint
 
 REPORT = "routing_report.json"
 HIST = "entropy_hist.png"
@@ -56,7 +58,7 @@ class FamiliarityModule(L.LightningModule):
                  converge_entropy: float = 0.01, min_epochs: int = 20,
                  threshold: Union[float, Literal["auto"]] = "auto",
                  calibration_rule: Literal["balanced", "max_fpr"] = "balanced", target_fpr: float = 0.02,
-                 hist_bins: int = 60, negative_weight: float = 1.0):
+                 hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5):
         """
         Args:
             out_dir: where the router artifact goes.
@@ -76,6 +78,8 @@ class FamiliarityModule(L.LightningModule):
             hist_bins: bins of the entropy histogram.
             negative_weight: weight of the uniform-output loss on the datamodule's ``train_negatives``
                 (cross-entropy to the uniform distribution; no effect when there are none).
+            checkpoint_every_n_epochs: how often ``out_dir/checkpoints/last.ckpt`` is refreshed, so a
+                killed run resumes (0: never). Removed once the router is written.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -88,6 +92,7 @@ class FamiliarityModule(L.LightningModule):
         self._started = time.time()
         self._epochs_run = 0
         self._converged = False
+        self._resumed_from: str | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -109,6 +114,24 @@ class FamiliarityModule(L.LightningModule):
         self.neg_emb = dm.emb.get("train_negatives")
         if self.neg_emb is not None and len(self.neg_emb) == 0:
             self.neg_emb = None
+
+    def resume_checkpoint(self, datamodule) -> str | None:
+        """The last checkpoint of a killed run of this config on these inputs (the stage CLI resumes it)."""
+        if self.hparams.checkpoint_every_n_epochs <= 0:
+            return None
+        self._resumed_from = resumable_checkpoint(self.hparams.out_dir,
+                                                  run_fingerprint(self.hparams, datamodule.hparams))
+        return self._resumed_from
+
+    def configure_callbacks(self):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        every = self.hparams.checkpoint_every_n_epochs
+        # Replaces the Trainer's default checkpoint callback. One file, overwritten: the latest state is
+        # named last.ckpt directly (no monitor, top-1); with every <= 0 nothing is saved.
+        return [ModelCheckpoint(dirpath=str(Path(self.hparams.out_dir) / CHECKPOINT_DIR), filename=LAST_CKPT[:-5],
+                                monitor=None, save_top_k=1 if every > 0 else 0, every_n_epochs=max(every, 1),
+                                enable_version_counter=False)]
 
     def on_fit_start(self) -> None:
         for name in ("main_emb", "main_labels", "calib_emb", "calib_labels", "neg_emb"):
@@ -172,6 +195,8 @@ class FamiliarityModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.global_rank == 0:
             self._write()
+            # The checkpoints only serve a resume; the router artifact is complete now.
+            shutil.rmtree(Path(self.hparams.out_dir) / CHECKPOINT_DIR, ignore_errors=True)
         barrier()
 
     @torch.no_grad()
@@ -230,7 +255,8 @@ class FamiliarityModule(L.LightningModule):
             },
             "entropy": {k: summary(v) for k, v in ent.items()},
             "calibration": calibration,
-            "fit": {"epochs": self._epochs_run, "converged": self._converged, **getattr(self, "_fit_states", {})},
+            "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self._resumed_from,
+                    **getattr(self, "_fit_states", {})},
             "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
                     "to pick the threshold",
             "wall_seconds": round(time.time() - self._started, 1),

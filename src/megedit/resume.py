@@ -1,0 +1,80 @@
+"""Resume a killed training stage from its last checkpoint, but only a checkpoint of the same run.
+
+A stage's Lightning checkpoints live in ``<out_dir>/checkpoints``, and ``run.json`` beside them
+records a fingerprint of the stage's config and of its upstream artifacts' manifests. A re-run with
+another config or other inputs (``make`` re-running a stale stage, a changed flag) must not quietly
+continue the old optimisation: its checkpoints are moved aside, never deleted, and the stage starts
+fresh. Trainer settings are not fingerprinted, so a larger ``--trainer.max_epochs`` resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from megedit.artifacts import MANIFEST, atomic_write_json, sha256_file, sha256_json
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+RUN_FILE = "run.json"
+# Settings that change speed or memory, never the result.
+NOT_FINGERPRINTED = frozenset({"num_workers", "torch_threads", "embed_batch_size"})
+
+
+def run_fingerprint(model_hparams: dict, data_hparams: dict) -> dict:
+    """What a checkpoint must share with the current run to be resumed: the stage's model and data
+    config, and the manifests of the upstream artifacts the data config points at (``*_dir``)."""
+    def strip(hp: dict) -> dict:
+        return {k: v for k, v in dict(hp).items() if k not in NOT_FINGERPRINTED}
+
+    upstream = {}
+    for key, value in sorted(dict(data_hparams).items()):
+        if key.endswith("_dir") and value and (Path(value) / MANIFEST).is_file():
+            upstream[key] = sha256_file(Path(value) / MANIFEST)
+    return {"config_sha256": sha256_json({"model": strip(model_hparams), "data": strip(data_hparams)}),
+            "upstream_manifests": upstream}
+
+
+def _is_launching_process() -> bool:
+    # Lightning's DDP launcher starts the other ranks with LOCAL_RANK / NODE_RANK set; they only read.
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _difference(recorded: dict | None, current: dict) -> str:
+    if not isinstance(recorded, dict):
+        return f"no readable {RUN_FILE}"
+    changed = []
+    if recorded.get("config_sha256") != current["config_sha256"]:
+        changed.append("the model/data config")
+    old, new = recorded.get("upstream_manifests", {}), current["upstream_manifests"]
+    changed += [f"input {k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(changed) or "nothing recorded"
+
+
+def resumable_checkpoint(out_dir: str | Path, fingerprint: dict) -> str | None:
+    """``<out_dir>/checkpoints/last.ckpt`` if it belongs to this run, else None (a fresh start).
+
+    Checkpoints of another run are renamed to ``checkpoints.stale-<time>``; the current run's
+    fingerprint is then recorded so that its own checkpoints can be resumed after a kill.
+    """
+    ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
+    run_file, last = ckpt_dir / RUN_FILE, ckpt_dir / LAST_CKPT
+    try:
+        recorded = json.loads(run_file.read_text()) if run_file.is_file() else None
+    except (OSError, ValueError):
+        recorded = None
+    if last.is_file() and recorded == fingerprint:
+        print(f"resuming from {last} (same config and inputs)")
+        return str(last)
+    if not _is_launching_process():
+        return None
+    if ckpt_dir.is_dir() and any(p.name != RUN_FILE for p in ckpt_dir.iterdir()):
+        stale = ckpt_dir.with_name(f"{CHECKPOINT_DIR}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        ckpt_dir.rename(stale)
+        print(f"{ckpt_dir} holds checkpoints of another run ({_difference(recorded, fingerprint)} changed): "
+              f"moved to {stale}; starting fresh")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, fingerprint)
+    return None

@@ -1,0 +1,21 @@
+"""A callback that stops training the way a kill does, for resume tests (``--trainer.callbacks``)."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import Callback
+
+
+class SimulatedKill(RuntimeError):
+    pass
+
+
+class KillAtEpochEnd(Callback):
+    """Raise at the end of 0-based epoch ``epoch``, before that epoch's checkpoint is written
+    (Lightning runs checkpoint callbacks last)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise SimulatedKill(f"simulated kill at the end of epoch {self.epoch}")
