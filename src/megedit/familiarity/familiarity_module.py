@@ -58,7 +58,8 @@ class FamiliarityModule(L.LightningModule):
                  converge_entropy: float = 0.01, min_epochs: int = 20,
                  threshold: Union[float, Literal["auto"]] = "auto",
                  calibration_rule: Literal["balanced", "max_fpr"] = "balanced", target_fpr: float = 0.02,
-                 hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5):
+                 hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
+                 plateau_patience: int = 5, plateau_factor: float = 0.5, min_lr: float = 1e-5):
         """
         Args:
             out_dir: where the router artifact goes.
@@ -78,6 +79,11 @@ class FamiliarityModule(L.LightningModule):
             hist_bins: bins of the entropy histogram.
             negative_weight: weight of the uniform-output loss on the datamodule's ``train_negatives``
                 (cross-entropy to the uniform distribution; no effect when there are none).
+            plateau_patience: halve (``plateau_factor``) the learning rate after this many epochs without a
+                new low of the routers' mean entropy on their memorised points (0: constant lr). At a
+                constant lr Adam keeps knocking a large router (N=4096) back out of its minimum.
+            plateau_factor: the learning-rate factor at each plateau.
+            min_lr: the plateau schedule's floor.
             checkpoint_every_n_epochs: how often ``out_dir/checkpoints/last.ckpt`` is refreshed, so a
                 killed run resumes (0: never). Removed once the router is written.
         """
@@ -139,7 +145,15 @@ class FamiliarityModule(L.LightningModule):
                 setattr(self, name, getattr(self, name).to(self.device))
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        hp = self.hparams
+        opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
+        if hp.plateau_patience <= 0:
+            return opt
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=hp.plateau_factor,
+                                                             patience=hp.plateau_patience, min_lr=hp.min_lr)
+        # Stepped after on_train_epoch_end, which logs the monitored value.
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "fit/max_mean_entropy",
+                                                   "interval": "epoch"}}
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -185,6 +199,8 @@ class FamiliarityModule(L.LightningModule):
         for name, s in states.items():
             for k, v in s.items():
                 self.log(f"fit/{name}_{k}", v, sync_dist=True)  # equal on every rank
+        self.log("fit/max_mean_entropy", max(s["mean_entropy"] for s in states.values()), sync_dist=True)
+        self.log("fit/lr", self.trainer.optimizers[0].param_groups[0]["lr"], sync_dist=True)
         self._epochs_run = self.current_epoch + 1
         self._fit_states = states
         self._converged = all(s["accuracy"] == 1.0 and s["mean_entropy"] < hp.converge_entropy for s in states.values())
