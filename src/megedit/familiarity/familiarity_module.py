@@ -59,7 +59,7 @@ class FamiliarityModule(L.LightningModule):
                  threshold: Union[float, Literal["auto"]] = "auto",
                  calibration_rule: Literal["balanced", "max_fpr"] = "balanced", target_fpr: float = 0.02,
                  hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
-                 plateau_patience: int = 5, plateau_factor: float = 0.5, min_lr: float = 1e-5):
+                 plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5):
         """
         Args:
             out_dir: where the router artifact goes.
@@ -79,9 +79,10 @@ class FamiliarityModule(L.LightningModule):
             hist_bins: bins of the entropy histogram.
             negative_weight: weight of the uniform-output loss on the datamodule's ``train_negatives``
                 (cross-entropy to the uniform distribution; no effect when there are none).
-            plateau_patience: halve (``plateau_factor``) the learning rate after this many epochs without a
-                new low of the routers' mean entropy on their memorised points (0: constant lr). At a
-                constant lr Adam keeps knocking a large router (N=4096) back out of its minimum.
+            plateau_patience: halve (``plateau_factor``) the learning rate after this many optimizer steps
+                (rounded up to whole epochs) without a new low of the routers' mean entropy on their
+                memorised points (0: constant lr). At a constant lr Adam keeps knocking a large router
+                (N=4096) back out of its minimum.
             plateau_factor: the learning-rate factor at each plateau.
             min_lr: the plateau schedule's floor.
             checkpoint_every_n_epochs: how often ``out_dir/checkpoints/last.ckpt`` is refreshed, so a
@@ -149,8 +150,11 @@ class FamiliarityModule(L.LightningModule):
         opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
         if hp.plateau_patience <= 0:
             return opt
+        total, epochs = self.trainer.estimated_stepping_batches, self.trainer.max_epochs
+        steps_per_epoch = max(1, int(total // epochs)) if math.isfinite(total) and epochs and epochs > 0 else 1
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=hp.plateau_factor,
-                                                             patience=hp.plateau_patience, min_lr=hp.min_lr)
+                                                             patience=math.ceil(hp.plateau_patience / steps_per_epoch),
+                                                             min_lr=hp.min_lr)
         # Stepped after on_train_epoch_end, which logs the monitored value.
         return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "fit/max_mean_entropy",
                                                    "interval": "epoch"}}
