@@ -62,6 +62,21 @@ def test_stage_writes_generator_report_manifest_and_resumes(run, tmp_path):
     assert len(stale) == 1 and (stale[0] / "last.ckpt").is_file()
 
 
+def test_killed_run_resumes_from_its_periodic_resume_point(run, tmp_path):
+    from _interrupt import SimulatedKill
+
+    out = tmp_path / "diffusion"
+    args = stage_args(run, out, "--trainer.max_epochs", "8", *FAST[2:], "--model.checkpoint_every_n_epochs", "5")
+    with pytest.raises(SimulatedKill):
+        stage_main("diffusion", [*args, "--trainer.callbacks+=_interrupt.KillAtEpochEnd",
+                                 "--trainer.callbacks.epoch", "6"])
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 4 and last["global_step"] == 10  # the 5th epoch's state; epochs 5-6 were lost
+    stage_main("diffusion", args)
+    assert json.loads((out / "report.json").read_text())["global_step"] == 16
+    assert not list(out.glob("checkpoints.stale-*"))
+
+
 def test_zero_weight_augmentation_adds_pseudo_irrelevant_pairs(run, tmp_path):
     from megedit.diffusion.diffusion_datamodule import DiffusionDataModule
 

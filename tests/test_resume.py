@@ -53,3 +53,24 @@ def test_checkpoints_without_a_fingerprint_are_not_resumed(tmp_path, capsys):
     (out / CHECKPOINT_DIR / LAST_CKPT).write_bytes(b"old")
     assert resumable_checkpoint(out, run_fingerprint({}, {})) is None
     assert f"no readable {RUN_FILE}" in capsys.readouterr().out
+
+
+def test_folders_compare_resolved_and_two_stale_runs_in_a_second_do_not_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    up = _upstream(tmp_path, '{"stage": "prepare"}')
+    assert run_fingerprint({}, {"prepare_dir": "prepare"}) == run_fingerprint({}, {"prepare_dir": str(up)})
+    out = tmp_path / "stage"
+    for lr in (1, 2, 3):
+        assert resumable_checkpoint(out, run_fingerprint({"lr": lr}, {})) is None
+        (out / CHECKPOINT_DIR / LAST_CKPT).write_bytes(str(lr).encode())
+    stale = sorted(p for p in out.iterdir() if p.name.startswith(f"{CHECKPOINT_DIR}.stale-"))
+    assert sorted((p / LAST_CKPT).read_bytes() for p in stale) == [b"1", b"2"]
+
+
+def test_only_the_first_process_moves_checkpoints(tmp_path, monkeypatch):
+    out = tmp_path / "stage"
+    (out / CHECKPOINT_DIR).mkdir(parents=True)
+    (out / CHECKPOINT_DIR / LAST_CKPT).write_bytes(b"other run")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert resumable_checkpoint(out, run_fingerprint({}, {})) is None
+    assert (out / CHECKPOINT_DIR / LAST_CKPT).read_bytes() == b"other run"  # left for rank 0 to move

@@ -27,7 +27,9 @@ def run_fingerprint(model_hparams: dict, data_hparams: dict) -> dict:
     """What a checkpoint must share with the current run to be resumed: the stage's model and data
     config, and the manifests of the upstream artifacts the data config points at (``*_dir``)."""
     def strip(hp: dict) -> dict:
-        return {k: v for k, v in dict(hp).items() if k not in NOT_FINGERPRINTED}
+        # Folders compare resolved: ./runs/x and /abs/runs/x are the same run.
+        return {k: (str(Path(v).resolve()) if k.endswith("_dir") and isinstance(v, str) else v)
+                for k, v in dict(hp).items() if k not in NOT_FINGERPRINTED}
 
     upstream = {}
     for key, value in sorted(dict(data_hparams).items()):
@@ -37,9 +39,10 @@ def run_fingerprint(model_hparams: dict, data_hparams: dict) -> dict:
             "upstream_manifests": upstream}
 
 
-def _is_launching_process() -> bool:
-    # Lightning's DDP launcher starts the other ranks with LOCAL_RANK / NODE_RANK set; they only read.
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+def _is_global_zero() -> bool:
+    # Before the process group exists: Lightning's launcher, torchrun and SLURM each set one of these on
+    # every process but the first; only that one moves or writes files, the others only read.
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _difference(recorded: dict | None, current: dict) -> str:
@@ -68,10 +71,13 @@ def resumable_checkpoint(out_dir: str | Path, fingerprint: dict) -> str | None:
     if last.is_file() and recorded == fingerprint:
         print(f"resuming from {last} (same config and inputs)")
         return str(last)
-    if not _is_launching_process():
+    if not _is_global_zero():
         return None
-    if ckpt_dir.is_dir() and any(p.name != RUN_FILE for p in ckpt_dir.iterdir()):
-        stale = ckpt_dir.with_name(f"{CHECKPOINT_DIR}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    if recorded != fingerprint and ckpt_dir.is_dir() and any(p.name != RUN_FILE for p in ckpt_dir.iterdir()):
+        base = ckpt_dir.with_name(f"{CHECKPOINT_DIR}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        stale, n = base, 1
+        while stale.exists():
+            stale, n = base.with_name(f"{base.name}-{n}"), n + 1
         ckpt_dir.rename(stale)
         print(f"{ckpt_dir} holds checkpoints of another run ({_difference(recorded, fingerprint)} changed): "
               f"moved to {stale}; starting fresh")

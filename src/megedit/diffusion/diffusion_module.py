@@ -23,7 +23,7 @@ import torch
 from megedit.artifacts import atomic_write_json, write_manifest
 from megedit.distributed import barrier, gather_objects
 from megedit.diffusion.generator import CONFIG_FILE, WEIGHTS_FILE, WeightGenerator
-from megedit.resume import CHECKPOINT_DIR, resumable_checkpoint, run_fingerprint
+from megedit.resume import CHECKPOINT_DIR, LAST_CKPT, resumable_checkpoint, run_fingerprint
 
 REPORT_FILE = "report.json"
 
@@ -46,7 +46,7 @@ class DiffusionModule(L.LightningModule):
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.05,
                  ema_decay: float = 0.999, val_sampler: str = "ddim", val_steps: int = 50, reliability: bool = True,
                  report_edits: int | None = None, report_steps: int = 50, seed: int = 0,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, checkpoint_every_n_epochs: int = 5):
         """
         Args:
             out_dir: the artifact folder (generator, report, manifest; Lightning checkpoints under ``checkpoints/``).
@@ -67,6 +67,8 @@ class DiffusionModule(L.LightningModule):
             seed: seed of the initial weights.
             torch_threads: intra-op CPU threads per process (None: torch's default). The small presets'
                 matrices are tiny: on shared or busy cores 1 thread is often several times faster.
+            checkpoint_every_n_epochs: how often ``checkpoints/last.ckpt`` (the resume point after a kill) is
+                refreshed; the best checkpoint is chosen at each validation.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -113,9 +115,14 @@ class DiffusionModule(L.LightningModule):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         validates = self.trainer.datamodule.hparams.val_edits > 0
-        return [ModelCheckpoint(dirpath=str(Path(self.hparams.out_dir) / CHECKPOINT_DIR),
-                                filename="best-{epoch}-{step}", monitor="val/score" if validates else None,
-                                mode="max", save_top_k=1, save_last=True)]
+        ckpt_dir = str(Path(self.hparams.out_dir) / CHECKPOINT_DIR)
+        self._best_checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch}-{step}",
+                                                monitor="val/score" if validates else None, mode="max", save_top_k=1)
+        # Validation is sparse (every 50 epochs): the resume point is refreshed more often, on its own.
+        resume_point = ModelCheckpoint(dirpath=ckpt_dir, filename=LAST_CKPT[:-5], monitor=None, save_top_k=1,
+                                       every_n_epochs=self.hparams.checkpoint_every_n_epochs,
+                                       save_on_train_epoch_end=True, enable_version_counter=False)
+        return [self._best_checkpoint, resume_point]
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -239,6 +246,9 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ output
     def on_fit_end(self) -> None:
+        # The final state is the resume point too, so a larger max_epochs continues a finished run.
+        if self.trainer.state.stage is not None and not self.trainer.interrupted:
+            self.trainer.save_checkpoint(Path(self.hparams.out_dir) / CHECKPOINT_DIR / LAST_CKPT)
         if self.global_rank == 0:
             self._write()
         barrier()
@@ -249,7 +259,7 @@ class DiffusionModule(L.LightningModule):
 
         best = None
         for cb in self.trainer.callbacks:
-            if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+            if cb is getattr(self, "_best_checkpoint", None) and cb.best_model_path:
                 best = cb.best_model_path
         ema = self.ema
         if best and Path(best).is_file():

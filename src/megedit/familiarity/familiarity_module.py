@@ -124,11 +124,21 @@ class FamiliarityModule(L.LightningModule):
 
     def resume_checkpoint(self, datamodule) -> str | None:
         """The last checkpoint of a killed run of this config on these inputs (the stage CLI resumes it)."""
-        if self.hparams.checkpoint_every_n_epochs <= 0:
-            return None
-        self._resumed_from = resumable_checkpoint(self.hparams.out_dir,
-                                                  run_fingerprint(self.hparams, datamodule.hparams))
+        # Called even without checkpointing: another run's checkpoints are moved aside before the cleanup.
+        last = resumable_checkpoint(self.hparams.out_dir, run_fingerprint(self.hparams, datamodule.hparams))
+        self._resumed_from = last if self.hparams.checkpoint_every_n_epochs > 0 else None
         return self._resumed_from
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A run killed after its last epoch's checkpoint resumes with nothing left to train: keep its fit state.
+        checkpoint["megedit_fit"] = {"epochs_run": self._epochs_run, "converged": self._converged,
+                                     "fit_states": getattr(self, "_fit_states", {})}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        fit = checkpoint.get("megedit_fit", {})
+        self._epochs_run, self._converged = fit.get("epochs_run", 0), fit.get("converged", False)
+        if fit.get("fit_states"):
+            self._fit_states = fit["fit_states"]
 
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import ModelCheckpoint
