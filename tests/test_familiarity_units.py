@@ -153,3 +153,18 @@ def test_load_router_refuses_router_of_another_encoder_run(tmp_path):
     save_file(FamiliarityNet(8, num_classes=4, depth=2, hidden_mult=2).state_dict(), str(fam / "router.safetensors"))
     with pytest.raises(ArtifactError, match="sha256"):
         load_router(fam)
+
+
+def test_training_negatives_grow_with_the_number_of_edits():
+    from types import SimpleNamespace
+
+    from megedit.familiarity.familiarity_datamodule import FamiliarityDataModule
+
+    def count(n_edits, **kw):
+        dm = FamiliarityDataModule(prepare_dir="p", encoder_dir="e", **kw)
+        dm.prepared = SimpleNamespace(edits=[None] * n_edits)
+        return dm.n_train_negatives
+
+    assert count(256) == 4096 and count(1024) == 4096  # the floor
+    assert count(4096) == 16384 and count(4096, negatives_per_edit=2.5) == 10240
+    assert count(4096, train_negatives=0) == 0  # off means off (the paper's positives-only router)

@@ -19,6 +19,7 @@ The edits' evaluation paraphrases and locality prompts are embedded only for the
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def interleave(*lists: list[str]) -> list[str]:
 class FamiliarityDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, batch_size: int = 256, calibrate: bool = True,
                  max_calibration_positives: int = 2000, max_calibration_negatives: int = 4000, seed: int = 0,
-                 embed_batch_size: int = 256, num_workers: int = 0, train_negatives: int = 4096):
+                 embed_batch_size: int = 256, num_workers: int = 0, train_negatives: int = 4096,
+                 negatives_per_edit: float = 4.0):
         """
         Args:
             prepare_dir: the prepare artifact.
@@ -84,6 +86,9 @@ class FamiliarityDataModule(L.LightningDataModule):
             train_negatives: at most this many unfamiliar pseudo prompts both routers learn a uniform
                 output on (0: positives only, as the paper). They never overlap the calibration
                 positives, negatives or memorised pseudo prompts, nor any evaluation text.
+            negatives_per_edit: the count grows with N to at least this many negatives per edit: the
+                familiar region of a larger router needs more fencing (CounterFact-4096 with 4096
+                negatives left 85% of locality prompts unfamiliar, with 4 per edit 93%).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -99,6 +104,14 @@ class FamiliarityDataModule(L.LightningDataModule):
 
         check_upstream(self.encoder_manifest, "prepare", hp.prepare_dir, where=f"encoder artifact {hp.encoder_dir}")
         self.encoder_manifest_sha256 = sha256_file(Path(hp.encoder_dir) / "manifest.json")
+
+    @property
+    def n_train_negatives(self) -> int:
+        """How many training negatives are asked for: 0 turns them off, else max(train_negatives, per-edit x N)."""
+        hp = self.hparams
+        if hp.train_negatives <= 0:
+            return 0
+        return max(hp.train_negatives, math.ceil(hp.negatives_per_edit * len(self.prepared.edits)))
 
     def _texts(self) -> dict[str, list[str]]:
         """Every text group to embed, by name; the calibration groups come from pseudo data only."""
@@ -120,11 +133,11 @@ class FamiliarityDataModule(L.LightningDataModule):
         # (CounterFact neighbourhood prompts, ZsRE's NQ questions), which the router must leave alone.
         pseudo_locality = sorted({p.prompt for r in prep.pseudo_edits for p in r.locality} - evaluation)
         if not hp.calibrate:
-            if hp.train_negatives > 0:
+            if self.n_train_negatives > 0:
                 pool = sorted(({r["prompt"] for r in prep.pseudo_irrelevant} | {r.prompt for r in prep.pseudo_edits}
                                | set(pseudo_locality)) - evaluation)
                 random.Random(hp.seed).shuffle(pool)
-                texts["train_negatives"] = pool[: hp.train_negatives]
+                texts["train_negatives"] = pool[: self.n_train_negatives]
             return texts
         heldout = set(json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())["groups"])
         rng = random.Random(hp.seed)
@@ -161,14 +174,14 @@ class FamiliarityDataModule(L.LightningDataModule):
         rng.shuffle(irrelevant)
         rng.shuffle(locality)
         train_negatives: list[str] = []
-        if hp.train_negatives > 0:
+        if self.n_train_negatives > 0:
             # Half of each kind stays unseen, so calibration measures the trained routers honestly.
             irrelevant, train_irrelevant = irrelevant[: len(irrelevant) // 2], irrelevant[len(irrelevant) // 2:]
             locality, train_locality = locality[: len(locality) // 2], locality[len(locality) // 2:]
             taken = set(calib_prompts) | set(irrelevant) | set(locality) | positive_texts | evaluation
             others = sorted({r.prompt for r in prep.pseudo_edits} - taken - set(train_irrelevant))
             rng.shuffle(others)
-            train_negatives = interleave(train_irrelevant, train_locality, others)[: hp.train_negatives]
+            train_negatives = interleave(train_irrelevant, train_locality, others)[: self.n_train_negatives]
         negatives = interleave(irrelevant, locality)[: hp.max_calibration_negatives]
         self.calibration_counts = {"memorised": len(calib_prompts), "positive_groups": min(n, len(pseudo_groups)),
                                    "positives": len(keep), "negatives": len(negatives),
