@@ -17,7 +17,8 @@ from pathlib import Path
 from megedit.artifacts import MANIFEST, atomic_write_json, sha256_file, sha256_json
 
 CHECKPOINT_DIR = "checkpoints"
-LAST_CKPT = "last.ckpt"
+LAST_NAME = "last"
+LAST_CKPT = f"{LAST_NAME}.ckpt"
 RUN_FILE = "run.json"
 # Settings that change speed or memory, never the result.
 NOT_FINGERPRINTED = frozenset({"num_workers", "torch_threads", "embed_batch_size"})
@@ -84,3 +85,13 @@ def resumable_checkpoint(out_dir: str | Path, fingerprint: dict) -> str | None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, fingerprint)
     return None
+
+
+def resume_point_callback(out_dir: str | Path, every_n_epochs: int, **kwargs):
+    """A ModelCheckpoint that keeps one file, ``<out_dir>/checkpoints/last.ckpt``, overwritten every
+    ``every_n_epochs`` epochs (no monitor, top-1); with ``every_n_epochs <= 0`` it saves nothing."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=str(Path(out_dir) / CHECKPOINT_DIR), filename=LAST_NAME, monitor=None,
+                           save_top_k=1 if every_n_epochs > 0 else 0, every_n_epochs=max(every_n_epochs, 1),
+                           enable_version_counter=False, **kwargs)

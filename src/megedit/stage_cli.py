@@ -13,6 +13,7 @@ from typing import Sequence
 from lightning.pytorch.cli import LightningCLI
 
 from megedit.paths import CONFIG_DIR
+from megedit.resume import resumable_checkpoint, run_fingerprint
 
 
 class StageCLI(LightningCLI):
@@ -32,9 +33,12 @@ def run_stage(stage: str, module_cls, datamodule_cls, method: str, links: Sequen
         save_config_callback=None,  # the stage's manifest records the resolved config instead
         parser_kwargs={"default_config_files": [str(CONFIG_DIR / "stages" / f"{stage}.yaml")]},
     )
-    # A stage that resumes after a kill names its last checkpoint of the same run (None: a fresh start).
-    resume = getattr(cli.model, "resume_checkpoint", None)
-    extra = {"ckpt_path": resume(cli.datamodule)} if method == "fit" and callable(resume) else {}
+    extra = {}
+    if method == "fit" and getattr(cli.model, "resumable", False):
+        # A killed run resumes from its last checkpoint, but only one of the same config and inputs.
+        cli.model.resumed_from = resumable_checkpoint(cli.model.hparams.out_dir,
+                                                      run_fingerprint(cli.model.hparams, cli.datamodule.hparams))
+        extra["ckpt_path"] = cli.model.resumed_from
     getattr(cli.trainer, method)(cli.model, datamodule=cli.datamodule, **extra)
     return cli
 

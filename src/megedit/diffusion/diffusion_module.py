@@ -23,7 +23,7 @@ import torch
 from megedit.artifacts import atomic_write_json, write_manifest
 from megedit.distributed import barrier, gather_objects
 from megedit.diffusion.generator import CONFIG_FILE, WEIGHTS_FILE, WeightGenerator
-from megedit.resume import CHECKPOINT_DIR, LAST_CKPT, resumable_checkpoint, run_fingerprint
+from megedit.resume import CHECKPOINT_DIR, LAST_CKPT, resume_point_callback
 
 REPORT_FILE = "report.json"
 
@@ -39,6 +39,8 @@ def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) 
 
 
 class DiffusionModule(L.LightningModule):
+    resumable = True  # the stage CLI resumes checkpoints/last.ckpt of the same run (megedit.resume)
+
     def __init__(self, out_dir: str = "runs/diffusion", preset: str = "dit-cpu", hidden: int | None = None,
                  depth: int | None = None, num_heads: int | None = None, patch_size: int | None = None,
                  schedule: str = "linear", num_train_timesteps: int = 1000, normalisation: str = "standardise",
@@ -107,10 +109,6 @@ class DiffusionModule(L.LightningModule):
         if getattr(self, "_threads_before", None):
             torch.set_num_threads(self._threads_before)
 
-    def resume_checkpoint(self, datamodule) -> str | None:
-        """The last checkpoint of an interrupted run of this config on these inputs (the stage CLI resumes it)."""
-        return resumable_checkpoint(self.hparams.out_dir, run_fingerprint(self.hparams, datamodule.hparams))
-
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -119,9 +117,8 @@ class DiffusionModule(L.LightningModule):
         self._best_checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch}-{step}",
                                                 monitor="val/score" if validates else None, mode="max", save_top_k=1)
         # Validation is sparse (every 50 epochs): the resume point is refreshed more often, on its own.
-        resume_point = ModelCheckpoint(dirpath=ckpt_dir, filename=LAST_CKPT[:-5], monitor=None, save_top_k=1,
-                                       every_n_epochs=self.hparams.checkpoint_every_n_epochs,
-                                       save_on_train_epoch_end=True, enable_version_counter=False)
+        resume_point = resume_point_callback(self.hparams.out_dir, self.hparams.checkpoint_every_n_epochs,
+                                             save_on_train_epoch_end=True)
         return [self._best_checkpoint, resume_point]
 
     def configure_optimizers(self):
@@ -247,7 +244,7 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ output
     def on_fit_end(self) -> None:
         # The final state is the resume point too, so a larger max_epochs continues a finished run.
-        if self.trainer.state.stage is not None and not self.trainer.interrupted:
+        if not self.trainer.interrupted:
             self.trainer.save_checkpoint(Path(self.hparams.out_dir) / CHECKPOINT_DIR / LAST_CKPT)
         if self.global_rank == 0:
             self._write()
@@ -255,12 +252,7 @@ class DiffusionModule(L.LightningModule):
 
     def _best_ema(self) -> tuple[WeightGenerator, str | None]:
         """The EMA generator of the best checkpoint (or of the last state when none was selected)."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        best = None
-        for cb in self.trainer.callbacks:
-            if cb is getattr(self, "_best_checkpoint", None) and cb.best_model_path:
-                best = cb.best_model_path
+        best = self._best_checkpoint.best_model_path or None
         ema = self.ema
         if best and Path(best).is_file():
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]

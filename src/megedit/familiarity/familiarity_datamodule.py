@@ -83,9 +83,10 @@ class FamiliarityDataModule(L.LightningDataModule):
             max_calibration_negatives: cap on pseudo-irrelevant prompts scored for calibration.
             seed: seed of the subsets.
             embed_batch_size: texts per encoder batch (split across DDP ranks).
-            train_negatives: at most this many unfamiliar pseudo prompts both routers learn a uniform
-                output on (0: positives only, as the paper). They never overlap the calibration
-                positives, negatives or memorised pseudo prompts, nor any evaluation text.
+            train_negatives: unfamiliar pseudo prompts both routers learn a uniform output on: at least
+                this many, as far as the pseudo pools hold them (0: none, positives only, as the paper).
+                They never overlap the calibration positives, negatives or memorised pseudo prompts,
+                nor any evaluation text.
             negatives_per_edit: the count grows with N to at least this many negatives per edit: the
                 familiar region of a larger router needs more fencing (CounterFact-4096 with 4096
                 negatives left 85% of locality prompts unfamiliar, with 4 per edit 93%).

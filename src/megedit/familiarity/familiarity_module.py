@@ -26,7 +26,7 @@ from megedit.artifacts import atomic_path, atomic_write_json, write_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
 from megedit.distributed import barrier
 from megedit.familiarity.router import CONFIG, WEIGHTS, auroc, choose_threshold
-from megedit.resume import CHECKPOINT_DIR, LAST_CKPT, resumable_checkpoint, run_fingerprint
+from megedit.resume import CHECKPOINT_DIR, resume_point_callback
 
 REPORT = "routing_report.json"
 HIST = "entropy_hist.png"
@@ -53,6 +53,8 @@ def router_loss(net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor, ne
 
 
 class FamiliarityModule(L.LightningModule):
+    resumable = True  # the stage CLI resumes checkpoints/last.ckpt of the same run (megedit.resume)
+
     def __init__(self, out_dir: str = "runs/familiarity", num_classes: int = 10, depth: int = 5, hidden_mult: int = 4,
                  width: int | None = None, lr: float = 1e-3, seed: int = 0,
                  converge_entropy: float = 0.01, min_epochs: int = 20,
@@ -99,7 +101,7 @@ class FamiliarityModule(L.LightningModule):
         self._started = time.time()
         self._epochs_run = 0
         self._converged = False
-        self._resumed_from: str | None = None
+        self.resumed_from: str | None = None  # set by the stage CLI
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -122,13 +124,6 @@ class FamiliarityModule(L.LightningModule):
         if self.neg_emb is not None and len(self.neg_emb) == 0:
             self.neg_emb = None
 
-    def resume_checkpoint(self, datamodule) -> str | None:
-        """The last checkpoint of a killed run of this config on these inputs (the stage CLI resumes it)."""
-        # Called even without checkpointing: another run's checkpoints are moved aside before the cleanup.
-        last = resumable_checkpoint(self.hparams.out_dir, run_fingerprint(self.hparams, datamodule.hparams))
-        self._resumed_from = last if self.hparams.checkpoint_every_n_epochs > 0 else None
-        return self._resumed_from
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A run killed after its last epoch's checkpoint resumes with nothing left to train: keep its fit state.
         checkpoint["megedit_fit"] = {"epochs_run": self._epochs_run, "converged": self._converged,
@@ -141,14 +136,8 @@ class FamiliarityModule(L.LightningModule):
             self._fit_states = fit["fit_states"]
 
     def configure_callbacks(self):
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        every = self.hparams.checkpoint_every_n_epochs
-        # Replaces the Trainer's default checkpoint callback. One file, overwritten: the latest state is
-        # named last.ckpt directly (no monitor, top-1); with every <= 0 nothing is saved.
-        return [ModelCheckpoint(dirpath=str(Path(self.hparams.out_dir) / CHECKPOINT_DIR), filename=LAST_CKPT[:-5],
-                                monitor=None, save_top_k=1 if every > 0 else 0, every_n_epochs=max(every, 1),
-                                enable_version_counter=False)]
+        # Replaces the Trainer's default checkpoint callback (which would write into the logger's folder).
+        return [resume_point_callback(self.hparams.out_dir, self.hparams.checkpoint_every_n_epochs)]
 
     def on_fit_start(self) -> None:
         for name in ("main_emb", "main_labels", "calib_emb", "calib_labels", "neg_emb"):
@@ -285,7 +274,7 @@ class FamiliarityModule(L.LightningModule):
             },
             "entropy": {k: summary(v) for k, v in ent.items()},
             "calibration": calibration,
-            "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self._resumed_from,
+            "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self.resumed_from,
                     **getattr(self, "_fit_states", {})},
             "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
                     "to pick the threshold",
