@@ -1,5 +1,6 @@
 """Sampler benchmark (the paper's Table 8 in small): time per query and per batch of 64 queries
-for DDIM at 10, 50, 100 and 1000 steps, and the reliability of the neurons generated at each.
+for DDIM at 10, 50, 100 and 1000 steps, and the reliability of the neurons generated at each,
+at sampling temperatures (initial-noise scale) 1 (a standard sample, the baseline) and 0.
 
 Baselines measured in the same run: the collected neurons' reliability on the same edits, and
 the time of one greedy LM answer per query (what the generator's cost adds to).
@@ -13,6 +14,7 @@ Prints a table and writes JSON (default ``bench/results/sampler.json``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -40,6 +42,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--diffusion_dir", required=True, help="output folder of the diffusion stage")
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 50, 100, 1000])
     ap.add_argument("--samplers", nargs="+", default=["ddim"], choices=["ddim", "ancestral"])
+    ap.add_argument("--noise-scales", type=float, nargs="+", default=[1.0, 0.0],
+                    help="sampling temperatures (initial-noise scale); 1 is a standard sample, the baseline")
     ap.add_argument("--queries", type=int, default=128, help="edits whose generated neurons are scored")
     ap.add_argument("--batch", type=int, default=64, help="queries per timed batch")
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
@@ -95,32 +99,32 @@ def main(argv=None) -> dict:
         args.repeats)
 
     rows = []
-    for sampler in args.samplers:
-        for steps in args.steps:
-            per_query = _time(lambda: gen.sample(one, steps=steps, sampler=sampler, seed=args.seed), args.repeats)
-            per_batch = _time(lambda: gen.sample(batch_cond, steps=steps, sampler=sampler, seed=args.seed),
-                              max(1, args.repeats - 2 if steps >= 1000 else args.repeats))
-            weights = gen.sample(cond, steps=steps, sampler=sampler, seed=args.seed, batch_size=args.batch)
-            l2 = (weights - ref_weights).norm(dim=1)
-            row = {"sampler": sampler, "steps": steps, "per_query_s": round(per_query, 5),
-                   f"per_batch{args.batch}_s": round(per_batch, 4),
-                   "per_query_in_batch_s": round(per_batch / args.batch, 5),
-                   "l2_mean": round(float(l2.mean()), 4), "l2_std": round(float(l2.std(unbiased=False)), 4),
-                   **reliability(weights)}
-            row["share_of_query_time"] = round(per_query / (per_query + baseline["lm_greedy_20_tokens_per_query_s"]), 4)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for sampler, tau, steps in itertools.product(args.samplers, args.noise_scales, args.steps):
+        kw = dict(steps=steps, sampler=sampler, seed=args.seed, noise_scale=tau)
+        per_query = _time(lambda: gen.sample(one, **kw), args.repeats)
+        per_batch = _time(lambda: gen.sample(batch_cond, **kw),
+                          max(1, args.repeats - 2 if steps >= 1000 else args.repeats))
+        weights = gen.sample(cond, batch_size=args.batch, **kw)
+        l2 = (weights - ref_weights).norm(dim=1)
+        row = {"sampler": sampler, "noise_scale": tau, "steps": steps, "per_query_s": round(per_query, 5),
+               f"per_batch{args.batch}_s": round(per_batch, 4),
+               "per_query_in_batch_s": round(per_batch / args.batch, 5),
+               "l2_mean": round(float(l2.mean()), 4), "l2_std": round(float(l2.std(unbiased=False)), 4),
+               **reliability(weights)}
+        row["share_of_query_time"] = round(per_query / (per_query + baseline["lm_greedy_20_tokens_per_query_s"]), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     result = {"diffusion_dir": str(out_dir), "queries": n, "batch": args.batch, "device": str(device),
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
               "generator": {"preset": gen.preset.to_dict(), "parameters": sum(p.numel() for p in gen.net.parameters())},
               "baseline": baseline, "rows": rows}
-    header = f"{'sampler':<10}{'steps':>6}{'s/query':>10}{'s/batch' + str(args.batch):>12}{'L2':>8}{'TF':>7}{'AG':>7}"
+    header = f"{'sampler':<10}{'noise':>6}{'steps':>6}{'s/query':>10}{'s/batch' + str(args.batch):>12}{'L2':>8}{'TF':>7}{'AG':>7}"
     print("\n" + header)
     for r in rows:
-        print(f"{r['sampler']:<10}{r['steps']:>6}{r['per_query_s']:>10.4f}{r[f'per_batch{args.batch}_s']:>12.3f}"
+        print(f"{r['sampler']:<10}{r['noise_scale']:>6.2f}{r['steps']:>6}{r['per_query_s']:>10.4f}{r[f'per_batch{args.batch}_s']:>12.3f}"
               f"{r['l2_mean']:>8.3f}{r['tf']:>7.3f}{r['ag']:>7.3f}")
-    print(f"{'collected':<16}{'':>22}{'':>8}{baseline['collected']['tf']:>7.3f}{baseline['collected']['ag']:>7.3f}")
+    print(f"{'collected':<22}{'':>22}{'':>8}{baseline['collected']['tf']:>7.3f}{baseline['collected']['ag']:>7.3f}")
     print(f"LM greedy answer (20 tokens): {baseline['lm_greedy_20_tokens_per_query_s']:.3f} s/query")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "sampler.json"
     atomic_write_json(out, result)

@@ -99,6 +99,24 @@ def test_sampling_seeds_and_errors():
         gen.sample(c, steps=0)
 
 
+def test_noise_scale_zero_is_deterministic_and_saved_as_the_default(tmp_path):
+    torch.manual_seed(0)
+    gen = WeightGenerator("dit-tiny", input_dim=12, cond_dim=3, noise_scale=0.0)
+    for p in gen.net.final_layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    c = torch.randn(2, 3)
+    # From the origin, DDIM has no randomness left: the seed no longer matters.
+    assert torch.equal(gen.sample(c, steps=5, seed=1), gen.sample(c, steps=5, seed=2))
+    assert not torch.equal(gen.sample(c, steps=5, seed=1, noise_scale=1.0), gen.sample(c, steps=5, seed=2, noise_scale=1.0))
+    with pytest.raises(ValueError, match="noise_scale"):
+        gen.sample(c, noise_scale=1.5)
+    gen.fit_normalisation(torch.randn(8, 12))
+    gen.save(tmp_path)
+    loaded = load_generator(tmp_path)
+    assert loaded.noise_scale == 0.0
+    torch.testing.assert_close(loaded.sample(c, steps=4, seed=7), gen.sample(c, steps=4, seed=3))
+
+
 @pytest.mark.parametrize("mode", ["scale", "standardise", "global"])
 def test_normalisation_round_trip(mode):
     w = torch.randn(50, 6) * torch.tensor([0.01, 0.1, 1.0, 2.0, 0.5, 0.02]) + 0.3

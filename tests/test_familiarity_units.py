@@ -125,6 +125,30 @@ def test_choose_threshold_rules():
         choose_threshold(familiar, unfamiliar, "nope")
 
 
+def test_capped_rule_holds_the_budget_for_the_worst_kind_of_negative():
+    familiar = torch.tensor([0.01, 0.02, 0.05, 0.3, 0.5])
+    easy = torch.tensor([1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1, 2.2])  # unrelated prompts: far away
+    hard = torch.tensor([0.1, 0.8, 0.9, 1.0])                     # same-relation prompts: close
+    unfamiliar, kind = torch.cat([easy, hard]), torch.tensor([0] * 8 + [1] * 4)
+    # Pooled, the hard kind is diluted: 1 of 12 negatives below 0.55 (8%), so balanced goes to 0.55.
+    pooled = choose_threshold(familiar, unfamiliar, "balanced")
+    assert 0.5 < pooled["threshold"] < 0.8 and pooled["familiar_rate"] == 1.0
+    # Per kind, the hard kind's FPR is 25% there; J = 1 - .25 still wins, but a 10% budget forbids it.
+    balanced = choose_threshold(familiar, unfamiliar, "balanced", unfamiliar_kind=kind, kind_names=["easy", "hard"])
+    assert balanced["unfamiliar_routed_familiar_rate_by_kind"] == {"easy": 0.0, "hard": 0.25}
+    capped = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.1, unfamiliar_kind=kind,
+                              kind_names=["easy", "hard"])
+    assert 0.05 < capped["threshold"] < 0.1 and capped["unfamiliar_routed_familiar_rate"] == 0.0
+    assert capped["familiar_rate"] == pytest.approx(0.6) and capped["n_unfamiliar_by_kind"] == {"easy": 8, "hard": 4}
+    # When the budget does not bind, capped is balanced (max_fpr would spend the budget instead).
+    loose = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.5, unfamiliar_kind=kind)
+    assert loose["threshold"] == balanced["threshold"]
+    spent = choose_threshold(familiar, unfamiliar, "max_fpr", target_fpr=0.5, unfamiliar_kind=kind)
+    assert spent["threshold"] > loose["threshold"]
+    with pytest.raises(ValueError, match="shape"):
+        choose_threshold(familiar, unfamiliar, unfamiliar_kind=kind[:3])
+
+
 def _fake_encoder_dir(path, tag):
     path.mkdir(parents=True)
     atomic_write_json(path / "report.json", {"tag": tag})

@@ -42,12 +42,13 @@ class Routing:
 class EditedLM:
     def __init__(self, prepared: Prepared, lm, tokenizer, encoder: TextEncoder, router, generator,
                  use_router: bool = True, steps: int = 50, sampler: str = "ddim", seed: int = 0,
-                 sample_batch_size: int = 64):
+                 sample_batch_size: int = 64, noise_scale: float | None = None):
         self.prepared, self.spec = prepared, prepared.spec
         self.lm, self.tokenizer, self.encoder, self.router, self.generator = lm, tokenizer, encoder, router, generator
         self.neuron = DynamicNeuron(lm, self.spec)
         self.use_router, self.steps, self.sampler, self.seed = use_router, steps, sampler, seed
         self.sample_batch_size = sample_batch_size
+        self.noise_scale = noise_scale  # None: the generator's own default (generator.json)
         self._edit_embeddings: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ loading
@@ -91,7 +92,8 @@ class EditedLM:
         idx = familiar.nonzero().flatten()
         if len(idx):
             weights[idx] = self.generator.sample(emb[idx], steps=self.steps, sampler=self.sampler, seed=self.seed,
-                                                 batch_size=self.sample_batch_size).cpu()
+                                                 batch_size=self.sample_batch_size,
+                                                 noise_scale=self.noise_scale).cpu()
         t3 = time.perf_counter()
         return Routing(emb, entropy, familiar, weights,
                        {"encoder": t1 - t0, "router": t2 - t1, "sampler": t3 - t2})

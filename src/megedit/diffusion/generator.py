@@ -61,14 +61,18 @@ class WeightGenerator(nn.Module):
 
     def __init__(self, preset: str | dict | DenoiserPreset, input_dim: int, cond_dim: int,
                  schedule: str = "linear", num_train_timesteps: int = 1000, normalisation: str = "scale",
-                 scale: float = 100.0, timestep_spacing: str = "trailing", prefer_timm: bool = True):
+                 scale: float = 100.0, timestep_spacing: str = "trailing", prefer_timm: bool = True,
+                 noise_scale: float = 1.0):
         super().__init__()
+        if not 0.0 <= noise_scale <= 1.0:
+            raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
         self.preset = resolve_preset(preset)
         self.input_dim, self.cond_dim = int(input_dim), int(cond_dim)
         self.schedule, self.num_train_timesteps = schedule, int(num_train_timesteps)
         self.normalisation, self.scale, self.timestep_spacing = normalisation, float(scale), timestep_spacing
+        self.noise_scale = float(noise_scale)  # the default sampling temperature (see ``sample``)
         self.net = build_denoiser(self.preset, self.input_dim, self.cond_dim, prefer_timm)
         self.scheduler = make_training_scheduler(schedule, num_train_timesteps)
         # normalised = (w - shift) / div; saved with the weights so samples come back in weight units.
@@ -118,12 +122,20 @@ class WeightGenerator(nn.Module):
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, steps: int = 50, sampler: str = "ddim", seed: int | None = None,
-               batch_size: int | None = None, normalised: bool = False) -> torch.Tensor:
+               batch_size: int | None = None, normalised: bool = False,
+               noise_scale: float | None = None) -> torch.Tensor:
         """De-normalised neuron weights ``[B, D]`` for conditions ``[B, H]`` (float32, on ``cond``'s device).
 
         ``ddim`` is deterministic given the initial noise; ``ancestral`` draws fresh noise each step.
         ``seed`` fixes the noise (per call, independent of the global RNG).
+        ``noise_scale`` (None: the generator's default) multiplies the initial noise x_T: 1 draws a
+        standard sample; 0 starts DDIM at the origin, a deterministic, mode-seeking path. An edit
+        wants the one neuron that was collected, not diversity: while the generator has not fully
+        memorised its neurons, its conditional spread is error, and a lower temperature removes it.
         """
+        noise_scale = self.noise_scale if noise_scale is None else float(noise_scale)
+        if not 0.0 <= noise_scale <= 1.0:
+            raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
         if cond.ndim != 2 or cond.shape[1] != self.cond_dim:
             raise ValueError(f"expected conditions [B, {self.cond_dim}], got {tuple(cond.shape)}")
         device = self.norm_shift.device
@@ -140,7 +152,7 @@ class WeightGenerator(nn.Module):
         for start in range(0, cond.shape[0], chunk):
             c = cond[start:start + chunk]
             sched = make_sampler(sampler, self.scheduler, steps, self.timestep_spacing)
-            x = torch.randn((c.shape[0], self.input_dim), device=device, generator=gen)
+            x = torch.randn((c.shape[0], self.input_dim), device=device, generator=gen) * noise_scale
             for t in sched.timesteps:
                 v = self.net(x, t.to(device).expand(c.shape[0]), c).float()
                 x = sched.step(v, t, x, generator=gen).prev_sample
@@ -158,7 +170,7 @@ class WeightGenerator(nn.Module):
             "cond_dim": self.cond_dim,
             "schedule": {"name": self.schedule, "num_train_timesteps": self.num_train_timesteps,
                          "prediction_type": "v_prediction", "timestep_spacing": self.timestep_spacing,
-                         "default_sampler": "ddim", "default_steps": 50},
+                         "default_sampler": "ddim", "default_steps": 50, "default_noise_scale": self.noise_scale},
             "normalisation": {"mode": self.normalisation, "scale": self.scale,
                               "shift": self.norm_shift.tolist(), "div": self.norm_div.tolist()},
         }
@@ -179,7 +191,7 @@ class WeightGenerator(nn.Module):
         return cls(cfg["preset"], cfg["input_dim"], cfg["cond_dim"], schedule=sched["name"],
                    num_train_timesteps=sched["num_train_timesteps"], normalisation=norm["mode"],
                    scale=norm["scale"], timestep_spacing=sched.get("timestep_spacing", "trailing"),
-                   prefer_timm=prefer_timm)
+                   prefer_timm=prefer_timm, noise_scale=sched.get("default_noise_scale", 1.0))
 
 
 def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> WeightGenerator:

@@ -32,7 +32,7 @@ class EvaluateModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
                  variants: list[str] = ["meg", "meg_no_router", "ft"], steps: int = 50, sampler: str = "ddim",
                  seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 10, ft_lr: float = 5e-4,
-                 ft_batch_size: int = 32, router_threshold: float | None = None):
+                 ft_batch_size: int = 32, router_threshold: float | None = None, noise_scale: float | None = None):
         """
         Args:
             out_dir: where results go.
@@ -46,6 +46,7 @@ class EvaluateModule(L.LightningModule):
             ag_protocol: ``target_length`` (default) or ``official`` (see AG_PROTOCOLS; recorded in metric_meta).
             ft_epochs, ft_lr, ft_batch_size: FT baseline (Adam on the edit layer's MLP only).
             router_threshold: override the familiarity artifact's entropy threshold (threshold sweeps, Table 16).
+            noise_scale: override the generator's sampling temperature (initial-noise scale; None: as saved).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -67,7 +68,7 @@ class EvaluateModule(L.LightningModule):
         dm = self.trainer.datamodule
         dm.setup("test")
         self.edited = EditedLM.load(dm.hparams.run_dir, steps=self.hparams.steps, sampler=self.hparams.sampler,
-                                    seed=self.hparams.seed, use_router=True)
+                                    seed=self.hparams.seed, use_router=True, noise_scale=self.hparams.noise_scale)
         if self.hparams.router_threshold is not None:
             self.edited.router.threshold = float(self.hparams.router_threshold)
         self.ft_state = None
@@ -161,7 +162,7 @@ class EvaluateModule(L.LightningModule):
             rest = (~routing.familiar).nonzero().flatten()
             if len(rest):
                 weights[rest] = e.generator.sample(routing.embeddings[rest], steps=e.steps, sampler=e.sampler,
-                                                   seed=e.seed).cpu()
+                                                   seed=e.seed, noise_scale=e.noise_scale).cpu()
             runs["meg_no_router"] = (weights, torch.ones(len(items), dtype=torch.bool))
         if "meg_retrieval" in self.variants:
             weights = torch.zeros_like(routing.weights)
@@ -216,6 +217,7 @@ class EvaluateModule(L.LightningModule):
             "locality_reference": "pre-edit greedy answers recorded by the prepare stage (not ground truth)",
             "score": "harmonic mean of the six metrics",
             "sampler": self.hparams.sampler, "steps": self.hparams.steps, "seed": self.hparams.seed,
+            "noise_scale": e.generator.noise_scale if e.noise_scale is None else e.noise_scale,
             "router_threshold": float(e.router.threshold), "n_edits": n_edits,
             "items": {g: sum(1 for it in dm.items if it["group"] == g) for g in ("reliability", "generality", "locality")},
         }

@@ -34,6 +34,10 @@ from megedit.encoder.encoder_datamodule import group_pairs
 from megedit.encoder.encoder_module import ENCODER_SUBDIR, HELDOUT
 from megedit.prepare.artifact import load_prepared
 
+# The kinds of calibration negatives (``calibration_negative_kind`` indexes this): unrelated prompts,
+# pseudo edits' locality prompts about another subject, and those about the pseudo edit's own subject.
+NEGATIVE_KINDS = ("pseudo_irrelevant", "pseudo_locality", "pseudo_same_subject")
+
 
 class PairedIndices(Dataset):
     """Step ``i`` trains the main router on edit ``i % n_main`` and the calibration router on ``i % n_calib``."""
@@ -184,8 +188,17 @@ class FamiliarityDataModule(L.LightningDataModule):
             rng.shuffle(others)
             train_negatives = interleave(train_irrelevant, train_locality, others)[: self.n_train_negatives]
         negatives = interleave(irrelevant, locality)[: hp.max_calibration_negatives]
+        # Which kind each negative is: the threshold must hold for the hardest kind on its own.
+        irrelevant_set = set(irrelevant)
+        same_subject = {p.prompt for r in prep.pseudo_edits for p in r.locality
+                        if r.subject and r.subject.lower() in p.prompt.lower()}
+        self.calibration_negative_kind = torch.tensor(
+            [0 if t in irrelevant_set else 2 if t in same_subject else 1 for t in negatives], dtype=torch.long)
         self.calibration_counts = {"memorised": len(calib_prompts), "positive_groups": min(n, len(pseudo_groups)),
                                    "positives": len(keep), "negatives": len(negatives),
+                                   "negatives_irrelevant": int((self.calibration_negative_kind == 0).sum()),
+                                   "negatives_pseudo_locality": int((self.calibration_negative_kind == 1).sum()),
+                                   "negatives_pseudo_same_subject": int((self.calibration_negative_kind == 2).sum()),
                                    "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups)),
                                    "train_negatives": len(train_negatives)}
         texts.update(calib_prompts=calib_prompts, calib_positives=[positives[i] for i in keep],

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from megedit.artifacts import atomic_path, atomic_write_json, write_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
 from megedit.distributed import barrier
+from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
 from megedit.familiarity.router import CONFIG, WEIGHTS, auroc, choose_threshold
 from megedit.resume import CHECKPOINT_DIR, resume_point_callback
 
@@ -59,7 +60,7 @@ class FamiliarityModule(L.LightningModule):
                  width: int | None = None, lr: float = 1e-3, seed: int = 0,
                  converge_entropy: float = 0.01, min_epochs: int = 20,
                  threshold: Union[float, Literal["auto"]] = "auto",
-                 calibration_rule: Literal["balanced", "max_fpr"] = "balanced", target_fpr: float = 0.02,
+                 calibration_rule: Literal["capped", "balanced", "max_fpr"] = "capped", target_fpr: float = 0.05,
                  hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
                  plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5):
         """
@@ -75,9 +76,12 @@ class FamiliarityModule(L.LightningModule):
                 their mean entropy (nats) is below this, for the main and the calibration router.
             min_epochs: train at least this many epochs.
             threshold: entropy threshold in nats (the paper uses 0.1 on Phi-2), or ``auto``.
-            calibration_rule: ``balanced`` maximises TPR - FPR on the pseudo calibration data;
-                ``max_fpr`` takes the largest threshold whose pseudo-irrelevant FPR <= target_fpr.
-            target_fpr: for ``max_fpr``.
+            calibration_rule: on the pseudo calibration data, with FPR the worst over the kinds of negatives
+                (pseudo-irrelevant prompts; pseudo edits' locality prompts about another subject, about
+                their own subject; ``familiarity_datamodule.NEGATIVE_KINDS``): ``balanced``
+                maximises TPR - FPR; ``max_fpr`` takes the largest threshold whose FPR <= target_fpr;
+                ``capped`` (default) is ``balanced`` but never above the ``max_fpr`` threshold.
+            target_fpr: the FPR budget of ``max_fpr`` and ``capped``.
             hist_bins: bins of the entropy histogram.
             negative_weight: weight of the uniform-output loss on the datamodule's ``train_negatives``
                 (cross-entropy to the uniform distribution; no effect when there are none).
@@ -236,7 +240,8 @@ class FamiliarityModule(L.LightningModule):
             cal = {name: self._entropies(self.calib_net, dm.emb[name])
                    for name in ("calib_prompts", "calib_positives", "calib_negatives")}
             calibration = choose_threshold(cal["calib_positives"], cal["calib_negatives"], hp.calibration_rule,
-                                           hp.target_fpr)
+                                           hp.target_fpr, unfamiliar_kind=dm.calibration_negative_kind,
+                                           kind_names=list(NEGATIVE_KINDS))
             calibration["auroc"] = auroc(-cal["calib_positives"], -cal["calib_negatives"])
             calibration["counts"] = dm.calibration_counts
         if hp.threshold == "auto":
@@ -319,7 +324,7 @@ class FamiliarityModule(L.LightningModule):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        hp = self.hparams
+        hp, dm = self.hparams, self.trainer.datamodule
         bins = torch.linspace(0, math.log(hp.num_classes), hp.hist_bins + 1).numpy()
         ncols = 2 if cal is not None else 1
         fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4), squeeze=False)
@@ -330,7 +335,9 @@ class FamiliarityModule(L.LightningModule):
             panels.append((axes[0, 1], "pseudo calibration (picks the auto threshold)",
                            [("memorised pseudo prompts", cal["calib_prompts"]),
                             ("held-out pseudo paraphrases", cal["calib_positives"]),
-                            ("pseudo-irrelevant prompts", cal["calib_negatives"])]))
+                            *[(label, cal["calib_negatives"][dm.calibration_negative_kind == k])
+                              for k, label in enumerate(("pseudo-irrelevant prompts", "pseudo locality prompts",
+                                                         "pseudo locality, same subject"))]]))
         for ax, title, groups in panels:
             for label, x in groups:
                 if x.numel():

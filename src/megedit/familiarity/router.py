@@ -55,27 +55,51 @@ def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float | None:
     return float(u / (n_pos * n_neg))
 
 
-def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str = "balanced",
-                     target_fpr: float = 0.02) -> dict:
+CALIBRATION_RULES = ("balanced", "max_fpr", "capped")
+
+
+def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str = "capped",
+                     target_fpr: float = 0.05, unfamiliar_kind: torch.Tensor | None = None,
+                     kind_names: list[str] | None = None) -> dict:
     """Entropy threshold separating ``familiar`` (should fall below) from ``unfamiliar`` entropies.
 
-    ``balanced``: maximise TPR - FPR (Youden's J, i.e. balanced accuracy). ``max_fpr``: the
-    largest threshold whose FPR (unfamiliar routed familiar) is at most ``target_fpr``. The
-    threshold is placed midway between neighbouring observed entropies.
+    FPR (unfamiliar routed familiar) is the *worst* over the kinds of unfamiliar text
+    (``unfamiliar_kind[i]`` indexes ``kind_names``): easy unrelated prompts must not dilute the
+    rate of the hard ones (prompts sharing the edits' relation), which is what locality measures.
+
+    ``balanced``: maximise TPR - FPR (Youden's J). ``max_fpr``: the largest threshold whose FPR
+    is at most ``target_fpr``. ``capped``: ``balanced``, but never above the ``max_fpr`` threshold
+    (locality has a budget; generality takes what is left). Thresholds lie midway between
+    neighbouring observed entropies.
     """
     if familiar.numel() == 0 or unfamiliar.numel() == 0:
         raise ValueError("threshold calibration needs entropies of both familiar and unfamiliar texts")
+    if rule not in CALIBRATION_RULES:
+        raise ValueError(f"unknown calibration rule {rule!r} ({' | '.join(CALIBRATION_RULES)})")
+    if unfamiliar_kind is None:
+        unfamiliar_kind = torch.zeros(unfamiliar.numel(), dtype=torch.long)
+    if unfamiliar_kind.shape != unfamiliar.shape:
+        raise ValueError(f"unfamiliar_kind has shape {tuple(unfamiliar_kind.shape)}, unfamiliar entropies "
+                         f"{tuple(unfamiliar.shape)}")
+    kinds = [int(k) for k in torch.unique(unfamiliar_kind)]
+    names = kind_names or [str(k) for k in range(max(kinds) + 1)]
     values = torch.unique(torch.cat([familiar, unfamiliar]).double())  # sorted
     cands = torch.cat([values[:1] - 1e-6, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-6])
     tpr = (familiar.double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
-    fpr = (unfamiliar.double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
-    if rule == "balanced":
-        best = int((tpr - fpr).argmax())
-    elif rule == "max_fpr":
-        ok = (fpr <= target_fpr).nonzero().flatten()
-        best = int(ok[-1]) if len(ok) else 0
-    else:
-        raise ValueError(f"unknown calibration rule {rule!r} (balanced | max_fpr)")
-    return {"threshold": max(float(cands[best]), 0.0), "rule": rule, "target_fpr": target_fpr if rule == "max_fpr" else None,
+    fpr_by_kind = torch.stack([(unfamiliar[unfamiliar_kind == k].double().view(1, -1) < cands.view(-1, 1))
+                               .double().mean(1) for k in kinds])
+    fpr = fpr_by_kind.max(0).values
+    under_budget = (fpr <= target_fpr).nonzero().flatten()
+    capped_at = int(under_budget[-1]) if len(under_budget) else 0  # fpr and tpr grow with the threshold
+    best = int((tpr - fpr).argmax())
+    if rule == "max_fpr":
+        best = capped_at
+    elif rule == "capped":
+        best = min(best, capped_at)
+    uses_budget = rule != "balanced"
+    return {"threshold": max(float(cands[best]), 0.0), "rule": rule, "target_fpr": target_fpr if uses_budget else None,
             "familiar_rate": float(tpr[best]), "unfamiliar_routed_familiar_rate": float(fpr[best]),
-            "n_familiar": int(familiar.numel()), "n_unfamiliar": int(unfamiliar.numel())}
+            "unfamiliar_routed_familiar_rate_by_kind": {names[k]: float(fpr_by_kind[j, best])
+                                                        for j, k in enumerate(kinds)},
+            "n_familiar": int(familiar.numel()), "n_unfamiliar": int(unfamiliar.numel()),
+            "n_unfamiliar_by_kind": {names[k]: int((unfamiliar_kind == k).sum()) for k in kinds}}
