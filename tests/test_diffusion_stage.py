@@ -40,6 +40,8 @@ def test_stage_writes_generator_report_manifest_and_resumes(run, tmp_path):
     cfg = json.loads((out / "generator.json").read_text())
     assert cfg["input_dim"] == 16 and cfg["cond_dim"] == 16 and cfg["schedule"]["prediction_type"] == "v_prediction"
     assert len(cfg["normalisation"]["shift"]) == 16
+    # the stage's sampling temperature (0 by default) is the saved generator's default and the report's
+    assert cfg["schedule"]["default_noise_scale"] == 0.0 and report["sampler"]["noise_scale"] == 0.0
     # the saved weights are the EMA of the best checkpoint
     best = torch.load(report["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     saved = load_file(str(out / "generator.safetensors"))

@@ -39,7 +39,7 @@ def peak_rss_mib() -> float:
 class CollectModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/collect", lr: float = 0.05, max_steps: int = 50, capacity: int = 64,
                  optimizer: str = "adam",
-                 key_init: str = "last", stop_margin: float = 0.0, stop_on: str = "all", n_prefixes: int = 0,
+                 key_init: str = "last", stop_margin: float = 3.0, stop_on: str = "all", n_prefixes: int = 0,
                  prefix_tokens: int = 10, prefix_seed: int = 0, verify: bool = True, drop_failed: bool = True,
                  transfer_n: int = 64, transfer_compare: bool = True, transfer_seed: int = 0,
                  encode_batch: int = 64, keep_shards: bool = False, check_weights: bool = True):
@@ -56,7 +56,9 @@ class CollectModule(L.LightningModule):
             key_init: ``last`` (key = last prompt token's MLP input / its squared norm, value 0), ``subject``
                 (the same at the subject's last token, where ROME puts its key), ``mean``
                 (same from the mean over prompt tokens) or ``random``.
-            stop_margin: an edit stops once every target token beats the runner-up logit by this margin.
+            stop_margin: an edit stops once every target token beats the runner-up logit by this margin
+                (logits). A neuron that only just passes breaks under the generator's small errors; the
+                slack is what lets a generated neuron reproduce the target.
             stop_on: ``all`` views (prompt and prefixed copies) must pass, or only the ``prompt``.
             n_prefixes: random LM-generated context prefixes trained alongside the plain prompt (0 = prompt only).
             prefix_tokens: tokens per generated prefix.
