@@ -134,17 +134,22 @@ def test_capped_rule_holds_the_budget_for_the_worst_kind_of_negative():
     pooled = choose_threshold(familiar, unfamiliar, "balanced")
     assert 0.5 < pooled["threshold"] < 0.8 and pooled["familiar_rate"] == 1.0
     # Per kind, the hard kind's FPR is 25% there; J = 1 - .25 still wins, but a 10% budget forbids it.
-    balanced = choose_threshold(familiar, unfamiliar, "balanced", unfamiliar_kind=kind, kind_names=["easy", "hard"])
+    balanced = choose_threshold(familiar, unfamiliar, "balanced", unfamiliar_kind=kind, kind_names=["easy", "hard"],
+                                min_kind_size=1)
     assert balanced["unfamiliar_routed_familiar_rate_by_kind"] == {"easy": 0.0, "hard": 0.25}
     capped = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.1, unfamiliar_kind=kind,
-                              kind_names=["easy", "hard"])
+                              kind_names=["easy", "hard"], min_kind_size=1)
     assert 0.05 < capped["threshold"] < 0.1 and capped["unfamiliar_routed_familiar_rate"] == 0.0
     assert capped["familiar_rate"] == pytest.approx(0.6) and capped["n_unfamiliar_by_kind"] == {"easy": 8, "hard": 4}
     # When the budget does not bind, capped is balanced (max_fpr would spend the budget instead).
-    loose = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.5, unfamiliar_kind=kind)
+    loose = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.5, unfamiliar_kind=kind, min_kind_size=1)
     assert loose["threshold"] == balanced["threshold"]
-    spent = choose_threshold(familiar, unfamiliar, "max_fpr", target_fpr=0.5, unfamiliar_kind=kind)
+    spent = choose_threshold(familiar, unfamiliar, "max_fpr", target_fpr=0.5, unfamiliar_kind=kind, min_kind_size=1)
     assert spent["threshold"] > loose["threshold"]
+    # A kind too small to measure the budget only counts in the pooled rate (1 of 12 below 0.55).
+    small = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.1, unfamiliar_kind=kind,
+                             kind_names=["easy", "hard"], min_kind_size=5)
+    assert small["kinds_budgeted"] == ["easy"] and small["threshold"] == pooled["threshold"]
     with pytest.raises(ValueError, match="shape"):
         choose_threshold(familiar, unfamiliar, unfamiliar_kind=kind[:3])
 

@@ -60,12 +60,14 @@ CALIBRATION_RULES = ("balanced", "max_fpr", "capped")
 
 def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str = "capped",
                      target_fpr: float = 0.05, unfamiliar_kind: torch.Tensor | None = None,
-                     kind_names: list[str] | None = None) -> dict:
+                     kind_names: list[str] | None = None, min_kind_size: int = 100) -> dict:
     """Entropy threshold separating ``familiar`` (should fall below) from ``unfamiliar`` entropies.
 
     FPR (unfamiliar routed familiar) is the *worst* over the kinds of unfamiliar text
-    (``unfamiliar_kind[i]`` indexes ``kind_names``): easy unrelated prompts must not dilute the
-    rate of the hard ones (prompts sharing the edits' relation), which is what locality measures.
+    (``unfamiliar_kind[i]`` indexes ``kind_names``) and the pooled rate: easy unrelated prompts must
+    not dilute the rate of the hard ones (prompts sharing the edits' relation), which is what
+    locality measures. A kind with fewer than ``min_kind_size`` texts only counts in the pooled rate
+    (9 texts cannot measure a 5% rate).
 
     ``balanced``: maximise TPR - FPR (Youden's J). ``max_fpr``: the largest threshold whose FPR
     is at most ``target_fpr``. ``capped``: ``balanced``, but never above the ``max_fpr`` threshold
@@ -88,7 +90,9 @@ def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str
     tpr = (familiar.double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
     fpr_by_kind = torch.stack([(unfamiliar[unfamiliar_kind == k].double().view(1, -1) < cands.view(-1, 1))
                                .double().mean(1) for k in kinds])
-    fpr = fpr_by_kind.max(0).values
+    pooled = (unfamiliar.double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
+    sized = [j for j, k in enumerate(kinds) if int((unfamiliar_kind == k).sum()) >= min_kind_size]
+    fpr = torch.cat([pooled.view(1, -1), fpr_by_kind[sized]]).max(0).values
     under_budget = (fpr <= target_fpr).nonzero().flatten()
     capped_at = int(under_budget[-1]) if len(under_budget) else 0  # fpr and tpr grow with the threshold
     best = int((tpr - fpr).argmax())
@@ -101,5 +105,6 @@ def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str
             "familiar_rate": float(tpr[best]), "unfamiliar_routed_familiar_rate": float(fpr[best]),
             "unfamiliar_routed_familiar_rate_by_kind": {names[k]: float(fpr_by_kind[j, best])
                                                         for j, k in enumerate(kinds)},
+            "kinds_budgeted": [names[kinds[j]] for j in sized], "min_kind_size": min_kind_size,
             "n_familiar": int(familiar.numel()), "n_unfamiliar": int(unfamiliar.numel()),
             "n_unfamiliar_by_kind": {names[k]: int((unfamiliar_kind == k).sum()) for k in kinds}}
