@@ -178,11 +178,19 @@ class FamiliarityDataModule(L.LightningDataModule):
         locality = sorted(set(pseudo_locality) - set(calib_prompts) - positive_texts - set(irrelevant))
         rng.shuffle(irrelevant)
         rng.shuffle(locality)
+        # The evaluation's locality prompts are neighbours of *memorised* edits; the calibration's should be
+        # neighbours of the memorised pseudo prompts too (others are easier and understate the FPR: at N=4096
+        # the threshold let 5.3% of locality prompts through on a 5% budget). Stable: no extra RNG draws.
+        memorised = set(calib_prompts)
+        neighbours = {p.prompt for r in prep.pseudo_edits if r.prompt in memorised for p in r.locality}
+        locality = [t for t in locality if t in neighbours] + [t for t in locality if t not in neighbours]
         train_negatives: list[str] = []
         if self.n_train_negatives > 0:
             # Half of each kind stays unseen, so calibration measures the trained routers honestly.
             irrelevant, train_irrelevant = irrelevant[: len(irrelevant) // 2], irrelevant[len(irrelevant) // 2:]
-            locality, train_locality = locality[: len(locality) // 2], locality[len(locality) // 2:]
+            # Neighbours of memorised prompts are never trained on (the real edits' neighbours never are).
+            cut = max(len(locality) // 2, sum(t in neighbours for t in locality))
+            locality, train_locality = locality[:cut], locality[cut:]
             taken = set(calib_prompts) | set(irrelevant) | set(locality) | positive_texts | evaluation
             others = sorted({r.prompt for r in prep.pseudo_edits} - taken - set(train_irrelevant))
             rng.shuffle(others)
@@ -199,6 +207,7 @@ class FamiliarityDataModule(L.LightningDataModule):
                                    "negatives_irrelevant": int((self.calibration_negative_kind == 0).sum()),
                                    "negatives_pseudo_locality": int((self.calibration_negative_kind == 1).sum()),
                                    "negatives_pseudo_same_subject": int((self.calibration_negative_kind == 2).sum()),
+                                   "negatives_neighbours_of_memorised": sum(t in neighbours for t in negatives),
                                    "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups)),
                                    "train_negatives": len(train_negatives)}
         texts.update(calib_prompts=calib_prompts, calib_positives=[positives[i] for i in keep],
