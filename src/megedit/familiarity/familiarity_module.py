@@ -60,7 +60,7 @@ class FamiliarityModule(L.LightningModule):
                  width: int | None = None, lr: float = 1e-3, seed: int = 0,
                  converge_entropy: float = 0.01, min_epochs: int = 20,
                  threshold: Union[float, Literal["auto"]] = "auto",
-                 calibration_rule: Literal["capped", "balanced", "max_fpr"] = "capped", target_fpr: float = 0.05,
+                 calibration_rule: Literal["capped", "balanced", "max_fpr"] = "capped", target_fpr: float = 0.04,
                  hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
                  plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5):
         """
