@@ -150,6 +150,10 @@ def test_capped_rule_holds_the_budget_for_the_worst_kind_of_negative():
     small = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.1, unfamiliar_kind=kind,
                              kind_names=["easy", "hard"], min_kind_size=5)
     assert small["kinds_budgeted"] == ["easy"] and small["threshold"] == pooled["threshold"]
+    # So does a kind left out of the budget.
+    unbudgeted = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.1, unfamiliar_kind=kind,
+                                  kind_names=["easy", "hard"], min_kind_size=1, budget_kinds=["easy"])
+    assert unbudgeted["kinds_budgeted"] == ["easy"] and unbudgeted["threshold"] == pooled["threshold"]
     with pytest.raises(ValueError, match="shape"):
         choose_threshold(familiar, unfamiliar, unfamiliar_kind=kind[:3])
 

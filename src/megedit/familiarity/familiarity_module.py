@@ -61,6 +61,7 @@ class FamiliarityModule(L.LightningModule):
                  converge_entropy: float = 0.01, min_epochs: int = 20,
                  threshold: Union[float, Literal["auto"]] = "auto",
                  calibration_rule: Literal["capped", "balanced", "max_fpr"] = "capped", target_fpr: float = 0.04,
+                 budget_kinds: list[str] = ["pseudo_irrelevant", "pseudo_locality"],
                  hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
                  plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5):
         """
@@ -82,6 +83,9 @@ class FamiliarityModule(L.LightningModule):
                 maximises TPR - FPR; ``max_fpr`` takes the largest threshold whose FPR <= target_fpr;
                 ``capped`` (default) is ``balanced`` but never above the ``max_fpr`` threshold.
             target_fpr: the FPR budget of ``max_fpr`` and ``capped``.
+            budget_kinds: the kinds whose own rate must stay within the budget (the others count in the
+                pooled rate only). Same-subject prompts are out by default: on ZsRE the router cannot tell
+                them from paraphrases, and budgeting them left 19% of the edit prompts familiar.
             hist_bins: bins of the entropy histogram.
             negative_weight: weight of the uniform-output loss on the datamodule's ``train_negatives``
                 (cross-entropy to the uniform distribution; no effect when there are none).
@@ -100,6 +104,9 @@ class FamiliarityModule(L.LightningModule):
             raise ValueError(f"model.threshold must be a number or 'auto', got {threshold!r}")
         if not isinstance(threshold, str) and not 0 < threshold <= math.log(num_classes):
             raise ValueError(f"model.threshold {threshold} is outside (0, ln K = {math.log(num_classes):.3f}] nats")
+        unknown = set(budget_kinds) - set(NEGATIVE_KINDS)
+        if unknown:
+            raise ValueError(f"model.budget_kinds: unknown kinds {sorted(unknown)}; known: {list(NEGATIVE_KINDS)}")
         self.main_net: FamiliarityNet | None = None
         self.calib_net: FamiliarityNet | None = None
         self._started = time.time()
@@ -241,7 +248,7 @@ class FamiliarityModule(L.LightningModule):
                    for name in ("calib_prompts", "calib_positives", "calib_negatives")}
             calibration = choose_threshold(cal["calib_positives"], cal["calib_negatives"], hp.calibration_rule,
                                            hp.target_fpr, unfamiliar_kind=dm.calibration_negative_kind,
-                                           kind_names=list(NEGATIVE_KINDS))
+                                           kind_names=list(NEGATIVE_KINDS), budget_kinds=list(hp.budget_kinds))
             calibration["auroc"] = auroc(-cal["calib_positives"], -cal["calib_negatives"])
             calibration["counts"] = dm.calibration_counts
         if hp.threshold == "auto":

@@ -60,14 +60,15 @@ CALIBRATION_RULES = ("balanced", "max_fpr", "capped")
 
 def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str = "capped",
                      target_fpr: float = 0.05, unfamiliar_kind: torch.Tensor | None = None,
-                     kind_names: list[str] | None = None, min_kind_size: int = 100) -> dict:
+                     kind_names: list[str] | None = None, min_kind_size: int = 100,
+                     budget_kinds: list[str] | None = None) -> dict:
     """Entropy threshold separating ``familiar`` (should fall below) from ``unfamiliar`` entropies.
 
     FPR (unfamiliar routed familiar) is the *worst* over the kinds of unfamiliar text
     (``unfamiliar_kind[i]`` indexes ``kind_names``) and the pooled rate: easy unrelated prompts must
     not dilute the rate of the hard ones (prompts sharing the edits' relation), which is what
     locality measures. A kind with fewer than ``min_kind_size`` texts only counts in the pooled rate
-    (9 texts cannot measure a 5% rate).
+    (9 texts cannot measure a 5% rate), and so does a kind not in ``budget_kinds`` (None: all).
 
     ``balanced``: maximise TPR - FPR (Youden's J). ``max_fpr``: the largest threshold whose FPR
     is at most ``target_fpr``. ``capped``: ``balanced``, but never above the ``max_fpr`` threshold
@@ -91,7 +92,8 @@ def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str
     fpr_by_kind = torch.stack([(unfamiliar[unfamiliar_kind == k].double().view(1, -1) < cands.view(-1, 1))
                                .double().mean(1) for k in kinds])
     pooled = (unfamiliar.double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
-    sized = [j for j, k in enumerate(kinds) if int((unfamiliar_kind == k).sum()) >= min_kind_size]
+    sized = [j for j, k in enumerate(kinds) if int((unfamiliar_kind == k).sum()) >= min_kind_size
+             and (budget_kinds is None or names[k] in budget_kinds)]
     fpr = torch.cat([pooled.view(1, -1), fpr_by_kind[sized]]).max(0).values
     under_budget = (fpr <= target_fpr).nonzero().flatten()
     capped_at = int(under_budget[-1]) if len(under_budget) else 0  # fpr and tpr grow with the threshold
