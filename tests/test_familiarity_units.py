@@ -150,10 +150,12 @@ def test_capped_rule_holds_the_budget_for_the_worst_kind_of_negative():
     small = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.1, unfamiliar_kind=kind,
                              kind_names=["easy", "hard"], min_kind_size=5)
     assert small["kinds_budgeted"] == ["easy"] and small["threshold"] == pooled["threshold"]
-    # So does a kind left out of the budget.
+    # A kind left out of the budget is not counted at all: with only the easy kind counted, every familiar
+    # point gets in at no cost (the hard kind's rate is only reported).
     unbudgeted = choose_threshold(familiar, unfamiliar, "capped", target_fpr=0.1, unfamiliar_kind=kind,
                                   kind_names=["easy", "hard"], min_kind_size=1, budget_kinds=["easy"])
-    assert unbudgeted["kinds_budgeted"] == ["easy"] and unbudgeted["threshold"] == pooled["threshold"]
+    assert unbudgeted["kinds_budgeted"] == ["easy"] and unbudgeted["unfamiliar_routed_familiar_rate"] == 0.0
+    assert unbudgeted["familiar_rate"] == 1.0 and unbudgeted["unfamiliar_routed_familiar_rate_by_kind"]["hard"] > 0
     with pytest.raises(ValueError, match="shape"):
         choose_threshold(familiar, unfamiliar, unfamiliar_kind=kind[:3])
 

@@ -68,7 +68,8 @@ def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str
     (``unfamiliar_kind[i]`` indexes ``kind_names``) and the pooled rate: easy unrelated prompts must
     not dilute the rate of the hard ones (prompts sharing the edits' relation), which is what
     locality measures. A kind with fewer than ``min_kind_size`` texts only counts in the pooled rate
-    (9 texts cannot measure a 5% rate), and so does a kind not in ``budget_kinds`` (None: all).
+    (9 texts cannot measure a 5% rate); a larger kind not in ``budget_kinds`` (None: all) is only
+    reported, never budgeted, not even through the pooled rate.
 
     ``balanced``: maximise TPR - FPR (Youden's J). ``max_fpr``: the largest threshold whose FPR
     is at most ``target_fpr``. ``capped``: ``balanced``, but never above the ``max_fpr`` threshold
@@ -91,9 +92,12 @@ def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str
     tpr = (familiar.double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
     fpr_by_kind = torch.stack([(unfamiliar[unfamiliar_kind == k].double().view(1, -1) < cands.view(-1, 1))
                                .double().mean(1) for k in kinds])
-    pooled = (unfamiliar.double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
-    sized = [j for j, k in enumerate(kinds) if int((unfamiliar_kind == k).sum()) >= min_kind_size
-             and (budget_kinds is None or names[k] in budget_kinds)]
+    big = [int((unfamiliar_kind == k).sum()) >= min_kind_size for k in kinds]
+    wanted = [budget_kinds is None or names[k] in budget_kinds for k in kinds]
+    sized = [j for j in range(len(kinds)) if big[j] and wanted[j]]
+    ignored = [kinds[j] for j in range(len(kinds)) if big[j] and not wanted[j]]
+    counted = ~torch.isin(unfamiliar_kind, torch.tensor(ignored, dtype=unfamiliar_kind.dtype))
+    pooled = (unfamiliar[counted].double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
     fpr = torch.cat([pooled.view(1, -1), fpr_by_kind[sized]]).max(0).values
     under_budget = (fpr <= target_fpr).nonzero().flatten()
     capped_at = int(under_budget[-1]) if len(under_budget) else 0  # fpr and tpr grow with the threshold
