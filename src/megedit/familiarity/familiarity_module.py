@@ -83,9 +83,10 @@ class FamiliarityModule(L.LightningModule):
                 maximises TPR - FPR; ``max_fpr`` takes the largest threshold whose FPR <= target_fpr;
                 ``capped`` (default) is ``balanced`` but never above the ``max_fpr`` threshold.
             target_fpr: the FPR budget of ``max_fpr`` and ``capped``.
-            budget_kinds: the kinds whose own rate must stay within the budget (the others count in the
-                pooled rate only). Same-subject prompts are out by default: on ZsRE the router cannot tell
-                them from paraphrases, and budgeting them left 19% of the edit prompts familiar.
+            budget_kinds: the kinds whose own rate must stay within the budget; a kind left out is only
+                reported (a kind under 100 texts just joins the pooled rate). Same-subject prompts are out by
+                default: on ZsRE the router cannot tell them from paraphrases, and budgeting them left 19%
+                of the edit prompts familiar.
             hist_bins: bins of the entropy histogram.
             negative_weight: weight of the uniform-output loss on the datamodule's ``train_negatives``
                 (cross-entropy to the uniform distribution; no effect when there are none).
