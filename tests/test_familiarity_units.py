@@ -158,6 +158,8 @@ def test_capped_rule_holds_the_budget_for_the_worst_kind_of_negative():
     assert unbudgeted["familiar_rate"] == 1.0 and unbudgeted["unfamiliar_routed_familiar_rate_by_kind"]["hard"] > 0
     with pytest.raises(ValueError, match="shape"):
         choose_threshold(familiar, unfamiliar, unfamiliar_kind=kind[:3])
+    with pytest.raises(ValueError, match="left out of the budget"):
+        choose_threshold(familiar, unfamiliar, unfamiliar_kind=kind, min_kind_size=1, budget_kinds=[])
 
 
 def _fake_encoder_dir(path, tag):

@@ -132,6 +132,7 @@ class WeightGenerator(nn.Module):
         standard sample; 0 starts DDIM at the origin, a deterministic, mode-seeking path. An edit
         wants the one neuron that was collected, not diversity: while the generator has not fully
         memorised its neurons, its conditional spread is error, and a lower temperature removes it.
+        With ``ancestral`` only x_T is scaled; each step still adds its full noise.
         """
         noise_scale = self.noise_scale if noise_scale is None else float(noise_scale)
         if not 0.0 <= noise_scale <= 1.0:

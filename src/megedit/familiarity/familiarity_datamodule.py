@@ -9,8 +9,9 @@ Two routers train side by side on identical recipes:
   where the threshold should go, without touching any evaluation text of the edits.
 
 With ``train_negatives`` both routers also see unfamiliar pseudo prompts (pseudo originals
-outside the calibration set, and half of the pseudo-irrelevant prompts and of the pseudo edits'
-own locality prompts; calibration scores the other halves) and are pushed to a uniform output on them, which sharpens the familiar region
+outside the calibration set, half of the pseudo-irrelevant prompts and at most half of the pseudo
+edits' own locality prompts, never the neighbours of memorised pseudo prompts; calibration scores the
+rest) and are pushed to a uniform output on them, which sharpens the familiar region
 around each memorised prompt (the paper trains on positives only; ``train_negatives: 0`` is that).
 
 The edits' evaluation paraphrases and locality prompts are embedded only for the report.
@@ -84,7 +85,8 @@ class FamiliarityDataModule(L.LightningDataModule):
             calibrate: build the calibration set and train the calibration router (needed by
                 ``model.threshold: auto``; a fixed threshold still reports the calibration diagnostics).
             max_calibration_positives: cap on held-out pseudo paraphrases scored for calibration.
-            max_calibration_negatives: cap on pseudo-irrelevant prompts scored for calibration.
+            max_calibration_negatives: cap on the negatives scored for calibration (pseudo-irrelevant and
+                pseudo locality prompts, interleaved).
             seed: seed of the subsets.
             embed_batch_size: texts per encoder batch (split across DDP ranks).
             train_negatives: unfamiliar pseudo prompts both routers learn a uniform output on: at least

@@ -105,6 +105,8 @@ class FamiliarityModule(L.LightningModule):
             raise ValueError(f"model.threshold must be a number or 'auto', got {threshold!r}")
         if not isinstance(threshold, str) and not 0 < threshold <= math.log(num_classes):
             raise ValueError(f"model.threshold {threshold} is outside (0, ln K = {math.log(num_classes):.3f}] nats")
+        if not budget_kinds:
+            raise ValueError(f"model.budget_kinds must name at least one of {list(NEGATIVE_KINDS)}")
         unknown = set(budget_kinds) - set(NEGATIVE_KINDS)
         if unknown:
             raise ValueError(f"model.budget_kinds: unknown kinds {sorted(unknown)}; known: {list(NEGATIVE_KINDS)}")

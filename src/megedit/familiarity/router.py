@@ -97,6 +97,9 @@ def choose_threshold(familiar: torch.Tensor, unfamiliar: torch.Tensor, rule: str
     sized = [j for j in range(len(kinds)) if big[j] and wanted[j]]
     ignored = [kinds[j] for j in range(len(kinds)) if big[j] and not wanted[j]]
     counted = ~torch.isin(unfamiliar_kind, torch.tensor(ignored, dtype=unfamiliar_kind.dtype))
+    if not counted.any():
+        raise ValueError(f"threshold calibration: every kind of unfamiliar text ({[names[k] for k in kinds]}) is "
+                         f"left out of the budget (budget_kinds={budget_kinds}); nothing to hold the FPR on")
     pooled = (unfamiliar[counted].double().view(1, -1) < cands.view(-1, 1)).double().mean(1)
     fpr = torch.cat([pooled.view(1, -1), fpr_by_kind[sized]]).max(0).values
     under_budget = (fpr <= target_fpr).nonzero().flatten()
