@@ -40,6 +40,11 @@ from megedit.prepare.artifact import load_prepared
 NEGATIVE_KINDS = ("pseudo_irrelevant", "pseudo_locality", "pseudo_same_subject")
 
 
+def mentions_subject(subject: str, prompt: str) -> bool:
+    """Whether a locality prompt asks about the edit's own subject (KnowEdit's relation specificity)."""
+    return bool(subject) and subject.lower() in prompt.lower()
+
+
 class PairedIndices(Dataset):
     """Step ``i`` trains the main router on edit ``i % n_main`` and the calibration router on ``i % n_calib``."""
 
@@ -133,7 +138,7 @@ class FamiliarityDataModule(L.LightningDataModule):
         # Same-subject locality prompts (KnowEdit's relation specificity: another fact about the edited
         # subject) are a different test from unrelated prompts; the report splits the two.
         self.locality_same_subject = torch.tensor(
-            [bool(e.subject) and e.subject.lower() in p.prompt.lower() for e in prep.edits for p in e.locality],
+            [mentions_subject(e.subject, p.prompt) for e in prep.edits for p in e.locality],
             dtype=torch.bool)
         evaluation = {t for v in texts.values() for t in v}
         # Locality prompts of pseudo edits: the same kind of text as the evaluation locality prompts
@@ -201,14 +206,14 @@ class FamiliarityDataModule(L.LightningDataModule):
         # Which kind each negative is: the threshold must hold for the hardest kind on its own.
         irrelevant_set = set(irrelevant)
         same_subject = {p.prompt for r in prep.pseudo_edits for p in r.locality
-                        if r.subject and r.subject.lower() in p.prompt.lower()}
+                        if mentions_subject(r.subject, p.prompt)}
+        kind = {name: NEGATIVE_KINDS.index(name) for name in NEGATIVE_KINDS}
         self.calibration_negative_kind = torch.tensor(
-            [0 if t in irrelevant_set else 2 if t in same_subject else 1 for t in negatives], dtype=torch.long)
+            [kind["pseudo_irrelevant"] if t in irrelevant_set else
+             kind["pseudo_same_subject"] if t in same_subject else kind["pseudo_locality"] for t in negatives],
+            dtype=torch.long)
         self.calibration_counts = {"memorised": len(calib_prompts), "positive_groups": min(n, len(pseudo_groups)),
                                    "positives": len(keep), "negatives": len(negatives),
-                                   "negatives_irrelevant": int((self.calibration_negative_kind == 0).sum()),
-                                   "negatives_pseudo_locality": int((self.calibration_negative_kind == 1).sum()),
-                                   "negatives_pseudo_same_subject": int((self.calibration_negative_kind == 2).sum()),
                                    "negatives_neighbours_of_memorised": sum(t in neighbours for t in negatives),
                                    "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups)),
                                    "train_negatives": len(train_negatives)}
