@@ -42,3 +42,28 @@ def retrieval_metrics(queries: torch.Tensor, keys: torch.Tensor, targets: torch.
     return {"n_queries": int(queries.shape[0]), "n_keys": int(keys.shape[0]),
             "recall@1": float((rank == 1).float().mean()), "recall@5": float((rank <= 5).float().mean()),
             "mrr": float((1.0 / rank).mean())}
+
+
+def info_nce_with_hard_negatives(anchors: torch.Tensor, positives: torch.Tensor, hard_negatives: torch.Tensor,
+                                 temperature: float) -> torch.Tensor:
+    """Both directions of eq. 5 with extra candidates: row ``j`` of (anchor, positive, hard negative) triples.
+
+    The positive must pick its anchor among every anchor and every hard negative, and the anchor
+    its positive among every positive and every hard negative. The second direction is the one
+    the router needs: it memorises the anchors (edit prompts), so a hard negative (another fact
+    about the same subject) must sit farther from the anchor than a paraphrase does.
+    """
+    if hard_negatives.shape[0] != anchors.shape[0]:
+        raise ValueError(f"one hard negative per triple: {anchors.shape[0]} anchors, {hard_negatives.shape[0]} negatives")
+    to_anchor = info_nce(positives, torch.cat([anchors, hard_negatives]), temperature)
+    to_positive = info_nce(anchors, torch.cat([positives, hard_negatives]), temperature)
+    return (to_anchor + to_positive) / 2
+
+
+@torch.no_grad()
+def pairwise_auc(higher: torch.Tensor, lower: torch.Tensor) -> float | None:
+    """P(a random ``higher`` score beats a random ``lower`` one), ties counting half (AUROC)."""
+    if higher.numel() == 0 or lower.numel() == 0:
+        return None
+    diff = higher.view(-1, 1) - lower.view(1, -1)
+    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())

@@ -15,8 +15,10 @@ from collections import defaultdict
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
+from megedit.encoder.hard_negatives import HardNegativeTriples, build_sources
 from megedit.prepare.artifact import Prepared, load_prepared
 
 
@@ -52,6 +54,10 @@ class IndexedTexts(Dataset):
 
 def _collate_pairs(batch: list[dict]) -> dict:
     return {"anchor": [b["anchor"] for b in batch], "positive": [b["positive"] for b in batch]}
+
+
+def _collate_triples(batch: list[dict]) -> dict:
+    return {k: [b[k] for b in batch] for k in ("anchor", "positive", "negative")}
 
 
 def _collate_texts(batch: list[dict]) -> dict:
@@ -92,7 +98,8 @@ def split_groups(groups: dict[str, dict], seed: int, val_fraction: float, min_va
 class EncoderDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, batch_size: int = 64, val_fraction: float = 0.05,
                  min_val_per_source: int = 256, max_val_per_source: int = 1000, max_train_groups: int | None = None,
-                 seed: int = 0, eval_batch_size: int = 256, num_workers: int = 0):
+                 seed: int = 0, eval_batch_size: int = 256, num_workers: int = 0, hard_negatives: bool = True,
+                 hard_negative_batch_size: int = 16):
         """
         Args:
             prepare_dir: the prepare stage's output folder.
@@ -133,6 +140,21 @@ class EncoderDataModule(L.LightningDataModule):
                 self.val_queries.append(p)
                 self.val_targets.append(k)
         self.val_texts = self.val_anchors + self.val_queries
+        self.hard_set, self.hard_negative_counts = None, {"sources": 0}
+        if hp.hard_negatives and hp.hard_negative_batch_size > 0:
+            evaluation = {t for e in self.prepared.edits
+                          for t in (e.prompt, *e.paraphrases, *(p.prompt for p in e.locality))}
+            sources, templates, self.hard_negative_counts = build_sources(
+                self.prepared.pseudo_edits, set(self.train_ids), evaluation)
+            if sources:
+                pair_batches = len(self.train_set) // max(1, min(hp.batch_size, len(self.train_set)))
+                self.hard_set = HardNegativeTriples(sources, templates, hp.seed,
+                                                    length=pair_batches * hp.hard_negative_batch_size)
+
+    @property
+    def hard_negative_groups(self) -> list[str]:
+        """Pseudo edits whose own locality prompts the encoder may train on (calibration must not score them)."""
+        return sorted(s.group for s in self.hard_set.sources if s.natural) if self.hard_set else []
 
     def edit_retrieval_texts(self) -> tuple[list[str], list[str], list[int]]:
         """(edit prompts, their evaluation paraphrases, index of each paraphrase's prompt): never trained on."""
@@ -144,13 +166,22 @@ class EncoderDataModule(L.LightningDataModule):
                 targets.append(k)
         return prompts, queries, targets
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
         if self.trainer is not None:
             self.train_set.epoch = self.trainer.current_epoch
+            if self.hard_set is not None:
+                self.hard_set.epoch = self.trainer.current_epoch
         # drop_last: under DDP every rank must contribute the same number of originals to the gathered negatives.
         batch_size = min(self.hparams.batch_size, len(self.train_set))
-        return DataLoader(self.train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                          collate_fn=_collate_pairs, num_workers=self.hparams.num_workers)
+        pairs = DataLoader(self.train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                           collate_fn=_collate_pairs, num_workers=self.hparams.num_workers)
+        if self.hard_set is None:
+            return pairs
+        triples = DataLoader(self.hard_set, batch_size=min(self.hparams.hard_negative_batch_size, len(self.hard_set)),
+                             shuffle=True, drop_last=True, collate_fn=_collate_triples,
+                             num_workers=self.hparams.num_workers)
+        # The pairs set the epoch's length; the (smaller) triple set cycles.
+        return CombinedLoader({"pairs": pairs, "triples": triples}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(IndexedTexts(self.val_texts), batch_size=self.hparams.eval_batch_size, shuffle=False,

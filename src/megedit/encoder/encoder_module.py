@@ -19,9 +19,11 @@ import lightning as L
 import torch
 
 from megedit.artifacts import atomic_write_json, read_manifest, write_manifest
-from megedit.components.contrastive import info_nce, mse_alignment, retrieval_metrics
+from megedit.components.contrastive import (info_nce, info_nce_with_hard_negatives, mse_alignment, pairwise_auc,
+                                           retrieval_metrics)
 from megedit.components.text_encoder import TextEncoder
 from megedit.distributed import barrier, gather_objects, world
+from megedit.data.locality_kinds import locality_kind
 
 REPORT = "report.json"
 HELDOUT = "heldout_groups.json"
@@ -32,7 +34,8 @@ class EncoderModule(L.LightningModule):
     def __init__(self, prepare_dir: str, out_dir: str = "runs/encoder", encoder: str | None = None,
                  objective: Literal["infonce", "mse", "frozen"] = "infonce", pooling: Literal["cls", "mean"] = "cls",
                  temperature: float = 0.05, lr: float = 3e-5, weight_decay: float = 0.01, warmup_fraction: float = 0.1,
-                 max_length: int = 64, gather_negatives: bool = True, eval_batch_size: int = 256):
+                 max_length: int = 64, gather_negatives: bool = True, eval_batch_size: int = 256,
+                 hard_negative_weight: float = 1.0):
         """
         Args:
             prepare_dir: the prepare artifact (linked from ``data.prepare_dir``); gives the registry encoder.
@@ -48,6 +51,8 @@ class EncoderModule(L.LightningModule):
             gather_negatives: under DDP, use the originals of every rank as negatives (a larger
                 effective batch, as the paper's); False keeps each rank's own.
             eval_batch_size: texts per batch when embedding for the report.
+            hard_negative_weight: weight of the hard-negative triple loss (``data.hard_negatives``)
+                added to eq. 5; 0 trains eq. 5 alone. Each rank uses its own triples.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -78,13 +83,19 @@ class EncoderModule(L.LightningModule):
         self.encoder.train()  # from_pretrained returns eval mode; dropout is part of the fine-tuning recipe
 
     def on_train_epoch_start(self) -> None:
-        self.trainer.datamodule.train_set.epoch = self.current_epoch  # a fresh paraphrase draw per group
+        dm = self.trainer.datamodule
+        dm.train_set.epoch = self.current_epoch  # a fresh paraphrase draw per group
+        if dm.hard_set is not None:
+            dm.hard_set.epoch = self.current_epoch
 
     def _embed_batch(self, texts: list[str]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in self.encoder.tokenize(texts).items()}
         return self.encoder(**batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        triples = None
+        if "pairs" in batch:  # a CombinedLoader batch: pairs plus hard-negative triples
+            batch, triples = batch["pairs"], batch["triples"]
         originals = self._embed_batch(batch["anchor"])
         paraphrases = self._embed_batch(batch["positive"])
         rank, size = world()
@@ -100,6 +111,14 @@ class EncoderModule(L.LightningModule):
             loss = info_nce(paraphrases, originals, self.hparams.temperature)
         with torch.no_grad():
             pos = (paraphrases * originals).sum(-1).mean()
+        if triples is not None and self.hparams.objective == "infonce" and self.hparams.hard_negative_weight > 0:
+            a, p, n = (self._embed_batch(triples[k]) for k in ("anchor", "positive", "negative"))
+            hard = info_nce_with_hard_negatives(a, p, n, self.hparams.temperature)
+            loss = loss + self.hparams.hard_negative_weight * hard
+            with torch.no_grad():
+                gap = ((a * p).sum(-1) - (a * n).sum(-1)).mean()
+            self.log("train/hard_negative_loss", hard, batch_size=len(triples["anchor"]))
+            self.log("train/hard_negative_cosine_gap", gap, batch_size=len(triples["anchor"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["anchor"]))
         self.log("train/positive_cosine", pos, batch_size=len(batch["anchor"]))
         return loss
@@ -158,6 +177,20 @@ class EncoderModule(L.LightningModule):
         emb_p = encoder.embed(prompts, bs, progress=True)
         emb_q = encoder.embed(queries, bs, progress=True)
         out["edit_paraphrases"] = retrieval_metrics(emb_q, emb_p, torch.tensor(targets, dtype=torch.long))
+        # Same-subject separation: is a paraphrase closer to its edit prompt than another fact about the
+        # edit's subject (a locality prompt) is? Never trained on; None when the dataset has no such prompt.
+        same = [(k, p.prompt) for k, e in enumerate(dm.prepared.edits) for p in e.locality
+                if locality_kind(e, p) == "same_subject"]
+        own_para = (emb_q * emb_p[targets]).sum(-1)
+        if same:
+            emb_s = encoder.embed([t for _, t in same], bs, progress=True)
+            own_same = (emb_s * emb_p[[k for k, _ in same]]).sum(-1)
+            out["same_subject_locality"] = {
+                "n": len(same), "paraphrase_cosine_mean": float(own_para.mean()),
+                "same_subject_cosine_mean": float(own_same.mean()),
+                "auc_paraphrase_closer": pairwise_auc(own_para, own_same)}
+        else:
+            out["same_subject_locality"] = {"n": 0, "auc_paraphrase_closer": None}
         return out
 
     @torch.no_grad()
@@ -174,6 +207,7 @@ class EncoderModule(L.LightningModule):
             "encoder_source": self.encoder_source,
             "train_groups": len(dm.train_ids), "heldout_groups": len(dm.val_ids),
             "heldout_queries": len(dm.val_queries), "edits": len(dm.prepared.edits),
+            "hard_negatives": dm.hard_negative_counts | {"weight": hp.hard_negative_weight},
             "epochs": self.current_epoch if hp.objective != "frozen" else 0,
             "steps": int(self.global_step),
             "tuned": tuned, "frozen": frozen,
@@ -184,7 +218,8 @@ class EncoderModule(L.LightningModule):
             "world_size": world()[1],
         }
         self.encoder.save(out / ENCODER_SUBDIR)
-        atomic_write_json(out / HELDOUT, {"groups": sorted(dm.val_ids), "seed": dm.hparams.seed})
+        atomic_write_json(out / HELDOUT, {"groups": sorted(dm.val_ids), "seed": dm.hparams.seed,
+                                          "hard_negative_groups": dm.hard_negative_groups})
         atomic_write_json(out / REPORT, report)
         enc_files = sorted(str(p.relative_to(out)) for p in (out / ENCODER_SUBDIR).rglob("*") if p.is_file())
         write_manifest(out, "encoder", dm.prepared.lineage,
@@ -196,6 +231,10 @@ class EncoderModule(L.LightningModule):
                                           "max_length": hp.max_length, "dim": self.encoder.dim,
                                           "objective": hp.objective}})
         t, f = tuned["edit_paraphrases"], frozen["edit_paraphrases"]
+        auc = tuned["same_subject_locality"]["auc_paraphrase_closer"]
+        if auc is not None:
+            print(f"encoder: paraphrase closer to its edit than a same-subject locality prompt: AUC {auc:.3f} (frozen "
+                  f"{frozen['same_subject_locality']['auc_paraphrase_closer']:.3f})")
         print(f"encoder ({hp.objective}): edit-paraphrase recall@1 {t['recall@1']:.3f} (frozen {f['recall@1']:.3f}), "
               f"MRR {t['mrr']:.3f} (frozen {f['mrr']:.3f}); held-out pseudo recall@1 "
               f"{tuned['heldout_pseudo_pairs']['recall@1']:.3f} (frozen "

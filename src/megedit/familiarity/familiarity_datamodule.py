@@ -33,16 +33,13 @@ from megedit.components.text_encoder import TextEncoder
 from megedit.distributed import gather_objects, world
 from megedit.encoder.encoder_datamodule import group_pairs
 from megedit.encoder.encoder_module import ENCODER_SUBDIR, HELDOUT
+from megedit.encoder.hard_negatives import SLOT, other_relations, relation_templates
+from megedit.data.locality_kinds import locality_kind, mentions_subject
 from megedit.prepare.artifact import load_prepared
 
 # The kinds of calibration negatives (``calibration_negative_kind`` indexes this): unrelated prompts,
 # pseudo edits' locality prompts about another subject, and those about the pseudo edit's own subject.
 NEGATIVE_KINDS = ("pseudo_irrelevant", "pseudo_locality", "pseudo_same_subject")
-
-
-def mentions_subject(subject: str, prompt: str) -> bool:
-    """Whether a locality prompt asks about the edit's own subject (KnowEdit's relation specificity)."""
-    return bool(subject) and subject.lower() in prompt.lower()
 
 
 class PairedIndices(Dataset):
@@ -81,7 +78,7 @@ class FamiliarityDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, batch_size: int = 256, calibrate: bool = True,
                  max_calibration_positives: int = 2000, max_calibration_negatives: int = 4000, seed: int = 0,
                  embed_batch_size: int = 256, num_workers: int = 0, train_negatives: int = 4096,
-                 negatives_per_edit: float = 4.0):
+                 negatives_per_edit: float = 4.0, fences_per_edit: int = 4):
         """
         Args:
             prepare_dir: the prepare artifact.
@@ -135,15 +132,15 @@ class FamiliarityDataModule(L.LightningDataModule):
             "locality": [p.prompt for e in prep.edits for p in e.locality],
         }
         self.paraphrase_owner = [k for k, e in enumerate(prep.edits) for _ in e.paraphrases]
-        # Same-subject locality prompts (KnowEdit's relation specificity: another fact about the edited
-        # subject) are a different test from unrelated prompts; the report splits the two.
-        self.locality_same_subject = torch.tensor(
-            [mentions_subject(e.subject, p.prompt) for e in prep.edits for p in e.locality],
-            dtype=torch.bool)
+        # Locality prompts about the edited subject (KnowEdit's relation specificity) are a harder test than
+        # unrelated ones, and some restate the edited fact itself (``locality_kinds``): the report splits them.
+        self.locality_kinds = [locality_kind(e, p) for e in prep.edits for p in e.locality]
         evaluation = {t for v in texts.values() for t in v}
         # Locality prompts of pseudo edits: the same kind of text as the evaluation locality prompts
         # (CounterFact neighbourhood prompts, ZsRE's NQ questions), which the router must leave alone.
         pseudo_locality = sorted({p.prompt for r in prep.pseudo_edits for p in r.locality} - evaluation)
+        self.fence_templates = relation_templates(prep.pseudo_edits, evaluation) if hp.fences_per_edit > 0 else []
+        texts["fences"] = self._fences([(e.subject, e.prompt) for e in prep.edits], exclude=evaluation)
         if not hp.calibrate:
             if self.n_train_negatives > 0:
                 pool = sorted(({r["prompt"] for r in prep.pseudo_irrelevant} | {r.prompt for r in prep.pseudo_edits}
@@ -151,7 +148,12 @@ class FamiliarityDataModule(L.LightningDataModule):
                 random.Random(hp.seed).shuffle(pool)
                 texts["train_negatives"] = pool[: self.n_train_negatives]
             return texts
-        heldout = set(json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())["groups"])
+        split = json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())
+        heldout = set(split["groups"])
+        # Same-subject locality prompts the encoder trained on as hard negatives: not honest calibration data.
+        hard_groups = set(split.get("hard_negative_groups", []))
+        encoder_trained = {p.prompt for r in prep.pseudo_edits if r.id in hard_groups for p in r.locality
+                           if mentions_subject(r.subject, p.prompt)}
         rng = random.Random(hp.seed)
         # Positives: pseudo edits whose pairs the encoder never trained on (held out by the encoder stage).
         pseudo_groups = [(r.id, {"anchor": r.prompt, "positives": list(r.paraphrases)})
@@ -182,7 +184,7 @@ class FamiliarityDataModule(L.LightningDataModule):
             calib_prompts += filler[: n - len(calib_prompts)]
         positive_texts = {p for _, g in pseudo_groups for p in g["positives"]}
         irrelevant = sorted({r["prompt"] for r in prep.pseudo_irrelevant} - evaluation)
-        locality = sorted(set(pseudo_locality) - set(calib_prompts) - positive_texts - set(irrelevant))
+        locality = sorted(set(pseudo_locality) - set(calib_prompts) - positive_texts - set(irrelevant) - encoder_trained)
         rng.shuffle(irrelevant)
         rng.shuffle(locality)
         # The evaluation's locality prompts are neighbours of *memorised* edits; the calibration's should be
@@ -217,9 +219,26 @@ class FamiliarityDataModule(L.LightningDataModule):
                                    "negatives_neighbours_of_memorised": sum(t in neighbours for t in negatives),
                                    "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups)),
                                    "train_negatives": len(train_negatives)}
+        subject_of = {r.prompt: r.subject for r in prep.pseudo_edits}
+        calib_fences = self._fences([(subject_of.get(t, ""), t) for t in calib_prompts],
+                                    exclude=evaluation | set(negatives) | positive_texts | set(calib_prompts))
         texts.update(calib_prompts=calib_prompts, calib_positives=[positives[i] for i in keep],
-                     calib_negatives=negatives, train_negatives=train_negatives)
+                     calib_negatives=negatives, train_negatives=train_negatives, calib_fences=calib_fences)
+        self.calibration_counts["fences"] = len(calib_fences)
         return texts
+
+    def _fences(self, memorised: list[tuple[str, str]], exclude: set[str]) -> list[str]:
+        """Up to ``fences_per_edit`` other-relation prompts about each (subject, prompt)'s subject."""
+        n, templates = self.hparams.fences_per_edit, self.fence_templates
+        rng = random.Random(f"{self.hparams.seed}:fences")  # its own stream: the other draws stay as they were
+        out: list[str] = []
+        for subject, prompt in memorised:
+            if not subject or not templates:
+                continue
+            texts = [templates[k].replace(SLOT, subject) for k in other_relations(prompt, subject, templates)]
+            texts = [t for t in texts if t not in exclude]
+            out += rng.sample(texts, min(n, len(texts)))
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         if self.emb is not None:

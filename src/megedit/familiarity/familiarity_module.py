@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from megedit.artifacts import atomic_path, atomic_write_json, write_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
+from megedit.data.locality_kinds import LOCALITY_KINDS
 from megedit.distributed import barrier
 from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
 from megedit.familiarity.router import CONFIG, WEIGHTS, auroc, choose_threshold
@@ -49,8 +50,13 @@ def router_loss(net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor, ne
     loss = F.cross_entropy(net(emb), labels)
     if neg is None or negative_weight <= 0:
         return loss, None
-    kl = -F.log_softmax(net(neg), dim=-1).mean(-1).mean() - math.log(net.num_classes)
+    kl = uniform_kl(net, neg)
     return loss + negative_weight * kl, kl
+
+
+def uniform_kl(net: FamiliarityNet, x: torch.Tensor) -> torch.Tensor:
+    """Mean KL(uniform || p) of the router's outputs on ``x``: zero exactly when each is uniform."""
+    return -F.log_softmax(net(x), dim=-1).mean(-1).mean() - math.log(net.num_classes)
 
 
 class FamiliarityModule(L.LightningModule):
@@ -63,6 +69,7 @@ class FamiliarityModule(L.LightningModule):
                  calibration_rule: Literal["capped", "balanced", "max_fpr"] = "capped", target_fpr: float = 0.04,
                  budget_kinds: list[str] = ["pseudo_irrelevant", "pseudo_locality"],
                  hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
+                 fence_weight: float = 1.0,
                  plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5):
         """
         Args:
@@ -90,6 +97,8 @@ class FamiliarityModule(L.LightningModule):
             hist_bins: bins of the entropy histogram.
             negative_weight: weight of the uniform-output loss on the datamodule's ``train_negatives``
                 (cross-entropy to the uniform distribution; no effect when there are none).
+            fence_weight: weight of the same loss on each router's own fences (``data.fences_per_edit``:
+                other facts about its memorised subjects); 0 ignores them.
             plateau_patience: halve (``plateau_factor``) the learning rate after this many optimizer steps
                 (rounded up to whole epochs) without a new low of the routers' mean entropy on their
                 memorised points (0: constant lr). At a constant lr Adam keeps knocking a large router
@@ -134,9 +143,9 @@ class FamiliarityModule(L.LightningModule):
             self.calib_net = make()
             self.calib_emb = dm.emb["calib_prompts"]
             self.calib_labels = random_labels(len(self.calib_emb), hp.num_classes, hp.seed + 1)
-        self.neg_emb = dm.emb.get("train_negatives")
-        if self.neg_emb is not None and len(self.neg_emb) == 0:
-            self.neg_emb = None
+        nonempty = lambda x: x if x is not None and len(x) > 0 else None  # noqa: E731
+        self.neg_emb = nonempty(dm.emb.get("train_negatives"))
+        self.fence_emb, self.calib_fence_emb = nonempty(dm.emb.get("fences")), nonempty(dm.emb.get("calib_fences"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A run killed after its last epoch's checkpoint resumes with nothing left to train: keep its fit state.
@@ -154,7 +163,7 @@ class FamiliarityModule(L.LightningModule):
         return [resume_point_callback(self.hparams.out_dir, self.hparams.checkpoint_every_n_epochs)]
 
     def on_fit_start(self) -> None:
-        for name in ("main_emb", "main_labels", "calib_emb", "calib_labels", "neg_emb"):
+        for name in ("main_emb", "main_labels", "calib_emb", "calib_labels", "neg_emb", "fence_emb", "calib_fence_emb"):
             if getattr(self, name, None) is not None:
                 setattr(self, name, getattr(self, name).to(self.device))
 
@@ -179,22 +188,30 @@ class FamiliarityModule(L.LightningModule):
         if self.neg_emb is not None and self.hparams.negative_weight > 0:
             # Same draw for both routers, so the calibration router keeps the main router's recipe.
             neg = self.neg_emb[torch.randint(len(self.neg_emb), (len(i_main),), device=self.neg_emb.device)]
-        loss_main = self._router_loss(self.main_net, self.main_emb[i_main], self.main_labels[i_main], neg, "train")
+        loss_main = self._router_loss(self.main_net, self.main_emb[i_main], self.main_labels[i_main], neg, "train",
+                                      self.fence_emb)
         loss = loss_main
         self.log("train/loss", loss_main, prog_bar=True, batch_size=len(i_main))
         if self.calib_net is not None:
             # Separate nets and Adam is per-parameter: the sum trains both exactly as two runs would.
             loss_calib = self._router_loss(self.calib_net, self.calib_emb[i_calib], self.calib_labels[i_calib],
-                                           neg, "train/calibration")
+                                           neg, "train/calibration", self.calib_fence_emb)
             self.log("train/calibration_loss", loss_calib, batch_size=len(i_calib))
             loss = loss + loss_calib
         return loss
 
     def _router_loss(self, net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor,
-                     neg: torch.Tensor | None, prefix: str) -> torch.Tensor:
+                     neg: torch.Tensor | None, prefix: str, fences: torch.Tensor | None = None) -> torch.Tensor:
         loss, kl = router_loss(net, emb, labels, neg, self.hparams.negative_weight)
         if kl is not None:
             self.log(f"{prefix}_negative_kl", kl, batch_size=len(neg))
+        if fences is not None and self.hparams.fence_weight > 0:
+            # A batch of this router's own fences (other facts about its memorised subjects), as many as
+            # memorised points in the step, on the same uniform-output loss as the negatives.
+            f = fences[torch.randint(len(fences), (len(emb),), device=fences.device)]
+            fence_kl = uniform_kl(net, f)
+            loss = loss + self.hparams.fence_weight * fence_kl
+            self.log(f"{prefix}_fence_kl", fence_kl, batch_size=len(f))
         return loss
 
     @torch.no_grad()
@@ -270,7 +287,8 @@ class FamiliarityModule(L.LightningModule):
             q = torch.quantile(x.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.double)).tolist()
             return {"n": int(x.numel()), "mean": float(x.mean()), "p05": q[0], "median": q[1], "p95": q[2]}
 
-        same = getattr(dm, "locality_same_subject", torch.zeros(len(ent["locality"]), dtype=torch.bool))
+        kinds = getattr(dm, "locality_kinds", ["other"] * len(ent["locality"]))
+        kind_mask = {k: torch.tensor([x == k for x in kinds], dtype=torch.bool) for k in LOCALITY_KINDS}
         report = {
             "threshold": threshold, "threshold_source": source, "entropy_units": "nats",
             "max_entropy": math.log(hp.num_classes), "n_edits": len(dm.prepared.edits),
@@ -278,17 +296,19 @@ class FamiliarityModule(L.LightningModule):
                 "edit_prompts_familiar": rate(ent["edit_prompts"], True),
                 "edit_paraphrases_familiar": rate(ent["edit_paraphrases"], True),
                 "locality_unfamiliar": rate(ent["locality"], False),
+                # Locality proper: without the prompts that ask the edited fact again (they should be familiar).
+                "locality_unfamiliar_excluding_restatements": rate(ent["locality"][~kind_mask["restates_edit"]], False),
             },
-            "locality_unfamiliar_by_kind": {
-                "mentions_edit_subject": rate(ent["locality"][same], False), "n_mentions_edit_subject": int(same.sum()),
-                "other": rate(ent["locality"][~same], False), "n_other": int((~same).sum()),
-            },
+            "locality_unfamiliar_by_kind": {k: rate(ent["locality"][m], False) for k, m in kind_mask.items()},
+            "n_locality_by_kind": {k: int(m.sum()) for k, m in kind_mask.items()},
             "auroc": {
                 "edit_paraphrases_vs_locality": auroc(-ent["edit_paraphrases"], -ent["locality"]),
                 "edit_prompts_vs_locality": auroc(-ent["edit_prompts"], -ent["locality"]),
             },
             "entropy": {k: summary(v) for k, v in ent.items()},
             "calibration": calibration,
+            "fences": {"per_edit": dm.hparams.fences_per_edit, "templates": len(dm.fence_templates),
+                       "main": len(dm.texts["fences"])},
             "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self.resumed_from,
                     **getattr(self, "_fit_states", {})},
             "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
@@ -323,8 +343,10 @@ class FamiliarityModule(L.LightningModule):
         r, a = report["rates"], report["auroc"]
         print(f"familiarity: threshold {threshold:.4f} ({source}); edit prompts familiar "
               f"{r['edit_prompts_familiar']:.3f}, paraphrases familiar {r['edit_paraphrases_familiar']:.3f}, "
-              f"locality unfamiliar {r['locality_unfamiliar']:.3f} (prompts not about the edited subject: "
-              f"{report['locality_unfamiliar_by_kind']['other'] or float('nan'):.3f}); AUROC paraphrase/locality "
+              f"locality unfamiliar {r['locality_unfamiliar']:.3f} (without restatements of the edited fact "
+              f"{r['locality_unfamiliar_excluding_restatements'] or float('nan'):.3f}; by kind "
+              f"{ {k: None if v is None else round(v, 3) for k, v in report['locality_unfamiliar_by_kind'].items()} }); "
+              f"AUROC paraphrase/locality "
               f"{a['edit_paraphrases_vs_locality']:.3f}; {self._epochs_run} epochs; wrote {out} "
               f"({report['wall_seconds']} s)")
 

@@ -1,0 +1,134 @@
+"""Hard negatives for the encoder: templates, the same-relation filter, the triple loss by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megedit.components.contrastive import info_nce, info_nce_with_hard_negatives, pairwise_auc
+from megedit.data.records import EditRecord, Probe
+from megedit.data.locality_kinds import locality_kind, mentions_subject
+from megedit.encoder.hard_negatives import (SLOT, HardNegativeTriples, build_sources, content_stems, other_relations,
+                                            relation_templates, specificity_sources, subject_template)
+
+
+def _record(rid: str, subject: str, prompt: str, locality: list[str], paraphrases=("a paraphrase",)) -> EditRecord:
+    return EditRecord(id=rid, subject=subject, prompt=prompt, prompt_kind="question", target_new="x",
+                      target_true=None, paraphrases=list(paraphrases), locality=[Probe(p) for p in locality])
+
+
+def test_subject_template_needs_a_whole_phrase():
+    assert subject_template("CD83", "The cell component of cd83 is") == f"The cell component of {SLOT} is"
+    assert subject_template("Bundesautobahn 6", "Bundesautobahn 648 owner") is None
+    assert subject_template("", "anything") is None
+    assert mentions_subject("Bundesautobahn 6", "Bundesautobahn 648 owner")  # substring: the router's wider test
+
+
+def test_content_stems_meet_across_inflections_and_drop_the_subject():
+    assert content_stems("Who fathered Moritz of Limburg?", exclude="Moritz of Limburg") == {"fathe"}
+    assert content_stems("The father of X is") & content_stems("Who fathered Y?")
+    assert not content_stems("The cell component of X is") & content_stems("Which species has the X gene?")
+
+
+def test_build_sources_uses_training_groups_and_skips_same_relation_and_evaluation_texts():
+    edits = [
+        _record("a", "CD83", "Which species has the CD83 gene?",
+                ["The cell component of CD83 is", "CD83 cell component", "Who won the 1990 cup?"]),
+        _record("b", "Moritz of Limburg", "Who fathered Moritz of Limburg?",
+                ["The father of Moritz of Limburg is", "The place of birth of Moritz of Limburg is"]),
+        _record("c", "Held Out", "Which species has the Held Out gene?", ["The mother of Held Out is"]),
+        _record("d", "Leaky", "What is Leaky?", ["The eval text about Leaky is"]),
+    ]
+    sources, templates, counts = build_sources(edits, {"a", "b", "d"}, evaluation={"The eval text about Leaky is"})
+    by_group = {s.group: s for s in sources}
+    # Held-out "c" gives neither a source nor a template; the evaluation text gives neither either.
+    assert "c" not in by_group and not any("mother" in t for t in templates)
+    assert not any("eval text" in t for t in templates) and not by_group["d"].natural
+    assert by_group["a"].natural == ["The cell component of CD83 is", "CD83 cell component"]
+    # "The father of ... is" shares the relation with "Who fathered ...?": not a negative of it, natural or swapped.
+    assert by_group["b"].natural == ["The place of birth of Moritz of Limburg is"]
+    b_templates = {templates[k] for k in by_group["b"].templates}
+    assert f"The father of {SLOT} is" not in b_templates and f"The cell component of {SLOT} is" in b_templates
+    assert counts == {"sources": 3, "natural": 3, "templates": 4, "groups_with_natural": 2}
+
+
+def test_triples_are_stable_fresh_per_epoch_and_name_the_subject():
+    edits = [_record(f"r{i}", f"Subject{i}", f"Which species has the Subject{i} gene?",
+                     [f"The cell component of Subject{i} is", f"The mother of Subject{i} is"],
+                     paraphrases=(f"p1 of {i}", f"p2 of {i}")) for i in range(6)]
+    sources, templates, _ = build_sources(edits, {e.id for e in edits}, evaluation=set())
+    ds = HardNegativeTriples(sources, templates, seed=3, length=30)
+    assert len(ds) == 30
+    first = [ds[i] for i in range(len(ds))]
+    assert first == [HardNegativeTriples(sources, templates, seed=3, length=30)[i] for i in range(30)]
+    for i, t in enumerate(first):
+        k = i % 6
+        assert t["anchor"] == edits[k].prompt and t["positive"] in edits[k].paraphrases
+        assert f"Subject{k} " in t["negative"] + " " and t["negative"] != t["anchor"]
+    ds.epoch = 1
+    assert [ds[i] for i in range(30)] != first
+    with pytest.raises(ValueError, match="no hard-negative source"):
+        HardNegativeTriples([], templates, seed=0)
+
+
+def test_triple_loss_matches_hand_computation():
+    # anchor a=(1,0), positive p=(0.6,0.8), hard negative n=(0.8,0.6); one triple, tau=1.
+    # positive -> [a, n]: logits [0.6, 0.96], target a: log(1 + e^0.36)
+    # anchor   -> [p, n]: logits [0.6, 0.8],  target p: log(1 + e^0.2)
+    a, p, n = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]]), torch.tensor([[0.8, 0.6]])
+    expected = (math.log(1 + math.exp(0.36)) + math.log(1 + math.exp(0.2))) / 2
+    assert info_nce_with_hard_negatives(a, p, n, 1.0).item() == pytest.approx(expected, abs=1e-6)
+    # The hard negatives only add candidates: far-away ones leave eq. 5 (both directions) unchanged.
+    far = -a
+    plain = (info_nce(p, a, 0.05) + info_nce(a, p, 0.05)) / 2
+    assert info_nce_with_hard_negatives(a, p, far, 0.05).item() == pytest.approx(plain.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="one hard negative per triple"):
+        info_nce_with_hard_negatives(a, p, torch.cat([n, n]), 1.0)
+
+
+def test_pairwise_auc():
+    assert pairwise_auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert pairwise_auc(torch.tensor([1.0]), torch.tensor([1.0, 2.0])) == 0.25  # one tie (half), one loss
+    assert pairwise_auc(torch.tensor([]), torch.tensor([1.0])) is None
+
+
+def test_locality_kinds_split_restatements_from_other_facts_about_the_subject():
+    edit = _record("e", "32 Pegasi", "What constellation is 32 Pegasi in?", [])
+    edit.target_true = "Pegasus"
+    assert locality_kind(edit, Probe("The constellation of 32 Pegasi is", answer=" pegasus")) == "restates_edit"
+    assert locality_kind(edit, Probe("The distance of 32 Pegasi is", answer="550 ly")) == "same_subject"
+    assert locality_kind(edit, Probe("Who wrote Hamlet?", answer="Pegasus")) == "other"  # same answer, other subject
+    edit.target_true = None  # no original answer: nothing can restate it
+    assert locality_kind(edit, Probe("The constellation of 32 Pegasi is", answer="")) == "same_subject"
+
+
+def test_a_restatement_is_never_a_natural_negative():
+    edit = _record("e", "32 Pegasi", "What constellation is 32 Pegasi in?",
+                   ["The constellation of 32 Pegasi is", "The distance of 32 Pegasi is"])
+    edit.target_true = "Pegasus"
+    edit.locality[0].answer = "Pegasus"
+    edit.prompt = "Which sky region holds 32 Pegasi?"  # no shared content word: only the answer tells
+    sources, _, _ = build_sources([edit], {"e"}, evaluation=set())
+    assert sources[0].natural == ["The distance of 32 Pegasi is"]
+
+
+def test_only_sources_that_test_relation_specificity_give_templates_and_natural_negatives():
+    # "cf": one record in three has a locality prompt naming its subject (another entity's name containing
+    # it); "zsre": every record asks another fact about its subject.
+    cf = [_record(f"c{i}", f"Fiat {i}", f"Fiat {i} is produced by", [f"The twin of Fiat {i} is" if i == 0 else "x"])
+          for i in range(3)]
+    zsre = [_record(f"z{i}", f"Gene{i}", f"Which species has the Gene{i} gene?", [f"The cell component of Gene{i} is"])
+            for i in range(2)]
+    for r in cf:
+        r.source = "cf.json"
+    for r in zsre:
+        r.source = "zsre.json"
+    assert specificity_sources(cf + zsre) == {"zsre.json"}
+    assert relation_templates(cf + zsre, evaluation=set()) == [f"The cell component of {SLOT} is"]
+    sources, _, counts = build_sources(cf + zsre, {r.id for r in cf + zsre}, evaluation=set())
+    assert all(not s.natural for s in sources if s.group.startswith("c")) and counts["groups_with_natural"] == 2
+    # CounterFact alone: no template, no natural negative, no source; the encoder trains on eq. 5 alone.
+    assert build_sources(cf, {r.id for r in cf}, evaluation=set())[0] == []
+    assert other_relations("Which species has the X gene?", "X", ["The species of \x00 is", "The cell of \x00 is"]) == [1]
