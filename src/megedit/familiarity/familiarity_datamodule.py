@@ -78,7 +78,7 @@ class FamiliarityDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, batch_size: int = 256, calibrate: bool = True,
                  max_calibration_positives: int = 2000, max_calibration_negatives: int = 4000, seed: int = 0,
                  embed_batch_size: int = 256, num_workers: int = 0, train_negatives: int = 4096,
-                 negatives_per_edit: float = 4.0, fences_per_edit: int = 4):
+                 negatives_per_edit: float = 4.0, fences_per_edit: int = 1):
         """
         Args:
             prepare_dir: the prepare artifact.

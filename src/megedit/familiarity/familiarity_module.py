@@ -69,7 +69,7 @@ class FamiliarityModule(L.LightningModule):
                  calibration_rule: Literal["capped", "balanced", "max_fpr"] = "capped", target_fpr: float = 0.04,
                  budget_kinds: list[str] = ["pseudo_irrelevant", "pseudo_locality"],
                  hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
-                 fence_weight: float = 1.0,
+                 fence_weight: float = 0.5,
                  plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5):
         """
         Args:
