@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from megedit.artifacts import ArtifactError, check_lineage, read_manifest, sha256_file
 from megedit.components.text_encoder import TextEncoder
+from megedit.data.locality_kinds import locality_kind, mentions_subject
 from megedit.distributed import gather_objects, world
 from megedit.encoder.encoder_datamodule import group_pairs
 from megedit.encoder.encoder_module import ENCODER_SUBDIR, HELDOUT
 from megedit.encoder.hard_negatives import SLOT, other_relations, relation_templates
-from megedit.data.locality_kinds import locality_kind, mentions_subject
 from megedit.prepare.artifact import load_prepared
 
 # The kinds of calibration negatives (``calibration_negative_kind`` indexes this): unrelated prompts,

@@ -92,8 +92,8 @@ class FamiliarityModule(L.LightningModule):
             target_fpr: the FPR budget of ``max_fpr`` and ``capped``.
             budget_kinds: the kinds whose own rate must stay within the budget; a kind left out is only
                 reported (a kind under 100 texts just joins the pooled rate). Same-subject prompts are out by
-                default: on ZsRE the router cannot tell them from paraphrases, and budgeting them left 19%
-                of the edit prompts familiar.
+                default: some of them restate their pseudo edit's fact, and before the fences budgeting them
+                on ZsRE left 19% of the edit prompts familiar.
             hist_bins: bins of the entropy histogram.
             negative_weight: weight of the uniform-output loss on the datamodule's ``train_negatives``
                 (cross-entropy to the uniform distribution; no effect when there are none).
