@@ -8,7 +8,8 @@ prompt about the edited subject's other facts ("The cell component of CD83 is" n
 the relation matters too.
 
 Two sources, both from the *training* pseudo edits (never the held-out ones, which calibrate
-the router, and never an evaluation text):
+the router, and never an evaluation text) of sources that test relation specificity
+(:func:`specificity_sources`; CounterFact has none, so its encoder trains on eq. 5 alone):
 - natural: a pseudo edit's own locality prompts that mention its subject;
 - swapped: the relation templates of those prompts ("The cell component of {} is"), filled with
   another training pseudo edit's subject. This widens 43 relations x 68 subjects to every
@@ -17,6 +18,9 @@ A locality prompt whose expected answer is the pseudo edit's own original answer
 (``locality_kinds.restates_edit``) and is never a natural negative. A template that shares a
 content word with the anchor (other than the subject's) is skipped:
 "The father of {} is" is a paraphrase, not a negative, of "Who fathered Moritz of Limburg?".
+
+The familiarity stage reuses the templates (:func:`relation_templates`, :func:`other_relations`) for
+the router's fences.
 """
 
 from __future__ import annotations
