@@ -10,8 +10,9 @@ import torch
 from megedit.components.contrastive import info_nce, info_nce_with_hard_negatives, pairwise_auc
 from megedit.data.records import EditRecord, Probe
 from megedit.data.locality_kinds import locality_kind, mentions_subject
-from megedit.encoder.hard_negatives import (SLOT, HardNegativeTriples, build_sources, content_stems, other_relations,
-                                            relation_templates, specificity_sources, subject_template)
+from megedit.encoder.hard_negatives import (SLOT, HardNegativeTriples, build_sources, content_stems,
+                                            first_triple_per_anchor, other_relations, relation_templates,
+                                            specificity_sources, subject_template)
 
 
 def _record(rid: str, subject: str, prompt: str, locality: list[str], paraphrases=("a paraphrase",)) -> EditRecord:
@@ -54,6 +55,21 @@ def test_build_sources_uses_training_groups_and_skips_same_relation_and_evaluati
     assert counts == {"sources": 3, "natural": 3, "templates": 4, "groups_with_natural": 2}
 
 
+def test_triple_epochs_visit_every_source_and_batches_drop_repeated_anchors():
+    edits = [_record(f"r{i}", f"S{i}", f"Which species has the S{i} gene?", [f"The mother of S{i} is"])
+             for i in range(10)]
+    sources, templates, _ = build_sources(edits, {e.id for e in edits}, evaluation=set())
+    short = HardNegativeTriples(sources, templates, seed=0, length=4)  # fewer items than sources
+    assert len(short) == 4
+    seen = set()
+    for epoch in range(6):
+        short.epoch = epoch
+        seen |= {short[i]["anchor"] for i in range(4)}
+    assert len(seen) > 4  # a fresh order per epoch, not always the first four sources
+    batch = {"anchor": ["a", "b", "a"], "positive": ["pa", "pb", "pa2"], "negative": ["na", "nb", "na2"]}
+    assert first_triple_per_anchor(batch) == {"anchor": ["a", "b"], "positive": ["pa", "pb"], "negative": ["na", "nb"]}
+
+
 def test_triples_are_stable_fresh_per_epoch_and_name_the_subject():
     edits = [_record(f"r{i}", f"Subject{i}", f"Which species has the Subject{i} gene?",
                      [f"The cell component of Subject{i} is", f"The mother of Subject{i} is"],
@@ -63,10 +79,11 @@ def test_triples_are_stable_fresh_per_epoch_and_name_the_subject():
     assert len(ds) == 30
     first = [ds[i] for i in range(len(ds))]
     assert first == [HardNegativeTriples(sources, templates, seed=3, length=30)[i] for i in range(30)]
-    for i, t in enumerate(first):
-        k = i % 6
-        assert t["anchor"] == edits[k].prompt and t["positive"] in edits[k].paraphrases
+    for t in first:
+        k = next(j for j, e in enumerate(edits) if e.prompt == t["anchor"])
+        assert t["positive"] in edits[k].paraphrases
         assert f"Subject{k} " in t["negative"] + " " and t["negative"] != t["anchor"]
+    assert {t["anchor"] for t in first} == {e.prompt for e in edits}  # 30 items over 6 sources: each one
     ds.epoch = 1
     assert [ds[i] for i in range(30)] != first
     with pytest.raises(ValueError, match="no hard-negative source"):
@@ -104,14 +121,20 @@ def test_locality_kinds_split_restatements_from_other_facts_about_the_subject():
     assert locality_kind(edit, Probe("The constellation of 32 Pegasi is", answer="")) == "same_subject"
 
 
-def test_a_restatement_is_never_a_natural_negative():
-    edit = _record("e", "32 Pegasi", "What constellation is 32 Pegasi in?",
-                   ["The constellation of 32 Pegasi is", "The distance of 32 Pegasi is"])
+def test_a_restatement_is_never_a_negative_natural_or_rebuilt():
+    edit = _record("e", "32 Pegasi", "Which sky region holds 32 Pegasi?",  # no content word shared with
+                   ["The constellation of 32 Pegasi is", "The distance of 32 Pegasi is"])  # ... its restatement
     edit.target_true = "Pegasus"
     edit.locality[0].answer = "Pegasus"
-    edit.prompt = "Which sky region holds 32 Pegasi?"  # no shared content word: only the answer tells
-    sources, _, _ = build_sources([edit], {"e"}, evaluation=set())
-    assert sources[0].natural == ["The distance of 32 Pegasi is"]
+    # Another record brings the same relation's template: filled with 32 Pegasi it would rebuild the restatement.
+    other = _record("o", "HD 1", "What is the mass of HD 1?", ["The constellation of HD 1 is"])
+    sources, templates, _ = build_sources([edit, other], {"e", "o"}, evaluation=set())
+    mine = next(s for s in sources if s.group == "e")
+    assert mine.natural == ["The distance of 32 Pegasi is"]
+    assert f"The constellation of {SLOT} is" in templates  # from "o", where it is another relation
+    ds = HardNegativeTriples(sources, templates, seed=0, length=200)
+    negatives = {ds[i]["negative"] for i in range(len(ds)) if ds[i]["anchor"] == edit.prompt}
+    assert negatives and "The constellation of 32 Pegasi is" not in {n for n in negatives}
 
 
 def test_only_sources_that_test_relation_specificity_give_templates_and_natural_negatives():

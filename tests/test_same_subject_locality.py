@@ -72,7 +72,7 @@ def test_hard_negatives_and_fences_on_zsre(zsre_prepared_dir, tmp_path):
 
 @pytest.mark.ddp
 def test_encoder_hard_negatives_under_ddp_gloo(zsre_prepared_dir, tmp_path):
-    """Two CPU processes: the pairs and the triple loader are both sharded, and the run writes one artifact."""
+    """Two CPU processes with the pair and triple loaders (Lightning shards both): the run completes and writes one artifact."""
     import subprocess
     import sys
 

@@ -153,8 +153,9 @@ class EncoderDataModule(L.LightningDataModule):
 
     @property
     def hard_negative_groups(self) -> list[str]:
-        """Pseudo edits whose own locality prompts the encoder may train on (calibration must not score them)."""
-        return sorted(s.group for s in self.hard_set.sources if s.natural) if self.hard_set else []
+        """The pseudo edits the triples come from: the encoder may train on their own locality prompts (as
+        natural negatives or rebuilt from a template), so calibration must not score those."""
+        return sorted(s.group for s in self.hard_set.sources) if self.hard_set else []
 
     def edit_retrieval_texts(self) -> tuple[list[str], list[str], list[int]]:
         """(edit prompts, their evaluation paraphrases, index of each paraphrase's prompt): never trained on."""
@@ -180,7 +181,7 @@ class EncoderDataModule(L.LightningDataModule):
         triples = DataLoader(self.hard_set, batch_size=min(self.hparams.hard_negative_batch_size, len(self.hard_set)),
                              shuffle=True, drop_last=True, collate_fn=_collate_triples,
                              num_workers=self.hparams.num_workers)
-        # The pairs set the epoch's length; the (smaller) triple set cycles.
+        # One triple batch per pair batch (the triple set's length is sized so), so neither loader cycles.
         return CombinedLoader({"pairs": pairs, "triples": triples}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:

@@ -24,6 +24,7 @@ from megedit.components.contrastive import (info_nce, info_nce_with_hard_negativ
 from megedit.components.text_encoder import TextEncoder
 from megedit.distributed import barrier, gather_objects, world
 from megedit.data.locality_kinds import locality_kind
+from megedit.encoder.hard_negatives import first_triple_per_anchor
 
 REPORT = "report.json"
 HELDOUT = "heldout_groups.json"
@@ -76,6 +77,11 @@ class EncoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
+        # Runs after the datamodule's setup. Only infonce uses triples; without them the run is eq. 5's alone
+        # (the same batches as data.hard_negatives false: no extra loader draws from the RNG).
+        dm = self.trainer.datamodule
+        if dm is not None and (self.hparams.objective != "infonce" or self.hparams.hard_negative_weight <= 0):
+            dm.hard_set = None
         if self.hparams.objective == "frozen":
             self.trainer.limit_train_batches = 0  # the fit loop is skipped; on_fit_end still packages the encoder
 
@@ -96,6 +102,7 @@ class EncoderModule(L.LightningModule):
         triples = None
         if "pairs" in batch:  # a CombinedLoader batch: pairs plus hard-negative triples
             batch, triples = batch["pairs"], batch["triples"]
+            triples = first_triple_per_anchor(triples)
         originals = self._embed_batch(batch["anchor"])
         paraphrases = self._embed_batch(batch["positive"])
         rank, size = world()

@@ -86,15 +86,17 @@ def specificity_sources(records, min_share: float = 0.5) -> set[str]:
 
 def relation_templates(records, evaluation: set[str]) -> list[str]:
     """The relation templates ("The cell component of {SLOT} is") of ``records``' locality prompts about their
-    subject, from sources that test relation specificity; never from an evaluation text. A template without
-    a content word names no relation and is skipped."""
+    subject, from sources that test relation specificity; never from an evaluation text nor from a prompt
+    that restates its record's own fact (that template is the record's own relation). A template without a
+    content word names no relation and is skipped."""
     sources = specificity_sources(records)
     templates: list[str] = []
     for r in records:
         if r.source not in sources:
             continue
         for p in r.locality:
-            t = None if p.prompt in evaluation else subject_template(r.subject, p.prompt)
+            skip = p.prompt in evaluation or locality_kind(r, p) == "restates_edit"
+            t = None if skip else subject_template(r.subject, p.prompt)
             if t is not None and t not in templates and content_stems(t.replace(SLOT, " ")):
                 templates.append(t)
     return templates
@@ -119,15 +121,20 @@ def build_sources(pseudo_edits, train_groups: set[str], evaluation: set[str]) ->
     specific = specificity_sources(training)
     sources, natural_count = [], 0
     for r in training:
-        if not r.subject or not r.paraphrases:
+        positives = list(dict.fromkeys(p for p in r.paraphrases if p != r.prompt))
+        if not r.subject or not positives:
             continue
         anchor_stems = content_stems(r.prompt, exclude=r.subject)
-        # A restatement of the pseudo edit's own fact (same answer) is a paraphrase, not a negative.
+        # A restatement of the pseudo edit's own fact (same answer) is a paraphrase, not a negative: neither
+        # as a natural negative nor rebuilt from another record's template.
+        own_restatements = {p.prompt.lower() for p in r.locality if locality_kind(r, p) == "restates_edit"}
         natural = [p.prompt for p in r.locality if r.source in specific and locality_kind(r, p) == "same_subject"
-                   and p.prompt not in evaluation and not content_stems(p.prompt, exclude=r.subject) & anchor_stems]
-        allowed = other_relations(r.prompt, r.subject, templates)
+                   and subject_template(r.subject, p.prompt) is not None and p.prompt not in evaluation
+                   and not content_stems(p.prompt, exclude=r.subject) & anchor_stems]
+        allowed = [k for k in other_relations(r.prompt, r.subject, templates)
+                   if templates[k].replace(SLOT, r.subject).lower() not in own_restatements]
         if natural or allowed:
-            sources.append(TripleSource(r.id, r.prompt, list(r.paraphrases), r.subject, natural, allowed))
+            sources.append(TripleSource(r.id, r.prompt, positives, r.subject, natural, allowed))
             natural_count += len(natural)
     counts = {"sources": len(sources), "natural": natural_count, "templates": len(templates),
               "groups_with_natural": sum(bool(s.natural) for s in sources)}
@@ -135,24 +142,33 @@ def build_sources(pseudo_edits, train_groups: set[str], evaluation: set[str]) ->
 
 
 class HardNegativeTriples(Dataset):
-    """(anchor, positive, hard negative) triples, item ``i`` from source ``i % len(sources)``.
+    """(anchor, positive, hard negative) triples; item ``i`` of an epoch comes from source
+    ``perm[i % len(sources)]``, ``perm`` a fresh permutation per epoch.
 
-    ``length`` (at least one per source) lets one epoch hold as many triple batches as there are pair
-    batches, each access a fresh draw: a natural negative half the time when the source has one,
-    else its subject in a random allowed template.
+    ``length`` (0: one per source) is set so that an epoch holds as many triple batches as pair batches,
+    whether that is fewer or more items than sources. Each access draws anew: a natural negative half the
+    time when the source has one, else its subject in a random allowed template.
     """
 
     def __init__(self, sources: list[TripleSource], templates: list[str], seed: int, length: int = 0):
         if not sources:
             raise ValueError("no hard-negative source")
         self.sources, self.templates, self.seed, self.epoch = sources, templates, seed, 0
-        self.length = max(length, len(sources))
+        self.length = length if length > 0 else len(sources)
+        self._perm: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
         return self.length
 
+    def _source(self, i: int) -> TripleSource:
+        if self._perm is None or self._perm[0] != self.epoch:
+            order = list(range(len(self.sources)))
+            random.Random(f"{self.seed}:{self.epoch}:order").shuffle(order)
+            self._perm = (self.epoch, order)
+        return self.sources[self._perm[1][i % len(self.sources)]]
+
     def __getitem__(self, i: int) -> dict:
-        s = self.sources[i % len(self.sources)]
+        s = self._source(i)
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds are stable across processes
         positive = s.positives[rng.randrange(len(s.positives))]
         if s.natural and (not s.templates or rng.random() < 0.5):
@@ -160,3 +176,12 @@ class HardNegativeTriples(Dataset):
         else:
             negative = self.templates[s.templates[rng.randrange(len(s.templates))]].replace(SLOT, s.subject)
         return {"anchor": s.anchor, "positive": positive, "negative": negative}
+
+
+def first_triple_per_anchor(triples: dict[str, list[str]]) -> dict[str, list[str]]:
+    """A batch without repeated anchors: a source drawn twice would be its own rival candidate."""
+    first: dict[str, int] = {}
+    for i, anchor in enumerate(triples["anchor"]):
+        first.setdefault(anchor, i)
+    keep = sorted(first.values())
+    return {k: [v[i] for i in keep] for k, v in triples.items()}

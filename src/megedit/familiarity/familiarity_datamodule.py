@@ -140,7 +140,8 @@ class FamiliarityDataModule(L.LightningDataModule):
         # (CounterFact neighbourhood prompts, ZsRE's NQ questions), which the router must leave alone.
         pseudo_locality = sorted({p.prompt for r in prep.pseudo_edits for p in r.locality} - evaluation)
         self.fence_templates = relation_templates(prep.pseudo_edits, evaluation) if hp.fences_per_edit > 0 else []
-        texts["fences"] = self._fences([(e.subject, e.prompt) for e in prep.edits], exclude=evaluation)
+        texts["fences"] = self._fences([(e.subject, e.prompt) for e in prep.edits],
+                                       exclude={t.lower() for t in evaluation})
         if not hp.calibrate:
             if self.n_train_negatives > 0:
                 pool = sorted(({r["prompt"] for r in prep.pseudo_irrelevant} | {r.prompt for r in prep.pseudo_edits}
@@ -150,7 +151,8 @@ class FamiliarityDataModule(L.LightningDataModule):
             return texts
         split = json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())
         heldout = set(split["groups"])
-        # Same-subject locality prompts the encoder trained on as hard negatives: not honest calibration data.
+        # Same-subject locality prompts of the pseudo edits the encoder drew hard negatives from: it may have
+        # trained on them, so they are not honest calibration data.
         hard_groups = set(split.get("hard_negative_groups", []))
         encoder_trained = {p.prompt for r in prep.pseudo_edits if r.id in hard_groups for p in r.locality
                            if mentions_subject(r.subject, p.prompt)}
@@ -221,7 +223,8 @@ class FamiliarityDataModule(L.LightningDataModule):
                                    "train_negatives": len(train_negatives)}
         subject_of = {r.prompt: r.subject for r in prep.pseudo_edits}
         calib_fences = self._fences([(subject_of.get(t, ""), t) for t in calib_prompts],
-                                    exclude=evaluation | set(negatives) | positive_texts | set(calib_prompts))
+                                    exclude={t.lower() for t in evaluation | set(negatives) | positive_texts
+                                             | set(calib_prompts)})
         texts.update(calib_prompts=calib_prompts, calib_positives=[positives[i] for i in keep],
                      calib_negatives=negatives, train_negatives=train_negatives, calib_fences=calib_fences)
         self.calibration_counts["fences"] = len(calib_fences)
@@ -236,7 +239,7 @@ class FamiliarityDataModule(L.LightningDataModule):
             if not subject or not templates:
                 continue
             texts = [templates[k].replace(SLOT, subject) for k in other_relations(prompt, subject, templates)]
-            texts = [t for t in texts if t not in exclude]
+            texts = [t for t in texts if t.lower() not in exclude]  # the encoder is uncased
             out += rng.sample(texts, min(n, len(texts)))
         return out
 
