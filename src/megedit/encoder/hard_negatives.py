@@ -67,6 +67,7 @@ class TripleSource:
     subject: str
     natural: list[str]  # its own locality prompts about its subject, minus those sharing the relation
     templates: list[int]  # indices of the swap templates that share no content word with the anchor
+    own_template: str | None = None  # the anchor itself with SLOT for its subject (same question, other subject)
 
 
 def specificity_sources(records, min_share: float = 0.5) -> set[str]:
@@ -134,7 +135,8 @@ def build_sources(pseudo_edits, train_groups: set[str], evaluation: set[str]) ->
         allowed = [k for k in other_relations(r.prompt, r.subject, templates)
                    if templates[k].replace(SLOT, r.subject).lower() not in own_restatements]
         if natural or allowed:
-            sources.append(TripleSource(r.id, r.prompt, positives, r.subject, natural, allowed))
+            sources.append(TripleSource(r.id, r.prompt, positives, r.subject, natural, allowed,
+                                        subject_template(r.subject, r.prompt)))
             natural_count += len(natural)
     counts = {"sources": len(sources), "natural": natural_count, "templates": len(templates),
               "groups_with_natural": sum(bool(s.natural) for s in sources)}
@@ -146,8 +148,9 @@ class HardNegativeTriples(Dataset):
     ``perm[i % len(sources)]``, ``perm`` a fresh permutation per epoch.
 
     ``length`` (0: one per source) is set so that an epoch holds as many triple batches as pair batches,
-    whether that is fewer or more items than sources. Each access draws anew: a natural negative half the
-    time when the source has one, else its subject in a random allowed template.
+    whether that is fewer or more items than sources. Each access draws anew, one of the kinds the source
+    has, uniformly: a natural negative; its subject in a random allowed template (another relation); or
+    its own question about another source's subject (another subject).
     """
 
     def __init__(self, sources: list[TripleSource], templates: list[str], seed: int, length: int = 0):
@@ -171,10 +174,20 @@ class HardNegativeTriples(Dataset):
         s = self._source(i)
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds are stable across processes
         positive = s.positives[rng.randrange(len(s.positives))]
-        if s.natural and (not s.templates or rng.random() < 0.5):
+        kinds = [k for k, ok in (("natural", s.natural), ("relation", s.templates), ("subject", s.own_template)) if ok]
+        kind = kinds[rng.randrange(len(kinds))]
+        if kind == "natural":
             negative = s.natural[rng.randrange(len(s.natural))]
-        else:
+        elif kind == "relation":
             negative = self.templates[s.templates[rng.randrange(len(s.templates))]].replace(SLOT, s.subject)
+        else:
+            # The same question about another subject: relation negatives alone teach the encoder to
+            # ignore the subject, and then other subjects' questions crowd the edits (ZsRE-1024: the
+            # calibration's pseudo-irrelevant questions bound the threshold and 83% of paraphrases stayed).
+            other = self.sources[rng.randrange(len(self.sources))].subject
+            if other.lower() == s.subject.lower():
+                other = self.sources[(self.sources.index(s) + 1) % len(self.sources)].subject
+            negative = s.own_template.replace(SLOT, other)
         return {"anchor": s.anchor, "positive": positive, "negative": negative}
 
 
