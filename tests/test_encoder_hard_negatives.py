@@ -79,10 +79,17 @@ def test_triples_are_stable_fresh_per_epoch_and_name_the_subject():
     assert len(ds) == 30
     first = [ds[i] for i in range(len(ds))]
     assert first == [HardNegativeTriples(sources, templates, seed=3, length=30)[i] for i in range(30)]
+    kinds = set()
     for t in first:
         k = next(j for j, e in enumerate(edits) if e.prompt == t["anchor"])
-        assert t["positive"] in edits[k].paraphrases
-        assert f"Subject{k} " in t["negative"] + " " and t["negative"] != t["anchor"]
+        assert t["positive"] in edits[k].paraphrases and t["negative"] != t["anchor"]
+        if f"Subject{k} " in t["negative"] + " ":
+            kinds.add("other relation")  # natural or template: another fact about the anchor's subject
+        else:  # the anchor's own question about another source's subject
+            other = t["negative"].removeprefix("Which species has the ").removesuffix(" gene?")
+            assert other in {e.subject for e in edits} - {edits[k].subject}
+            kinds.add("other subject")
+    assert kinds == {"other relation", "other subject"}
     assert {t["anchor"] for t in first} == {e.prompt for e in edits}  # 30 items over 6 sources: each one
     ds.epoch = 1
     assert [ds[i] for i in range(30)] != first
