@@ -162,3 +162,20 @@ def test_only_sources_that_test_relation_specificity_give_templates_and_natural_
     # CounterFact alone: no template, no natural negative, no source; the encoder trains on eq. 5 alone.
     assert build_sources(cf, {r.id for r in cf}, evaluation=set())[0] == []
     assert other_relations("Which species has the X gene?", "X", ["The species of \x00 is", "The cell of \x00 is"]) == [1]
+
+
+def test_the_other_subject_is_never_the_anchors_own():
+    # Two sources name one subject in two cases; the third is the only other subject there is.
+    edits = [_record("a", "Gene", "Which species has the Gene gene?", ["The mother of Gene is"]),
+             _record("b", "GENE", "Which family has the GENE gene?", ["The father of GENE is"]),
+             _record("c", "Other", "Which species has the Other gene?", ["The cell of Other is"])]
+    sources, templates, _ = build_sources(edits, {"a", "b", "c"}, evaluation=set())
+    ds = HardNegativeTriples(sources, templates, seed=0, length=300)
+    for i in range(len(ds)):
+        t = ds[i]
+        assert t["negative"] != t["anchor"]
+        if t["anchor"].startswith("Which species has the Gene"):
+            assert t["negative"] != "Which species has the GENE gene?"
+    # One subject only: no "other subject" negative can exist, so none is drawn.
+    alone = HardNegativeTriples(sources[:1], templates, seed=0, length=20)
+    assert all("Gene" in alone[i]["negative"] and alone[i]["negative"] != alone[i]["anchor"] for i in range(20))

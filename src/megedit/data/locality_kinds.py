@@ -21,15 +21,16 @@ def mentions_subject(subject: str, prompt: str) -> bool:
     return bool(subject) and subject.lower() in prompt.lower()
 
 
-def _norm(text: str | None) -> str:
+def normalise(text: str | None) -> str:
+    """Lower case, single spaces: what an uncased encoder cannot tell apart is one text."""
     return " ".join((text or "").lower().split())
 
 
 def restates_edit(edit: EditRecord, probe: Probe) -> bool:
     """A locality prompt about the edit's subject whose expected answer is the edit's original answer:
     it asks the edited fact again."""
-    return (mentions_subject(edit.subject, probe.prompt) and bool(_norm(edit.target_true))
-            and _norm(probe.answer) == _norm(edit.target_true))
+    return (mentions_subject(edit.subject, probe.prompt) and bool(normalise(edit.target_true))
+            and normalise(probe.answer) == normalise(edit.target_true))
 
 
 def locality_kind(edit: EditRecord, probe: Probe) -> str:

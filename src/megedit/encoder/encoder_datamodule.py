@@ -1,7 +1,8 @@
 """Serves (original, paraphrase) pseudo-edit pairs for the encoder, with a held-out split by group.
 
-Only ``Prepared.pseudo_pairs`` is used (pseudo edits that are never edited, and the
-paraphrase corpus, already filtered against the edits' evaluation texts). Groups (one
+Pairs come only from ``Prepared.pseudo_pairs`` (pseudo edits that are never edited, and the
+paraphrase corpus, already filtered against the edits' evaluation texts); hard-negative triples
+(``hard_negatives.py``) from the training pseudo edits, never an evaluation text. Groups (one
 original and its paraphrases) are split whole into train and held-out, stratified by source,
 so the held-out recall measures transfer to unseen facts. The held-out group ids are saved
 with the encoder: the familiarity stage calibrates its threshold on them, which the encoder
@@ -10,6 +11,7 @@ never trained on.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 
@@ -18,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
+from megedit.distributed import world
 from megedit.encoder.hard_negatives import HardNegativeTriples, build_sources
 from megedit.prepare.artifact import Prepared, load_prepared
 
@@ -112,6 +115,12 @@ class EncoderDataModule(L.LightningDataModule):
             max_train_groups: keep at most this many training groups (seeded); None keeps all.
             seed: seed of the split and of the pair draws.
             eval_batch_size: texts per embedding batch in validation.
+            hard_negatives: also train on (original, paraphrase, hard negative) triples from the training
+                pseudo edits (``hard_negatives.py``: another fact about the subject, or the question about
+                another subject); only the ``infonce`` objective with ``model.hard_negative_weight`` > 0
+                uses them. A dataset without relation-specificity locality prompts (CounterFact) has none,
+                and training is eq. 5 alone.
+            hard_negative_batch_size: triples per step per device, besides ``batch_size`` pairs.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -147,9 +156,12 @@ class EncoderDataModule(L.LightningDataModule):
             sources, templates, self.hard_negative_counts = build_sources(
                 self.prepared.pseudo_edits, set(self.train_ids), evaluation)
             if sources:
-                pair_batches = len(self.train_set) // max(1, min(hp.batch_size, len(self.train_set)))
+                # As many triple batches per rank as pair batches (each loader is sharded on its own).
+                size = world()[1]
+                per_rank = math.ceil(len(self.train_set) / size)
+                pair_batches = per_rank // max(1, min(hp.batch_size, len(self.train_set)))
                 self.hard_set = HardNegativeTriples(sources, templates, hp.seed,
-                                                    length=pair_batches * hp.hard_negative_batch_size)
+                                                    length=pair_batches * hp.hard_negative_batch_size * size)
 
     @property
     def hard_negative_groups(self) -> list[str]:

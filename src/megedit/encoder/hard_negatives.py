@@ -7,13 +7,15 @@ prompt about the edited subject's other facts ("The cell component of CD83 is" n
 36.7% of those locality prompts were routed unfamiliar. Hard negatives teach the encoder that
 the relation matters too.
 
-Two sources, both from the *training* pseudo edits (never the held-out ones, which calibrate
-the router, and never an evaluation text) of sources that test relation specificity
-(:func:`specificity_sources`; CounterFact has none, so its encoder trains on eq. 5 alone):
-- natural: a pseudo edit's own locality prompts that mention its subject;
-- swapped: the relation templates of those prompts ("The cell component of {} is"), filled with
-  another training pseudo edit's subject. This widens 43 relations x 68 subjects to every
-  subject-bearing pseudo edit.
+Triples come from the *training* pseudo edits (never the held-out ones, which calibrate the
+router, and never an evaluation text), and only when the data has relation templates at all
+(:func:`relation_templates`, from sources that test relation specificity, :func:`specificity_sources`;
+CounterFact has none, so its encoder trains on eq. 5 alone). Three kinds of hard negative:
+- natural: a pseudo edit's own locality prompts about its subject (specificity sources only);
+- another relation: a relation template ("The cell component of {} is") filled with the pseudo
+  edit's subject, for every subject-bearing training pseudo edit (ZsRE's MEND records too);
+- another subject: the pseudo edit's own question about another source's subject. Without it the
+  encoder learns to ignore subjects and other subjects' questions crowd the edits.
 A locality prompt whose expected answer is the pseudo edit's own original answer restates its fact
 (``locality_kinds.restates_edit``) and is never a natural negative. A template that shares a
 content word with the anchor (other than the subject's) is skipped:
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from megedit.data.locality_kinds import locality_kind
+from megedit.data.locality_kinds import locality_kind, normalise
 
 SLOT = "\x00"  # the subject's place in a template (a character no prompt contains)
 _STOP = {"what", "which", "whom", "whose", "where", "when", "does", "that", "this", "with", "from", "into",
@@ -128,12 +130,12 @@ def build_sources(pseudo_edits, train_groups: set[str], evaluation: set[str]) ->
         anchor_stems = content_stems(r.prompt, exclude=r.subject)
         # A restatement of the pseudo edit's own fact (same answer) is a paraphrase, not a negative: neither
         # as a natural negative nor rebuilt from another record's template.
-        own_restatements = {p.prompt.lower() for p in r.locality if locality_kind(r, p) == "restates_edit"}
+        own_restatements = {normalise(p.prompt) for p in r.locality if locality_kind(r, p) == "restates_edit"}
         natural = [p.prompt for p in r.locality if r.source in specific and locality_kind(r, p) == "same_subject"
                    and subject_template(r.subject, p.prompt) is not None and p.prompt not in evaluation
                    and not content_stems(p.prompt, exclude=r.subject) & anchor_stems]
         allowed = [k for k in other_relations(r.prompt, r.subject, templates)
-                   if templates[k].replace(SLOT, r.subject).lower() not in own_restatements]
+                   if normalise(templates[k].replace(SLOT, r.subject)) not in own_restatements]
         if natural or allowed:
             sources.append(TripleSource(r.id, r.prompt, positives, r.subject, natural, allowed,
                                         subject_template(r.subject, r.prompt)))
@@ -159,6 +161,7 @@ class HardNegativeTriples(Dataset):
         self.sources, self.templates, self.seed, self.epoch = sources, templates, seed, 0
         self.length = length if length > 0 else len(sources)
         self._perm: tuple[int, list[int]] | None = None
+        self._other_subjects = len({normalise(s.subject) for s in sources}) > 1
 
     def __len__(self) -> int:
         return self.length
@@ -174,7 +177,8 @@ class HardNegativeTriples(Dataset):
         s = self._source(i)
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")  # str seeds are stable across processes
         positive = s.positives[rng.randrange(len(s.positives))]
-        kinds = [k for k, ok in (("natural", s.natural), ("relation", s.templates), ("subject", s.own_template)) if ok]
+        kinds = [k for k, ok in (("natural", s.natural), ("relation", s.templates),
+                                 ("subject", s.own_template and self._other_subjects)) if ok]
         kind = kinds[rng.randrange(len(kinds))]
         if kind == "natural":
             negative = s.natural[rng.randrange(len(s.natural))]
@@ -185,8 +189,10 @@ class HardNegativeTriples(Dataset):
             # ignore the subject, and then other subjects' questions crowd the edits (ZsRE-1024: the
             # calibration's pseudo-irrelevant questions bound the threshold and 83% of paraphrases stayed).
             other = self.sources[rng.randrange(len(self.sources))].subject
-            if other.lower() == s.subject.lower():
-                other = self.sources[(self.sources.index(s) + 1) % len(self.sources)].subject
+            step = self.sources.index(s)
+            while normalise(other) == normalise(s.subject):  # the next source whose subject differs
+                step = (step + 1) % len(self.sources)
+                other = self.sources[step].subject
             negative = s.own_template.replace(SLOT, other)
         return {"anchor": s.anchor, "positive": positive, "negative": negative}
 

@@ -13,6 +13,8 @@ outside the calibration set, half of the pseudo-irrelevant prompts and at most h
 edits' own locality prompts, never the neighbours of memorised pseudo prompts; calibration scores the
 rest) and are pushed to a uniform output on them, which sharpens the familiar region
 around each memorised prompt (the paper trains on positives only; ``train_negatives: 0`` is that).
+With ``fences_per_edit`` each router also learns a uniform output on other facts about its memorised
+subjects (relation templates of the pseudo data; ZsRE's locality prompts ask those).
 
 The edits' evaluation paraphrases and locality prompts are embedded only for the report.
 """
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megedit.artifacts import ArtifactError, check_lineage, read_manifest, sha256_file
 from megedit.components.text_encoder import TextEncoder
-from megedit.data.locality_kinds import locality_kind, mentions_subject
+from megedit.data.locality_kinds import locality_kind, mentions_subject, normalise
 from megedit.distributed import gather_objects, world
 from megedit.encoder.encoder_datamodule import group_pairs
 from megedit.encoder.encoder_module import ENCODER_SUBDIR, HELDOUT
@@ -98,6 +100,12 @@ class FamiliarityDataModule(L.LightningDataModule):
             negatives_per_edit: the count grows with N to at least this many negatives per edit: the
                 familiar region of a larger router needs more fencing (CounterFact-4096 with 4096
                 negatives left 85% of locality prompts unfamiliar, with 4 per edit 93%).
+            fences_per_edit: per memorised prompt with a subject, this many "fences": its subject in the
+                relation template of another fact (from the pseudo edits' locality prompts, "The cell
+                component of {} is"; not one sharing a content word with the prompt), which the router
+                learns to leave unfamiliar. A dataset without relation-specificity locality prompts
+                (CounterFact) has no template, hence no fence. Never an evaluation text; the calibration
+                router gets its own fences, never one of its calibration texts. 0: none.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -141,7 +149,7 @@ class FamiliarityDataModule(L.LightningDataModule):
         pseudo_locality = sorted({p.prompt for r in prep.pseudo_edits for p in r.locality} - evaluation)
         self.fence_templates = relation_templates(prep.pseudo_edits, evaluation) if hp.fences_per_edit > 0 else []
         texts["fences"] = self._fences([(e.subject, e.prompt) for e in prep.edits],
-                                       exclude={t.lower() for t in evaluation})
+                                       exclude={normalise(t) for t in evaluation})
         if not hp.calibrate:
             if self.n_train_negatives > 0:
                 pool = sorted(({r["prompt"] for r in prep.pseudo_irrelevant} | {r.prompt for r in prep.pseudo_edits}
@@ -223,7 +231,7 @@ class FamiliarityDataModule(L.LightningDataModule):
                                    "train_negatives": len(train_negatives)}
         subject_of = {r.prompt: r.subject for r in prep.pseudo_edits}
         calib_fences = self._fences([(subject_of.get(t, ""), t) for t in calib_prompts],
-                                    exclude={t.lower() for t in evaluation | set(negatives) | positive_texts
+                                    exclude={normalise(t) for t in evaluation | set(negatives) | positive_texts
                                              | set(calib_prompts)})
         texts.update(calib_prompts=calib_prompts, calib_positives=[positives[i] for i in keep],
                      calib_negatives=negatives, train_negatives=train_negatives, calib_fences=calib_fences)
@@ -239,7 +247,7 @@ class FamiliarityDataModule(L.LightningDataModule):
             if not subject or not templates:
                 continue
             texts = [templates[k].replace(SLOT, subject) for k in other_relations(prompt, subject, templates)]
-            texts = [t for t in texts if t.lower() not in exclude]  # the encoder is uncased
+            texts = [t for t in texts if normalise(t) not in exclude]  # the encoder is uncased
             out += rng.sample(texts, min(n, len(texts)))
         return out
 

@@ -308,7 +308,7 @@ class FamiliarityModule(L.LightningModule):
             "entropy": {k: summary(v) for k, v in ent.items()},
             "calibration": calibration,
             "fences": {"per_edit": dm.hparams.fences_per_edit, "templates": len(dm.fence_templates),
-                       "main": len(dm.texts["fences"])},
+                       "main": len(dm.texts["fences"]), "used": hp.fence_weight > 0 and bool(dm.texts["fences"])},
             "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self.resumed_from,
                     **getattr(self, "_fit_states", {})},
             "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
