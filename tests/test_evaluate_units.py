@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megedit.evaluate.metrics import harmonic_mean, make_metrics, metric_names, summarise
+from megedit.evaluate.metrics import harmonic_mean, locality_breakdown, make_metrics, metric_names, summarise
 from megedit.evaluate.report import results_table
 
 
@@ -38,6 +38,41 @@ def test_results_table_has_every_metric_and_the_protocol():
                "results": {"meg": row, "ft": row}}
     text = results_table(summary)
     assert "| MeG | 50.00 |" in text and "| FT |" in text and "`official`" in text
+
+
+def _loc_row(kind: str, tf: float, ag: bool, familiar: bool) -> dict:
+    return {"variant": "meg", "group": "locality", "locality_kind": kind, "tf": tf, "ag": ag, "familiar": familiar}
+
+
+def test_locality_breakdown_per_kind_and_score_without_restatements():
+    rows = [_loc_row("other", 1.0, True, False), _loc_row("other", 0.5, False, False),
+            _loc_row("same_subject", 1.0, True, True), _loc_row("restates_edit", 0.0, False, True),
+            {"variant": "meg", "group": "reliability", "locality_kind": None, "tf": 1.0, "ag": True, "familiar": True}]
+    results = {"meg": {"rel_tf": 80.0, "rel_ag": 80.0, "gen_tf": 40.0, "gen_ag": 40.0, "loc_tf": 62.5, "loc_ag": 50.0}}
+    out = locality_breakdown(rows, results)["meg"]
+    assert out["by_kind"]["other"] == {"n": 2, "loc_tf": 75.0, "loc_ag": 50.0, "familiar": 0.0}
+    assert out["by_kind"]["same_subject"] == {"n": 1, "loc_tf": 100.0, "loc_ag": 100.0, "familiar": 100.0}
+    assert out["by_kind"]["restates_edit"]["n"] == 1
+    kept = out["excluding_restatements"]
+    # Three prompts left: TF (1 + 0.5 + 1) / 3, AG 2 of 3; the Score swaps only the two Locality numbers.
+    assert kept["loc_tf"] == pytest.approx(83.33) and kept["loc_ag"] == pytest.approx(66.67)
+    assert kept["score"] == pytest.approx(harmonic_mean([80, 80, 40, 40, 250 / 3, 200 / 3]), abs=0.01)
+    # Without restatements among the prompts there is nothing to exclude.
+    assert "excluding_restatements" not in locality_breakdown(rows[:3], results)["meg"]
+
+
+def test_results_table_splits_locality_by_kind_only_when_there_are_kinds():
+    row = {n: 50.0 for n in metric_names()} | {"score": 50.0, "routing_familiar": {"rel": 100.0, "gen": 90.0, "loc": 3.0}}
+    meta = {"n_edits": 4, "ag_protocol": "official", "ag": "x", "tf": "y", "locality_reference": "z",
+            "score": "hm", "sampler": "ddim", "steps": 50, "router_threshold": 0.3, "items": {}}
+    rates = {"n": 2, "loc_tf": 75.0, "loc_ag": 50.0, "familiar": 0.0}
+    plain = row | {"locality": {"by_kind": {"other": rates}}}
+    text = results_table({"lineage": {"model": "m", "dataset": "d"}, "metric_meta": meta, "results": {"meg": plain}})
+    assert "by kind" not in text
+    split = row | {"locality": {"by_kind": {"other": rates, "restates_edit": rates | {"n": 1}},
+                                "excluding_restatements": rates | {"score": 42.0}}}
+    text = results_table({"lineage": {"model": "m", "dataset": "d"}, "metric_meta": meta, "results": {"meg": split}})
+    assert "restates the edited fact (n=1)" in text and "| MeG | 50.00 / 75.00 / 0.00 |" in text and "**42.00**" in text
 
 
 def test_ft_baseline_changes_only_the_edit_layer_and_restores_it(tiny_llama):

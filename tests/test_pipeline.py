@@ -70,6 +70,9 @@ def test_evaluate_writes_every_output_with_its_protocol(run_dir):
         assert retrieval["rel_ag"] >= retrieval["routing_familiar"]["rel"] - 1e-6, retrieval
     rows = [json.loads(line) for line in (out / "per_example.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * sum(meta["items"].values())
+    # Every locality prompt has its kind, and the per-kind counts add up to the Locality items.
+    assert {r["locality_kind"] for r in rows if r["group"] == "locality"} <= {"other", "same_subject", "restates_edit"}
+    assert sum(k["n"] for k in meg["locality"]["by_kind"].values()) == meta["items"]["locality"]
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "| MeG |" in (out / "results.md").read_text()
     assert list((run_dir / "tb").rglob("events.out.tfevents.*"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from megedit.data.locality_kinds import locality_kind
 from megedit.prepare.artifact import load_prepared
 
 
@@ -40,7 +41,8 @@ class EvaluateDataModule(L.LightningDataModule):
             items += [{"edit": i, "group": "generality", "pos": j, "query": p, "kind": rec.prompt_kind,
                        "target": rec.target_new} for j, p in enumerate(rec.paraphrases)]
             items += [{"edit": i, "group": "locality", "pos": j, "query": loc.prompt, "kind": loc.kind,
-                       "target": loc.answer or rec.target_new, "pre_tokens": pre["locality"][j]["tokens"]}
+                       "target": loc.answer or rec.target_new, "pre_tokens": pre["locality"][j]["tokens"],
+                       "locality_kind": locality_kind(rec, loc)}
                       for j, loc in enumerate(rec.locality)]
         for k, item in enumerate(items):
             item["key"] = k

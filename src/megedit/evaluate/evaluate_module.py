@@ -14,7 +14,7 @@ from megedit.artifacts import atomic_write_json, atomic_write_jsonl, write_manif
 from megedit.baselines.ft import finetune_mlp, swapped_mlp
 from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
-from megedit.evaluate.metrics import SHORT, make_metrics, summarise
+from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, summarise
 from megedit.evaluate.report import write_reports
 from megedit.scoring import greedy_tokens, left_pad, positions_from_mask, target_ids
 
@@ -186,7 +186,7 @@ class EvaluateModule(L.LightningModule):
                 self.metrics[f"{variant}__familiar_{g}"].update(familiar[i].float())
                 self._rows.append({"key": it["key"], "variant": variant, "edit": it["edit"], "group": it["group"],
                                    "pos": it["pos"], "query": it["query"], "kind": it["kind"], "target": it["target"],
-                                   "familiar": bool(familiar[i]),
+                                   "locality_kind": it.get("locality_kind"), "familiar": bool(familiar[i]),
                                    "entropy": None if variant == "ft" else round(float(routing.entropy[i]), 4),
                                    "tf": round(float(tf[i]), 4), "ag": bool(ag[i]),
                                    "answer": e.tokenizer.decode(gen[i], skip_special_tokens=True)})
@@ -221,6 +221,8 @@ class EvaluateModule(L.LightningModule):
             "router_threshold": float(e.router.threshold), "n_edits": n_edits,
             "items": {g: sum(1 for it in dm.items if it["group"] == g) for g in ("reliability", "generality", "locality")},
         }
+        for variant, extra in locality_breakdown(rows, results).items():
+            results[variant]["locality"] = extra
         summary = {"lineage": e.prepared.lineage, "metric_meta": meta, "results": results,
                    "timings_seconds": {k: round(v, 1) for k, v in self._timing.items()} |
                    {"total": round(time.time() - self._started, 1)}}

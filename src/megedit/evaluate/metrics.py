@@ -51,3 +51,40 @@ def summarise(metrics: torch.nn.ModuleDict, variants) -> dict:
             row["routing_familiar"][SHORT[g]] = round(100.0 * val, 2) if not math.isnan(val) else None
         out[v] = row
     return out
+
+
+def locality_breakdown(rows: list[dict], results: dict) -> dict:
+    """Locality per kind of prompt (see ``megedit.data.locality_kinds``), from per-example rows.
+
+    ``results`` is :func:`summarise`'s output (Reliability and Generality come from it).
+    ``{variant: {"by_kind": {kind: {n, loc_tf, loc_ag, familiar}}, "excluding_restatements": {...}}}``
+    in percent. A ``restates_edit`` prompt asks the edited fact again (ZsRE's KnowEdit prompts), so an
+    edit that generalises *must* change its answer; ``excluding_restatements`` gives Locality and the
+    Score without them, beside the paper's Score that counts them.
+    """
+    out = {}
+    for v, row in results.items():
+        loc = [r for r in rows if r["variant"] == v and r["group"] == "locality"]
+        by_kind = {}
+        for kind in sorted({r["locality_kind"] for r in loc}):
+            part = [r for r in loc if r["locality_kind"] == kind]
+            by_kind[kind] = _locality_rates(part)
+        entry = {"by_kind": by_kind}
+        if "restates_edit" in by_kind:
+            kept = _locality_rates([r for r in loc if r["locality_kind"] != "restates_edit"])
+            six = [row[n] for n in metric_names() if not n.startswith("loc")] + [kept["loc_tf"], kept["loc_ag"]]
+            kept["score"] = round(harmonic_mean(six), 2) if None not in six else None
+            entry["excluding_restatements"] = kept
+        out[v] = entry
+    return out
+
+
+def _locality_rates(rows: list[dict]) -> dict:
+    n = len(rows)
+
+    def pct(values) -> float | None:
+        return round(100.0 * sum(values) / n, 2) if n else None
+
+    return {"n": n, "loc_tf": pct([r["tf"] for r in rows]), "loc_ag": pct([float(r["ag"]) for r in rows]),
+            "familiar": pct([float(r["familiar"]) for r in rows])}
+

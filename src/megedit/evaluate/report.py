@@ -25,11 +25,37 @@ def results_table(summary: dict) -> str:
         lines.append(f"| {LABELS.get(variant, variant)} | {_fmt(r['rel_ag'])} | {_fmt(r['rel_tf'])} | "
                      f"{_fmt(r['gen_ag'])} | {_fmt(r['gen_tf'])} | {_fmt(r['loc_ag'])} | {_fmt(r['loc_tf'])} | "
                      f"**{_fmt(r['score'])}** | {_fmt(fam['rel'])} / {_fmt(fam['gen'])} / {_fmt(fam['loc'])} |")
+    lines += locality_table(summary)
     lines += ["", f"AG protocol: `{meta['ag_protocol']}`: {meta['ag']}.", f"TF: {meta['tf']}.",
               f"Locality reference: {meta['locality_reference']}. Score: {meta['score']}.",
               f"Sampler: {meta['sampler']}, {meta['steps']} steps; router threshold {meta['router_threshold']:.4g}; "
               f"items: {meta['items']}.", ""]
     return "\n".join(lines)
+
+
+KIND_LABELS = {"other": "unrelated", "same_subject": "same subject, other fact",
+               "restates_edit": "restates the edited fact"}
+
+
+def locality_table(summary: dict) -> list[str]:
+    """Locality AG / TF and the routed-familiar rate per kind of locality prompt, when there is more than
+    one kind (ZsRE's KnowEdit prompts about the edited subject); empty otherwise."""
+    parts = {v: r.get("locality") for v, r in summary["results"].items() if r.get("locality")}
+    kinds = sorted({k for p in parts.values() for k in p["by_kind"]}, key=list(KIND_LABELS).index)
+    if kinds == ["other"] or not kinds:
+        return []
+    first = next(iter(parts.values()))["by_kind"]
+    head = " | ".join(f"{KIND_LABELS[k]} (n={first[k]['n']})" for k in kinds if k in first)
+    lines = ["", "Locality by kind of prompt: AG / TF / routed familiar (%).", "",
+             f"| Method | {head} | Loc AG / TF and Score without restatements |",
+             "|---|" + "---|" * len(kinds) + "---|"]
+    for variant, p in parts.items():
+        cells = [" / ".join(_fmt(p["by_kind"][k][m]) for m in ("loc_ag", "loc_tf", "familiar")) if k in p["by_kind"]
+                 else "n/a" for k in kinds]
+        ex = p.get("excluding_restatements")
+        tail = f"{_fmt(ex['loc_ag'])} / {_fmt(ex['loc_tf'])}, **{_fmt(ex['score'])}**" if ex else "n/a"
+        lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + f" | {tail} |")
+    return lines
 
 
 def bar_chart(summary: dict, path: Path) -> None:
