@@ -28,6 +28,18 @@ def test_fingerprint_covers_config_and_upstream_manifests_not_speed_settings(tmp
     assert run_fingerprint({"lr": 1e-3}, data)["upstream_manifests"] != base["upstream_manifests"]
 
 
+def test_fingerprint_covers_trainer_settings_that_change_the_optimisation_only(tmp_path):
+    data = {"prepare_dir": str(_upstream(tmp_path, "{}"))}
+    base = run_fingerprint({"lr": 1e-3}, data, {"precision": "32-true", "gradient_clip_val": 1.0})
+    # Unknown or budget settings are ignored: a larger max_epochs resumes.
+    assert run_fingerprint({"lr": 1e-3}, data, {"precision": "32-true", "gradient_clip_val": 1.0,
+                                                "max_epochs": 99}) == base
+    assert run_fingerprint({"lr": 1e-3}, data, {"precision": "bf16-mixed", "gradient_clip_val": 1.0}) != base
+    assert run_fingerprint({"lr": 1e-3}, data, {"precision": "32-true", "gradient_clip_val": 0.5}) != base
+    assert run_fingerprint({"lr": 1e-3}, data, {"precision": "32-true", "gradient_clip_val": 1.0,
+                                                "accumulate_grad_batches": 4}) != base
+
+
 def test_resumes_only_the_same_run_and_moves_other_checkpoints_aside(tmp_path, capsys):
     up = _upstream(tmp_path, '{"stage": "prepare"}')
     out = tmp_path / "stage"
@@ -43,7 +55,7 @@ def test_resumes_only_the_same_run_and_moves_other_checkpoints_aside(tmp_path, c
     assert resumable_checkpoint(out, other) is None
     stale = [p for p in out.iterdir() if p.name.startswith(f"{CHECKPOINT_DIR}.stale-")]
     assert len(stale) == 1 and (stale[0] / LAST_CKPT).read_bytes() == b"state"  # nothing lost
-    assert "the model/data config changed" in capsys.readouterr().out
+    assert "the model/data/trainer config changed" in capsys.readouterr().out
     assert json.loads((ckpt_dir / RUN_FILE).read_text()) == other and not (ckpt_dir / LAST_CKPT).exists()
 
 

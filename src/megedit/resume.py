@@ -4,7 +4,8 @@ A stage's Lightning checkpoints live in ``<out_dir>/checkpoints``, and ``run.jso
 records a fingerprint of the stage's config and of its upstream artifacts' manifests. A re-run with
 another config or other inputs (``make`` re-running a stale stage, a changed flag) must not quietly
 continue the old optimisation: its checkpoints are moved aside, never deleted, and the stage starts
-fresh. Trainer settings are not fingerprinted, so a larger ``--trainer.max_epochs`` resumes.
+fresh. Of the trainer settings, only those that change the optimisation are fingerprinted (precision,
+gradient clipping and accumulation), so a larger ``--trainer.max_epochs`` resumes.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ LAST_CKPT = f"{LAST_NAME}.ckpt"
 RUN_FILE = "run.json"
 # Settings that change speed or memory, never the result.
 NOT_FINGERPRINTED = frozenset({"num_workers", "torch_threads", "embed_batch_size"})
+# Trainer settings that change what the optimiser does (the rest: budget, devices, logging, ...).
+TRAINER_FINGERPRINTED = ("precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 
 
-def run_fingerprint(model_hparams: dict, data_hparams: dict) -> dict:
+def run_fingerprint(model_hparams: dict, data_hparams: dict, trainer_settings: dict | None = None) -> dict:
     """What a checkpoint must share with the current run to be resumed: the stage's model and data
-    config, and the manifests of the upstream artifacts the data config points at (``*_dir``)."""
+    config, the trainer settings in ``TRAINER_FINGERPRINTED``, and the manifests of the upstream
+    artifacts the data config points at (``*_dir``)."""
     def strip(hp: dict) -> dict:
         # Folders compare resolved: ./runs/x and /abs/runs/x are the same run.
         return {k: (str(Path(v).resolve()) if k.endswith("_dir") and isinstance(v, str) else v)
@@ -36,7 +40,9 @@ def run_fingerprint(model_hparams: dict, data_hparams: dict) -> dict:
     for key, value in sorted(dict(data_hparams).items()):
         if key.endswith("_dir") and value and (Path(value) / MANIFEST).is_file():
             upstream[key] = sha256_file(Path(value) / MANIFEST)
-    return {"config_sha256": sha256_json({"model": strip(model_hparams), "data": strip(data_hparams)}),
+    trainer = {k: (trainer_settings or {}).get(k) for k in TRAINER_FINGERPRINTED}
+    return {"config_sha256": sha256_json({"model": strip(model_hparams), "data": strip(data_hparams),
+                                          "trainer": trainer}),
             "upstream_manifests": upstream}
 
 
@@ -51,7 +57,7 @@ def _difference(recorded: dict | None, current: dict) -> str:
         return f"no readable {RUN_FILE}"
     changed = []
     if recorded.get("config_sha256") != current["config_sha256"]:
-        changed.append("the model/data config")
+        changed.append("the model/data/trainer config")
     old, new = recorded.get("upstream_manifests", {}), current["upstream_manifests"]
     changed += [f"input {k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(changed) or "nothing recorded"

@@ -13,7 +13,7 @@ from typing import Sequence
 from lightning.pytorch.cli import LightningCLI
 
 from megedit.paths import CONFIG_DIR
-from megedit.resume import resumable_checkpoint, run_fingerprint
+from megedit.resume import TRAINER_FINGERPRINTED, resumable_checkpoint, run_fingerprint
 
 
 class StageCLI(LightningCLI):
@@ -36,8 +36,10 @@ def run_stage(stage: str, module_cls, datamodule_cls, method: str, links: Sequen
     extra = {}
     if method == "fit" and getattr(cli.model, "resumable", False):
         # A killed run resumes from its last checkpoint, but only one of the same config and inputs.
-        cli.model.resumed_from = resumable_checkpoint(cli.model.hparams.out_dir,
-                                                      run_fingerprint(cli.model.hparams, cli.datamodule.hparams))
+        trainer = cli.config.get("trainer") or {}
+        fingerprint = run_fingerprint(cli.model.hparams, cli.datamodule.hparams,
+                                      {k: trainer.get(k) for k in TRAINER_FINGERPRINTED})
+        cli.model.resumed_from = resumable_checkpoint(cli.model.hparams.out_dir, fingerprint)
         extra["ckpt_path"] = cli.model.resumed_from
     getattr(cli.trainer, method)(cli.model, datamodule=cli.datamodule, **extra)
     return cli
