@@ -250,9 +250,10 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ output
     def on_fit_end(self) -> None:
-        # The final state is the resume point too, so a larger max_epochs continues a finished run.
+        # The final state is the resume point too, so a larger max_epochs continues a finished run; a full
+        # checkpoint (optimiser, EMA, loops), which is what resuming needs.
         if not self.trainer.interrupted:
-            self.trainer.save_checkpoint(Path(self.hparams.out_dir) / CHECKPOINT_DIR / LAST_CKPT)
+            self.trainer.save_checkpoint(Path(self.hparams.out_dir) / CHECKPOINT_DIR / LAST_CKPT, weights_only=False)
         if self.global_rank == 0:
             self._write()
         barrier()
