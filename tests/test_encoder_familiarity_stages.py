@@ -74,7 +74,7 @@ def test_familiarity_stage_routes_and_refuses_other_encoder(prepared_dir, encode
                                *FAMILIARITY_SMALL])
     manifest = read_manifest(out, stage="familiarity")
     assert set(manifest["inputs"]["upstream"]) == {"prepare", "encoder"}
-    for name in ("router.safetensors", "router.json", "routing_report.json", "entropy_hist.png"):
+    for name in ("router.safetensors", "router.json", "routing_report.json", "entropy_hist.png", "entropies.safetensors"):
         assert (out / name).is_file()
     assert (out / "entropy_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "histogram/rates not logged to TensorBoard"
@@ -83,6 +83,20 @@ def test_familiarity_stage_routes_and_refuses_other_encoder(prepared_dir, encode
     assert cfg["K"] == 10 and cfg["threshold"] == report["threshold"] and cfg["threshold_source"].startswith("auto")
     assert report["fit"]["converged"]
     assert report["calibration"]["counts"]["memorised"] == 8
+    # The saved entropies re-pick the same threshold without retraining, and give the reported rates.
+    from safetensors.torch import load_file
+
+    from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
+    from megedit.familiarity.router import choose_threshold
+
+    ent = load_file(str(out / "entropies.safetensors"))
+    hp = manifest["config"]["model"]
+    again = choose_threshold(ent["calibration.calib_positives"], ent["calibration.calib_negatives"],
+                             hp["calibration_rule"], hp["target_fpr"], unfamiliar_kind=ent["calibration.negative_kind"],
+                             kind_names=list(NEGATIVE_KINDS), budget_kinds=list(hp["budget_kinds"]))
+    assert again["threshold"] == pytest.approx(report["threshold"])
+    assert float((ent["main.locality"] >= report["threshold"]).float().mean()) == pytest.approx(
+        report["rates"]["locality_unfamiliar"])
     # The router memorised the edit prompts: all of them route familiar with the auto threshold.
     prep = load_prepared(prepared_dir)
     router = load_router(out, encoder_dir=tuned)

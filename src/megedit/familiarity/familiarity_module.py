@@ -32,6 +32,10 @@ from megedit.resume import CHECKPOINT_DIR, resume_point_callback
 
 REPORT = "routing_report.json"
 HIST = "entropy_hist.png"
+# Every entropy behind the report and the threshold, so a threshold can be re-picked (another rule or
+# FPR budget, with ``choose_threshold``) without retraining: ``main.*`` from the router, ``calibration.*``
+# from the calibration router (``calibration.negative_kind`` indexes NEGATIVE_KINDS).
+ENTROPIES = "entropies.safetensors"
 
 
 def random_labels(n: int, k: int, seed: int) -> torch.Tensor:
@@ -325,6 +329,13 @@ class FamiliarityModule(L.LightningModule):
 
         with atomic_path(out / WEIGHTS) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.main_net.state_dict().items()}, str(tmp))
+        entropies = {f"main.{k}": v for k, v in ent.items()}
+        if calibration is not None:
+            entropies |= {f"calibration.{k}": v for k, v in cal.items()}
+            entropies["calibration.negative_kind"] = dm.calibration_negative_kind
+        with atomic_path(out / ENTROPIES) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in entropies.items()}, str(tmp),
+                      metadata={"units": "nats", "negative_kinds": ",".join(NEGATIVE_KINDS)})
         atomic_write_json(out / CONFIG, router_cfg)
         atomic_write_json(out / REPORT, report)
         fig = self._histogram(ent, cal if calibration is not None else None, threshold)
@@ -338,7 +349,7 @@ class FamiliarityModule(L.LightningModule):
                        config={"data": dict(dm.hparams), "model": dict(hp),
                                "trainer": {"max_epochs": self.trainer.max_epochs,
                                            "world_size": self.trainer.world_size}},
-                       outputs=[WEIGHTS, CONFIG, REPORT, HIST],
+                       outputs=[WEIGHTS, CONFIG, REPORT, HIST, ENTROPIES],
                        upstream={"prepare": dm.hparams.prepare_dir, "encoder": dm.hparams.encoder_dir})
         r, a = report["rates"], report["auroc"]
         print(f"familiarity: threshold {threshold:.4f} ({source}); edit prompts familiar "
