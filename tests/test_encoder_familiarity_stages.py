@@ -74,9 +74,11 @@ def test_familiarity_stage_routes_and_refuses_other_encoder(prepared_dir, encode
                                *FAMILIARITY_SMALL])
     manifest = read_manifest(out, stage="familiarity")
     assert set(manifest["inputs"]["upstream"]) == {"prepare", "encoder"}
-    for name in ("router.safetensors", "router.json", "routing_report.json", "entropy_hist.png", "entropies.safetensors"):
-        assert (out / name).is_file()
-    assert (out / "entropy_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("router.safetensors", "router.json", "routing_report.json", "entropy_hist.png", "routing_curve.png",
+                 "entropies.safetensors"):
+        assert (out / name).is_file() and name in manifest["outputs"]
+    for png in ("entropy_hist.png", "routing_curve.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "histogram/rates not logged to TensorBoard"
     report = json.loads((out / "routing_report.json").read_text())
     cfg = json.loads((out / "router.json").read_text())
@@ -97,6 +99,25 @@ def test_familiarity_stage_routes_and_refuses_other_encoder(prepared_dir, encode
     assert again["threshold"] == pytest.approx(report["threshold"])
     assert float((ent["main.locality"] >= report["threshold"]).float().mean()) == pytest.approx(
         report["rates"]["locality_unfamiliar"])
+    # `megedit threshold` reproduces the stage's own pick and rates from the saved entropies, and a
+    # tighter budget never raises the threshold; nothing in the artifact changes.
+    from megedit.cli import main as megedit_main
+
+    before = {name: (out / name).read_bytes() for name in manifest["outputs"]}
+    assert megedit_main(["threshold", str(out), "--json", str(tmp_path / "same.json"),
+                         "--curve", str(tmp_path / "curve.png")]) == 0
+    same = json.loads((tmp_path / "same.json").read_text())
+    assert same["threshold"] == pytest.approx(report["threshold"])
+    for k in ("edit_prompts_familiar", "edit_paraphrases_familiar", "locality_unfamiliar"):
+        assert same["edits"][k] == pytest.approx(report["rates"][k])
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert megedit_main(["threshold", str(out), "--rule", "max_fpr", "--target-fpr", "0",
+                         "--json", str(tmp_path / "tight.json")]) == 0
+    tight = json.loads((tmp_path / "tight.json").read_text())
+    assert tight["threshold"] <= same["threshold"] and tight["pseudo"]["unfamiliar_routed_familiar_rate"] == 0.0
+    assert {name: (out / name).read_bytes() for name in manifest["outputs"]} == before
+    with pytest.raises(SystemExit, match="unknown kinds"):
+        megedit_main(["threshold", str(out), "--budget-kinds", "no_such_kind"])
     # The router memorised the edit prompts: all of them route familiar with the auto threshold.
     prep = load_prepared(prepared_dir)
     router = load_router(out, encoder_dir=tuned)

@@ -68,6 +68,8 @@ def _usage() -> str:
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> ("module:function", help)
     "ask": ("megedit.ask:main", "answer questions with an edited run and show the routing provenance"),
     "report": ("megedit.report:main", "gather several evaluate results into one table and a scaling plot"),
+    "threshold": ("megedit.familiarity.threshold:main",
+                  "re-pick a router's entropy threshold (another rule or FPR budget) from its saved entropies"),
 }
 
 

@@ -7,7 +7,9 @@ pseudo-irrelevant prompts (should not); the threshold that separates them best i
 main router. The edits' evaluation paraphrases and locality prompts only enter the report.
 
 Outputs: ``router.safetensors``, ``router.json`` (architecture, K, threshold and how it was
-chosen), ``routing_report.json``, ``entropy_hist.png`` (also logged to TensorBoard), manifest.
+chosen), ``routing_report.json``, ``entropy_hist.png`` and ``routing_curve.png`` (every routing rate
+against the threshold; both also logged to TensorBoard), ``entropies.safetensors`` (re-pick a
+threshold with ``megedit threshold``), manifest.
 """
 
 from __future__ import annotations
@@ -27,15 +29,13 @@ from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter
 from megedit.data.locality_kinds import LOCALITY_KINDS
 from megedit.distributed import barrier
 from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
-from megedit.familiarity.router import CONFIG, WEIGHTS, auroc, choose_threshold
+from megedit.familiarity.router import CONFIG, ENTROPIES, WEIGHTS, auroc, choose_threshold
+from megedit.familiarity.threshold import routing_curve
 from megedit.resume import CHECKPOINT_DIR, resume_point_callback
 
 REPORT = "routing_report.json"
 HIST = "entropy_hist.png"
-# Every entropy behind the report and the threshold, so a threshold can be re-picked (another rule or
-# FPR budget, with ``choose_threshold``) without retraining: ``main.*`` from the router, ``calibration.*``
-# from the calibration router (``calibration.negative_kind`` indexes NEGATIVE_KINDS).
-ENTROPIES = "entropies.safetensors"
+CURVE = "routing_curve.png"
 
 
 def random_labels(n: int, k: int, seed: int) -> torch.Tensor:
@@ -341,15 +341,21 @@ class FamiliarityModule(L.LightningModule):
         fig = self._histogram(ent, cal if calibration is not None else None, threshold)
         with atomic_path(out / HIST) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        self._log_tensorboard(fig, report)
+        curve = routing_curve(entropies, threshold, list(NEGATIVE_KINDS), max_entropy=math.log(hp.num_classes),
+                              title=f"familiarity router, N={len(ent['edit_prompts'])}: threshold {threshold:.3g} "
+                                    f"({source})")
+        with atomic_path(out / CURVE) as tmp:
+            curve.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        self._log_tensorboard({"familiarity/entropy_hist": fig, "familiarity/routing_curve": curve}, report)
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+        plt.close(curve)
         write_manifest(out, "familiarity", dm.prepared.lineage,
                        config={"data": dict(dm.hparams), "model": dict(hp),
                                "trainer": {"max_epochs": self.trainer.max_epochs,
                                            "world_size": self.trainer.world_size}},
-                       outputs=[WEIGHTS, CONFIG, REPORT, HIST, ENTROPIES],
+                       outputs=[WEIGHTS, CONFIG, REPORT, HIST, CURVE, ENTROPIES],
                        upstream={"prepare": dm.hparams.prepare_dir, "encoder": dm.hparams.encoder_dir})
         r, a = report["rates"], report["auroc"]
         print(f"familiarity: threshold {threshold:.4f} ({source}); edit prompts familiar "
@@ -395,12 +401,13 @@ class FamiliarityModule(L.LightningModule):
         fig.suptitle(f"familiarity router, N={len(ent['edit_prompts'])}, K={hp.num_classes}")
         return fig
 
-    def _log_tensorboard(self, fig, report: dict) -> None:
+    def _log_tensorboard(self, figures: dict, report: dict) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("familiarity/entropy_hist", fig, global_step=self.global_step)
+                for tag, fig in figures.items():
+                    logger.experiment.add_figure(tag, fig, global_step=self.global_step, close=False)
                 for k, v in report["rates"].items():
                     if v is not None:
                         logger.experiment.add_scalar(f"routing/{k}", v, self.global_step)

@@ -12,6 +12,11 @@ from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter
 
 WEIGHTS = "router.safetensors"
 CONFIG = "router.json"
+# Every entropy behind the report and the threshold, so a threshold can be re-picked (another rule or
+# FPR budget, with ``choose_threshold``; ``megedit threshold``) without retraining: ``main.*`` from the
+# router, ``calibration.*`` from the calibration router (``calibration.negative_kind`` indexes the kind
+# names in the file's ``negative_kinds`` metadata).
+ENTROPIES = "entropies.safetensors"
 
 
 def load_router(folder: str | Path, encoder_dir: str | Path | None = None,

@@ -1,0 +1,175 @@
+"""Re-pick or inspect a trained router's entropy threshold from its saved entropies, without retraining.
+
+``megedit threshold RUN/familiarity`` reads ``entropies.safetensors`` (every entropy behind the
+stage's report) and prints, for the threshold a calibration rule and FPR budget give on the pseudo
+calibration data (or for a threshold you name), the pseudo rates the choice rests on and the
+routing rates it gives on the edits (a diagnostic: the edits' paraphrases and locality prompts
+never pick the threshold). ``--curve PNG`` plots every rate against the threshold. Nothing in the
+artifact changes; evaluate a chosen value with ``evaluate --model.router_threshold T``
+(``make sweep-threshold THRESHOLDS="..."`` for several).
+
+The stage writes the same curve as ``routing_curve.png`` (``routing_curve``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from megedit.artifacts import ArtifactError, atomic_path, atomic_write_json, read_manifest
+from megedit.familiarity.router import CALIBRATION_RULES, CONFIG, ENTROPIES, choose_threshold
+# The main router's groups and which way each should fall (True: below the threshold, i.e. familiar).
+EDIT_GROUPS = (("edit_prompts", "edit prompts familiar", True),
+               ("edit_paraphrases", "paraphrases familiar", True),
+               ("locality", "locality unfamiliar", False))
+
+
+def load_entropies(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The entropies of a familiarity artifact, and the names of its calibration negative kinds."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    read_manifest(folder, stage="familiarity")
+    path = folder / ENTROPIES
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {ENTROPIES} (written by the familiarity stage since it saves every "
+                            "entropy; re-run the stage to get it)")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
+    missing = [f"main.{g}" for g, _, _ in EDIT_GROUPS if f"main.{g}" not in tensors]
+    if missing:
+        raise ArtifactError(f"{path}: missing tensors {missing} (expected main.edit_prompts, main.edit_paraphrases, "
+                            "main.locality)")
+    kinds = [k for k in meta.get("negative_kinds", "").split(",") if k]
+    return tensors, kinds
+
+
+def rate(x: torch.Tensor, threshold: float, familiar: bool) -> float | None:
+    """Share of ``x`` on the expected side of ``threshold`` (familiar: below it), None when empty."""
+    if x.numel() == 0:
+        return None
+    return float((x < threshold).float().mean() if familiar else (x >= threshold).float().mean())
+
+
+def edit_rates(ent: dict[str, torch.Tensor], threshold: float) -> dict[str, float | None]:
+    """Routing rates of the main router on the edits at ``threshold`` (the report's ``rates`` keys)."""
+    return {f"{g}_{'familiar' if fam else 'unfamiliar'}": rate(ent[f"main.{g}"], threshold, fam)
+            for g, _, fam in EDIT_GROUPS}
+
+
+def routing_curve(ent: dict[str, torch.Tensor], threshold: float, kind_names: list[str], title: str = "",
+                  max_entropy: float | None = None):
+    """Every routing rate against the threshold (log x), the chosen one marked: a matplotlib figure.
+
+    Solid lines: the main router on the edits (diagnostic). Dashed: the calibration router on pseudo data
+    (familiar rate of held-out paraphrases; unfamiliar rate per kind of negative), which picks ``auto``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = torch.cat([v.flatten().double() for k, v in ent.items() if k != "calibration.negative_kind"])
+    lo = max(float(values[values > 0].min()) if (values > 0).any() else 1e-6, 1e-6)
+    hi = max_entropy or float(values.max())
+    grid = torch.logspace(math.log10(lo), math.log10(max(hi, lo * 10)), 400)
+
+    def curve(x: torch.Tensor, familiar: bool) -> list[float]:
+        below = (x.double().view(1, -1) < grid.view(-1, 1)).double().mean(1)
+        return (below if familiar else 1 - below).tolist()
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for g, label, fam in EDIT_GROUPS:
+        x = ent[f"main.{g}"]
+        if x.numel():
+            ax.plot(grid, curve(x, fam), label=f"{label} (n={x.numel()})")
+    if "calibration.calib_positives" in ent:
+        ax.plot(grid, curve(ent["calibration.calib_positives"], True), "--",
+                label=f"pseudo paraphrases familiar (n={ent['calibration.calib_positives'].numel()})")
+        neg, kind = ent["calibration.calib_negatives"], ent.get("calibration.negative_kind")
+        for k, name in enumerate(kind_names):
+            x = neg[kind == k] if kind is not None else neg
+            if x.numel():
+                ax.plot(grid, curve(x, False), ":", label=f"{name} unfamiliar (n={x.numel()})")
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("entropy threshold (nats; familiar iff entropy < threshold)")
+    ax.set_ylabel("share on the expected side")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "routing rates against the threshold", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megedit threshold", description=__doc__.splitlines()[0])
+    ap.add_argument("familiarity_dir", help="a familiarity stage output folder")
+    ap.add_argument("--rule", choices=CALIBRATION_RULES, help="calibration rule (default: the run's own)")
+    ap.add_argument("--target-fpr", type=float, help="FPR budget of capped / max_fpr (default: the run's own)")
+    ap.add_argument("--budget-kinds", nargs="+", help="kinds of pseudo negative the budget holds for "
+                    "(default: the run's own)")
+    ap.add_argument("--threshold", type=float, help="report this threshold instead of picking one")
+    ap.add_argument("--curve", help="write the routing-rate curve here (PNG)")
+    ap.add_argument("--json", help="write the result here (JSON)")
+    args = ap.parse_args(argv)
+
+    folder = Path(args.familiarity_dir)
+    ent, kinds = load_entropies(folder)
+    cfg = json.loads((folder / CONFIG).read_text())
+    own = cfg.get("calibration") or {}
+    manifest_model = read_manifest(folder, stage="familiarity")["config"]["model"]
+    result: dict = {"familiarity_dir": str(folder), "trained_threshold": cfg["threshold"],
+                    "trained_threshold_source": cfg.get("threshold_source")}
+    if args.threshold is not None:
+        threshold, source = args.threshold, "given (--threshold)"
+    else:
+        if "calibration.calib_positives" not in ent:
+            raise SystemExit(f"{folder}: trained without calibration data (data.calibrate false): nothing to pick a "
+                             "threshold on; pass --threshold to inspect one")
+        rule = args.rule or own.get("rule") or manifest_model.get("calibration_rule", "capped")
+        fpr = args.target_fpr if args.target_fpr is not None else (own.get("target_fpr") or
+                                                                    manifest_model.get("target_fpr", 0.04))
+        budget = args.budget_kinds or manifest_model.get("budget_kinds") or own.get("kinds_budgeted")
+        unknown = set(budget or []) - set(kinds)
+        if unknown:
+            raise SystemExit(f"--budget-kinds: unknown kinds {sorted(unknown)}; this run has {kinds}")
+        kind_tensor = ent.get("calibration.negative_kind")
+        # A kind the run budgeted was big enough (min_kind_size); others only pool, as in the stage.
+        pick = choose_threshold(ent["calibration.calib_positives"], ent["calibration.calib_negatives"], rule, fpr,
+                                unfamiliar_kind=kind_tensor, kind_names=kinds or None, budget_kinds=budget)
+        threshold, source = pick["threshold"], f"{rule} at FPR budget {fpr} on the pseudo calibration data"
+        result["pseudo"] = {k: pick[k] for k in ("familiar_rate", "unfamiliar_routed_familiar_rate",
+                                                  "unfamiliar_routed_familiar_rate_by_kind", "kinds_budgeted")}
+    if not threshold > 0:
+        raise SystemExit(f"threshold {threshold} is not positive: no query would be routed familiar")
+    result.update(threshold=threshold, threshold_source=source, edits=edit_rates(ent, threshold))
+    print(f"{folder}: threshold {threshold:.4g} ({source}); trained with {cfg['threshold']:.4g}")
+    if "pseudo" in result:
+        p = result["pseudo"]
+        by_kind = ", ".join(f"{k} {v:.3f}" for k, v in p["unfamiliar_routed_familiar_rate_by_kind"].items())
+        print(f"  pseudo calibration: paraphrases familiar {p['familiar_rate']:.3f}; negatives routed familiar "
+              f"(worst budgeted) {p['unfamiliar_routed_familiar_rate']:.3f} ({by_kind})")
+    e = result["edits"]
+    print("  edits (diagnostic): " + ", ".join(f"{label} {e[f'{g}_{suffix}']:.3f}"
+                                               for g, label, fam in EDIT_GROUPS
+                                               for suffix in ["familiar" if fam else "unfamiliar"]
+                                               if e[f"{g}_{suffix}"] is not None))
+    print(f"  evaluate it: stages/evaluate.py ... --model.router_threshold {threshold:.6g}")
+    if args.curve:
+        import matplotlib.pyplot as plt
+
+        fig = routing_curve(ent, threshold, kinds, title=f"{folder}: {source}",
+                            max_entropy=math.log(cfg["architecture"]["num_classes"]))
+        with atomic_path(args.curve) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        print(f"  wrote {args.curve}")
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
