@@ -114,7 +114,9 @@ def test_familiarity_stage_routes_and_refuses_other_encoder(prepared_dir, encode
     assert megedit_main(["threshold", str(out), "--rule", "max_fpr", "--target-fpr", "0",
                          "--json", str(tmp_path / "tight.json")]) == 0
     tight = json.loads((tmp_path / "tight.json").read_text())
-    assert tight["threshold"] <= same["threshold"] and tight["pseudo"]["unfamiliar_routed_familiar_rate"] == 0.0
+    assert tight["threshold"] <= same["threshold"] and tight["pick"]["unfamiliar_routed_familiar_rate"] == 0.0
+    assert all(v == 1.0 for v in tight["pseudo"]["negatives_unfamiliar_by_kind"].values())
+    assert same["pseudo"]["paraphrases_familiar"] == pytest.approx(report["calibration"]["familiar_rate"])
     assert {name: (out / name).read_bytes() for name in manifest["outputs"]} == before
     with pytest.raises(SystemExit, match="unknown kinds"):
         megedit_main(["threshold", str(out), "--budget-kinds", "no_such_kind"])

@@ -62,6 +62,19 @@ def edit_rates(ent: dict[str, torch.Tensor], threshold: float) -> dict[str, floa
             for g, _, fam in EDIT_GROUPS}
 
 
+def pseudo_rates(ent: dict[str, torch.Tensor], threshold: float, kind_names: list[str]) -> dict | None:
+    """The calibration router's rates at ``threshold``: held-out pseudo paraphrases familiar, and each kind
+    of pseudo negative unfamiliar (None without calibration data)."""
+    if "calibration.calib_positives" not in ent:
+        return None
+    neg, kind = ent["calibration.calib_negatives"], ent.get("calibration.negative_kind")
+    by_kind = {name: rate(neg[kind == k], threshold, False) for k, name in enumerate(kind_names)} if kind is not None \
+        else {"all": rate(neg, threshold, False)}
+    return {"paraphrases_familiar": rate(ent["calibration.calib_positives"], threshold, True),
+            "negatives_unfamiliar": rate(neg, threshold, False),
+            "negatives_unfamiliar_by_kind": {k: v for k, v in by_kind.items() if v is not None}}
+
+
 def routing_curve(ent: dict[str, torch.Tensor], threshold: float, kind_names: list[str], title: str = "",
                   max_entropy: float | None = None):
     """Every routing rate against the threshold (log x), the chosen one marked: a matplotlib figure.
@@ -144,17 +157,18 @@ def main(argv=None) -> int:
         pick = choose_threshold(ent["calibration.calib_positives"], ent["calibration.calib_negatives"], rule, fpr,
                                 unfamiliar_kind=kind_tensor, kind_names=kinds or None, budget_kinds=budget)
         threshold, source = pick["threshold"], f"{rule} at FPR budget {fpr} on the pseudo calibration data"
-        result["pseudo"] = {k: pick[k] for k in ("familiar_rate", "unfamiliar_routed_familiar_rate",
-                                                  "unfamiliar_routed_familiar_rate_by_kind", "kinds_budgeted")}
+        result["pick"] = {k: pick[k] for k in ("rule", "target_fpr", "kinds_budgeted", "familiar_rate",
+                                                "unfamiliar_routed_familiar_rate")}
     if not threshold > 0:
         raise SystemExit(f"threshold {threshold} is not positive: no query would be routed familiar")
-    result.update(threshold=threshold, threshold_source=source, edits=edit_rates(ent, threshold))
+    result.update(threshold=threshold, threshold_source=source, pseudo=pseudo_rates(ent, threshold, kinds),
+                  edits=edit_rates(ent, threshold))
     print(f"{folder}: threshold {threshold:.4g} ({source}); trained with {cfg['threshold']:.4g}")
-    if "pseudo" in result:
+    if result["pseudo"] is not None:
         p = result["pseudo"]
-        by_kind = ", ".join(f"{k} {v:.3f}" for k, v in p["unfamiliar_routed_familiar_rate_by_kind"].items())
-        print(f"  pseudo calibration: paraphrases familiar {p['familiar_rate']:.3f}; negatives routed familiar "
-              f"(worst budgeted) {p['unfamiliar_routed_familiar_rate']:.3f} ({by_kind})")
+        by_kind = ", ".join(f"{k} {v:.3f}" for k, v in p["negatives_unfamiliar_by_kind"].items())
+        print(f"  pseudo calibration: paraphrases familiar {p['paraphrases_familiar']:.3f}; negatives unfamiliar "
+              f"{p['negatives_unfamiliar']:.3f} ({by_kind})")
     e = result["edits"]
     print("  edits (diagnostic): " + ", ".join(f"{label} {e[f'{g}_{suffix}']:.3f}"
                                                for g, label, fam in EDIT_GROUPS
