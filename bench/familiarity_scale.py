@@ -40,6 +40,7 @@ import yaml
 from megedit.artifacts import atomic_write_json
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
 from megedit.components.text_encoder import TextEncoder
+from megedit.data.locality_kinds import normalise
 from megedit.encoder.encoder_datamodule import group_pairs
 from megedit.familiarity.familiarity_module import random_labels, router_loss
 from megedit.familiarity.router import auroc, choose_threshold
@@ -69,7 +70,8 @@ def fit_state(net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor) -> t
     return bool((logits.argmax(-1) == labels).all()), float(entropy_from_logits(logits).mean())
 
 
-def train_router(emb: torch.Tensor, negatives: torch.Tensor | None, r: dict, plateau: bool) -> tuple[FamiliarityNet, int]:
+def train_router(emb: torch.Tensor, negatives: torch.Tensor | None, r: dict,
+                 plateau: bool) -> tuple[FamiliarityNet, int, bool]:
     """One router, trained as the stage trains its main router (same loss, schedule and stopping rule)."""
     torch.manual_seed(r["seed"])
     net = FamiliarityNet(emb.shape[1], r["num_classes"], r["depth"], r["hidden_mult"], r["width"])
@@ -93,10 +95,10 @@ def train_router(emb: torch.Tensor, negatives: torch.Tensor | None, r: dict, pla
             opt.step()
         all_right, mean_entropy = fit_state(net, emb, labels)
         if all_right and mean_entropy < r["converge_entropy"] and epoch >= r["min_epochs"]:
-            return net.eval(), epoch
+            return net.eval(), epoch, True
         if sched is not None:
             sched.step(mean_entropy)
-    return net.eval(), r["max_epochs"]
+    return net.eval(), r["max_epochs"], False
 
 
 def read_out(pos: torch.Tensor, neg: torch.Tensor, neg_kind: torch.Tensor, target_fpr: float) -> dict:
@@ -129,10 +131,19 @@ def main(argv=None) -> dict:
     irrelevant = sorted({r["prompt"] for r in prep.pseudo_irrelevant})
     held = [g for gid, g in groups.items() if gid in heldout and g["anchor"] not in irrelevant]
     rng.shuffle(held)
-    held = held[: args.max_positive_groups]
+    # One memorised point per text (the encoder is uncased): two groups with one original would ask the
+    # router for two random labels on one embedding, which it can never fit.
+    by_text: dict[str, dict] = {}
+    for g in held:
+        by_text.setdefault(normalise(g["anchor"]), g)
+    held = list(by_text.values())[: args.max_positive_groups]
     anchors = [g["anchor"] for g in held]
-    positives = sorted({p for g in held for p in g["positives"]} - set(anchors))
-    filler = sorted({g["anchor"] for g in groups.values()} - set(anchors) - set(irrelevant) - set(positives))
+    anchor_keys = {normalise(a) for a in anchors}
+    positives = sorted({p for g in held for p in g["positives"] if normalise(p) not in anchor_keys})
+    positive_keys = {normalise(p) for p in positives}
+    irrelevant_keys = {normalise(t) for t in irrelevant}
+    filler_by_key = {normalise(g["anchor"]): g["anchor"] for g in groups.values()}
+    filler = sorted(t for k, t in filler_by_key.items() if k not in anchor_keys | positive_keys | irrelevant_keys)
     rng.shuffle(filler)
     if max(args.n) > len(anchors) + len(filler):
         raise SystemExit(f"{args.prepare}: only {len(anchors) + len(filler)} pseudo originals, fewer than "
@@ -144,14 +155,14 @@ def main(argv=None) -> dict:
     # prompts (their neighbours), taken in memorisation order so a smaller N scores a prefix of a larger one.
     rng.shuffle(irrelevant)
     scored_irrelevant, train_irrelevant = irrelevant[: len(irrelevant) // 2], irrelevant[len(irrelevant) // 2:]
-    neighbours, seen = [], set(taken) | set(irrelevant)
+    neighbours, seen = [], {normalise(t) for t in taken | set(irrelevant)}
     for prompt in memorised_all:
         for t in locality_of.get(prompt, []):
-            if t not in seen:
-                seen.add(t)
+            if normalise(t) not in seen:
+                seen.add(normalise(t))
                 neighbours.append(t)
     # Training negatives (megedit recipe): never a scored text, a memorised one or a positive.
-    other_locality = sorted({t for ts in locality_of.values() for t in ts} - seen)
+    other_locality = sorted({t for ts in locality_of.values() for t in ts if normalise(t) not in seen})
     other_originals = filler[max(args.n) - len(anchors):]
     rng.shuffle(other_locality)
     train_pool = []
@@ -190,10 +201,10 @@ def main(argv=None) -> dict:
         row = {"n": n, "scored_neighbours": len(neigh), "train_negatives": n_train}
         for name, negatives, plateau in (("megedit", emb_train[:n_train], True), ("paper", None, False)):
             t = time.time()
-            net, epochs = train_router(memorised, negatives, recipe, plateau)
+            net, epochs, converged = train_router(memorised, negatives, recipe, plateau)
             router = FamiliarityRouter(net, threshold=0.0)
             e_mem, e_pos, e_neg = router.entropy(memorised), router.entropy(emb_pos), router.entropy(neg)
-            row[name] = {"epochs": epochs, "train_seconds": round(time.time() - t, 1),
+            row[name] = {"epochs": epochs, "converged": converged, "train_seconds": round(time.time() - t, 1),
                          "memorised_mean_entropy": float(e_mem.mean()),
                          **read_out(e_pos, e_neg, neg_kind, recipe["target_fpr"])}
         # Nearest-neighbour baseline on the same embeddings (distance 1 - cosine: lower = more familiar).
@@ -205,7 +216,8 @@ def main(argv=None) -> dict:
         print(f"N={n:>6} ({n_train} training negatives, {len(neigh)} neighbours scored)", flush=True)
         for name, x in (("megedit", m), ("paper", p), ("nearest-neighbour", b)):
             c, bal = x["capped"], x["balanced"]
-            extra = f", {x['epochs']} epochs, {x['train_seconds']:.0f} s" if "epochs" in x else ""
+            extra = (f", {x['epochs']} epochs{'' if x['converged'] else ' (NOT converged)'}, "
+                     f"{x['train_seconds']:.0f} s" if "epochs" in x else "")
             print(f"  {name:<18} AUROC {x['auroc']:.4f} | balanced: para {bal['paraphrases_familiar']:.3f} / "
                   f"neg {bal['negatives_unfamiliar_worst_kind']:.3f} | capped {recipe['target_fpr']:.0%}: para "
                   f"{c['paraphrases_familiar']:.3f} / irrelevant {c['unfamiliar_by_kind']['pseudo_irrelevant']:.3f} "
