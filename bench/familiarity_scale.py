@@ -3,19 +3,23 @@
 For each N, a router memorises N pseudo originals with random labels, then scores paraphrases of
 memorised originals that the encoder never trained on (should be familiar) against prompts it never
 saw (should not): pseudo-irrelevant prompts, and the locality prompts of the memorised pseudo edits
-(their neighbours: the same kind of text the evaluation's locality prompts are to the edits). The
-same texts and embeddings serve three routers, all in this run:
+(their neighbours: what the evaluation's locality prompts are to the edits), split by kind as the
+stage splits them. Every text is distinct as the uncased encoder sees it, and no training text is
+memorised or scored (checked). The same texts and embeddings serve three routers, in this one run:
 
-* ``megedit``: the familiarity stage's shipped recipe, read from ``configs/stages/familiarity.yaml``
-  (training negatives, max(train_negatives, negatives_per_edit x N) as far as the pools hold them;
-  lr halved on an entropy plateau; the stage's convergence rule);
+* ``megedit``: the familiarity stage's recipe with the defaults of ``configs/stages/familiarity.yaml``
+  (training negatives, max(train_negatives, negatives_per_edit x N) as far as the pools hold them; lr
+  halved on an entropy plateau; the stage's convergence rule). Differences from the stage: one router,
+  not the main and calibration routers side by side (the stage's plateau and stop watch the worse of
+  the two), and no fences (they need relation templates; CounterFact has none, so there it is the
+  stage's recipe);
 * ``paper``: positives only at a constant lr (the paper's eq. 6 recipe), the baseline;
 * ``nearest-neighbour``: a query is familiar when its best cosine to the memorised set is high.
 
 Each is read at its own best threshold (``balanced``: max TPR - FPR) and at the stage's rule
-(``capped`` at the config's FPR budget, on the worst kind of negative). The thresholds are picked on
-the very texts they are scored on, so these are the routers' separation, not a deployment estimate
-(the stage calibrates on one set of pseudo data and is measured on the real edits).
+(``capped`` at the config's FPR budget, on the worst budgeted kind of negative). The thresholds are
+picked on the very texts they are scored on, so these compare the routers' separation; they are not
+a deployment estimate (the stage calibrates on one set of pseudo data and is measured on the edits).
 
     python bench/familiarity_scale.py --prepare runs/smollm2-counterfact-1024/prepare \
         --encoder runs/smollm2-counterfact-1024/encoder --n 1024 4096 10000
@@ -42,12 +46,14 @@ from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter
 from megedit.components.text_encoder import TextEncoder
 from megedit.data.locality_kinds import normalise
 from megedit.encoder.encoder_datamodule import group_pairs
+from megedit.data.locality_kinds import mentions_subject
+from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS, interleave
 from megedit.familiarity.familiarity_module import random_labels, router_loss
 from megedit.familiarity.router import auroc, choose_threshold
 from megedit.prepare.artifact import load_prepared
 
 STAGE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stages" / "familiarity.yaml"
-KINDS = ["pseudo_irrelevant", "pseudo_locality"]
+KIND = {name: k for k, name in enumerate(NEGATIVE_KINDS)}
 
 
 def stage_recipe(path: Path = STAGE_CONFIG) -> dict:
@@ -59,6 +65,7 @@ def stage_recipe(path: Path = STAGE_CONFIG) -> dict:
             "min_epochs": m["min_epochs"], "max_epochs": cfg["trainer"]["max_epochs"],
             "plateau_patience": m["plateau_patience"], "plateau_factor": m["plateau_factor"], "min_lr": m["min_lr"],
             "negative_weight": m["negative_weight"], "target_fpr": m["target_fpr"], "batch_size": d["batch_size"],
+            "budget_kinds": m["budget_kinds"],
             "train_negatives": d["train_negatives"], "negatives_per_edit": d["negatives_per_edit"]}
 
 
@@ -101,15 +108,83 @@ def train_router(emb: torch.Tensor, negatives: torch.Tensor | None, r: dict,
     return net.eval(), r["max_epochs"], False
 
 
-def read_out(pos: torch.Tensor, neg: torch.Tensor, neg_kind: torch.Tensor, target_fpr: float) -> dict:
+def read_out(pos: torch.Tensor, neg: torch.Tensor, neg_kind: torch.Tensor, r: dict) -> dict:
     """Rates at the balanced and at the stage's capped threshold; lower score = more familiar."""
     out = {"auroc": auroc(-pos, -neg)}
     for rule in ("balanced", "capped"):
-        c = choose_threshold(pos, neg, rule, target_fpr, unfamiliar_kind=neg_kind, kind_names=KINDS)
+        c = choose_threshold(pos, neg, rule, r["target_fpr"], unfamiliar_kind=neg_kind, kind_names=list(NEGATIVE_KINDS),
+                             budget_kinds=r["budget_kinds"])
         out[rule] = {"threshold": c["threshold"], "paraphrases_familiar": c["familiar_rate"],
                      "negatives_unfamiliar_worst_kind": 1 - c["unfamiliar_routed_familiar_rate"],
                      "unfamiliar_by_kind": {k: 1 - v for k, v in c["unfamiliar_routed_familiar_rate_by_kind"].items()}}
     return out
+
+
+def select_texts(prep, heldout: set[str], hard_groups: set[str], max_n: int, max_positive_groups: int,
+                 seed: int) -> dict:
+    """Memorised, scored and training texts, pairwise disjoint as the uncased encoder sees them."""
+    key, rng = normalise, random.Random(seed)
+    groups = group_pairs(prep.pseudo_pairs)
+    irrelevant = sorted({key(r["prompt"]): r["prompt"] for r in prep.pseudo_irrelevant}.values())
+    irrelevant_keys = {key(t) for t in irrelevant}
+    # Locality prompts per pseudo edit, with their kind (about the pseudo edit's own subject or not).
+    locality_of: dict[str, list[tuple[str, int]]] = {}
+    encoder_trained = set()  # same-subject prompts the encoder drew hard negatives from: never scored
+    for r in prep.pseudo_edits:
+        for p in r.locality:
+            same = mentions_subject(r.subject, p.prompt)
+            locality_of.setdefault(key(r.prompt), []).append((p.prompt, KIND["pseudo_same_subject" if same
+                                                                               else "pseudo_locality"]))
+            if same and r.id in hard_groups:
+                encoder_trained.add(key(p.prompt))
+    locality_keys = {key(t) for ts in locality_of.values() for t, _ in ts}
+    held = [g for gid, g in groups.items() if gid in heldout and key(g["anchor"]) not in irrelevant_keys]
+    rng.shuffle(held)
+    # One memorised point per text: two groups with one original would ask the router for two random
+    # labels on one embedding, which it can never fit.
+    first: dict[str, dict] = {}
+    for g in held:
+        first.setdefault(key(g["anchor"]), g)
+    held = list(first.values())[:max_positive_groups]
+    anchors = [g["anchor"] for g in held]
+    anchor_keys = {key(a) for a in anchors}
+    positives = sorted({key(p): p for g in held for p in g["positives"]
+                        if key(p) not in anchor_keys | irrelevant_keys}.values())
+    positive_keys = {key(p) for p in positives}
+    taken = anchor_keys | positive_keys | irrelevant_keys | locality_keys
+    filler = sorted({key(g["anchor"]): g["anchor"] for g in groups.values() if key(g["anchor"]) not in taken}.values())
+    rng.shuffle(filler)
+    if max_n > len(anchors) + len(filler):
+        raise SystemExit(f"{prep.dir}: only {len(anchors) + len(filler)} distinct pseudo originals, fewer than "
+                         f"N={max_n}")
+    memorised = anchors + filler[: max_n - len(anchors)]
+    # Scored negatives: half of the pseudo-irrelevant prompts, and the memorised pseudo edits' own locality
+    # prompts (their neighbours) in memorisation order, so a smaller N scores a prefix of a larger one's.
+    rng.shuffle(irrelevant)
+    scored_irrelevant, train_irrelevant = irrelevant[: len(irrelevant) // 2], irrelevant[len(irrelevant) // 2:]
+    # ``seen``: texts neither scored as a neighbour nor trained on (also: already a neighbour).
+    neighbours, neighbour_kind, neighbour_owner = [], [], []
+    seen = encoder_trained | anchor_keys | positive_keys | irrelevant_keys
+    for k, prompt in enumerate(memorised):
+        for t, kind in locality_of.get(key(prompt), []):
+            if key(t) not in seen:
+                seen.add(key(t))
+                neighbours.append(t)
+                neighbour_kind.append(kind)
+                neighbour_owner.append(k)
+    # Training negatives (the stage's recipe): other pseudo locality prompts, the other half of the
+    # pseudo-irrelevant prompts, and pseudo originals that are not memorised.
+    other_locality = sorted({key(t): t for ts in locality_of.values() for t, _ in ts if key(t) not in seen}.values())
+    rng.shuffle(other_locality)
+    train_pool = interleave(train_irrelevant, other_locality, filler[max_n - len(anchors):])
+    scored = {key(t) for t in memorised + positives + scored_irrelevant + neighbours}
+    leaked = [t for t in train_pool if key(t) in scored]
+    if leaked:
+        raise AssertionError(f"{len(leaked)} training negatives are also memorised or scored, e.g. {leaked[:3]}")
+    return {"memorised": memorised, "n_anchors": len(anchors), "positives": positives,
+            "scored_irrelevant": scored_irrelevant, "neighbours": neighbours,
+            "neighbour_kind": torch.tensor(neighbour_kind, dtype=torch.long),
+            "neighbour_owner": torch.tensor(neighbour_owner, dtype=torch.long), "train_pool": train_pool}
 
 
 def main(argv=None) -> dict:
@@ -123,80 +198,36 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="bench/results/familiarity_scale.json")
     args = ap.parse_args(argv)
     recipe = stage_recipe()
-    rng = random.Random(recipe["seed"])
-
     prep = load_prepared(args.prepare)
-    heldout = set(json.loads((Path(args.encoder) / "heldout_groups.json").read_text())["groups"])
-    groups = group_pairs(prep.pseudo_pairs)
-    irrelevant = sorted({r["prompt"] for r in prep.pseudo_irrelevant})
-    held = [g for gid, g in groups.items() if gid in heldout and g["anchor"] not in irrelevant]
-    rng.shuffle(held)
-    # One memorised point per text (the encoder is uncased): two groups with one original would ask the
-    # router for two random labels on one embedding, which it can never fit.
-    by_text: dict[str, dict] = {}
-    for g in held:
-        by_text.setdefault(normalise(g["anchor"]), g)
-    held = list(by_text.values())[: args.max_positive_groups]
-    anchors = [g["anchor"] for g in held]
-    anchor_keys = {normalise(a) for a in anchors}
-    positives = sorted({p for g in held for p in g["positives"] if normalise(p) not in anchor_keys})
-    positive_keys = {normalise(p) for p in positives}
-    irrelevant_keys = {normalise(t) for t in irrelevant}
-    filler_by_key = {normalise(g["anchor"]): g["anchor"] for g in groups.values()}
-    filler = sorted(t for k, t in filler_by_key.items() if k not in anchor_keys | positive_keys | irrelevant_keys)
-    rng.shuffle(filler)
-    if max(args.n) > len(anchors) + len(filler):
-        raise SystemExit(f"{args.prepare}: only {len(anchors) + len(filler)} pseudo originals, fewer than "
-                         f"N={max(args.n)}")
-    memorised_all = anchors + filler[: max(args.n) - len(anchors)]
-    locality_of = {r.prompt: [p.prompt for p in r.locality] for r in prep.pseudo_edits}
-    taken = set(memorised_all) | set(positives)
-    # Scored negatives: half of the pseudo-irrelevant prompts, and the memorised pseudo edits' own locality
-    # prompts (their neighbours), taken in memorisation order so a smaller N scores a prefix of a larger one.
-    rng.shuffle(irrelevant)
-    scored_irrelevant, train_irrelevant = irrelevant[: len(irrelevant) // 2], irrelevant[len(irrelevant) // 2:]
-    neighbours, seen = [], {normalise(t) for t in taken | set(irrelevant)}
-    for prompt in memorised_all:
-        for t in locality_of.get(prompt, []):
-            if normalise(t) not in seen:
-                seen.add(normalise(t))
-                neighbours.append(t)
-    # Training negatives (megedit recipe): never a scored text, a memorised one or a positive.
-    other_locality = sorted({t for ts in locality_of.values() for t in ts if normalise(t) not in seen})
-    other_originals = filler[max(args.n) - len(anchors):]
-    rng.shuffle(other_locality)
-    train_pool = []
-    for i in range(max(len(train_irrelevant), len(other_locality), len(other_originals))):
-        train_pool += [x[i] for x in (train_irrelevant, other_locality, other_originals) if i < len(x)]
+    split = json.loads((Path(args.encoder) / "heldout_groups.json").read_text())
+    texts = select_texts(prep, set(split["groups"]), set(split.get("hard_negative_groups", [])), max(args.n),
+                         args.max_positive_groups, recipe["seed"])
 
     encoder = TextEncoder.from_source(str(Path(args.encoder) / "encoder"))
     t0 = time.time()
-    embed = lambda texts: encoder.embed(texts, 256, progress=True)  # noqa: E731
-    emb_memorised, emb_pos = embed(memorised_all), embed(positives)
-    emb_irrelevant = embed(scored_irrelevant[: args.max_negatives])
-    emb_neighbours = embed(neighbours)
+    embed = lambda x: encoder.embed(x, 256, progress=True)  # noqa: E731
+    emb_memorised, emb_pos = embed(texts["memorised"]), embed(texts["positives"])
+    emb_irrelevant = embed(texts["scored_irrelevant"][: args.max_negatives])
+    emb_neighbours = embed(texts["neighbours"])
     wanted_train = max(recipe["train_negatives"], math.ceil(recipe["negatives_per_edit"] * max(args.n)))
-    emb_train = embed(train_pool[:wanted_train])
+    emb_train = embed(texts["train_pool"][:wanted_train])
     embed_seconds = time.time() - t0
-    # Which memorised prompt each neighbour belongs to, so a run at N scores only its own neighbours.
-    first_owner = {}
-    for k, prompt in enumerate(memorised_all):
-        for t in locality_of.get(prompt, []):
-            first_owner.setdefault(t, k)
-    neighbour_owner = torch.tensor([first_owner[t] for t in neighbours])
+    neighbour_owner, neighbour_kind = texts["neighbour_owner"], texts["neighbour_kind"]
+    anchors, positives = texts["n_anchors"], texts["positives"]
 
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
                "prepare": args.prepare, "encoder": args.encoder, "recipe": recipe,
-               "positives": len(positives), "positive_groups": len(anchors), "scored_irrelevant": len(emb_irrelevant),
+               "positives": len(positives), "positive_groups": anchors, "scored_irrelevant": len(emb_irrelevant),
+               "fences": "not built (the stage's fences need relation templates; CounterFact has none)",
                "embed_seconds": round(embed_seconds, 1), "runs": []}
-    print(f"{len(anchors)} held-out originals memorised at every N, {len(positives)} of their paraphrases scored; "
+    print(f"{anchors} held-out originals memorised at every N, {len(positives)} of their paraphrases scored; "
           f"{len(emb_irrelevant)} pseudo-irrelevant prompts; embedding {embed_seconds:.0f} s", flush=True)
     for n in args.n:
         memorised = emb_memorised[:n]
-        neigh = emb_neighbours[neighbour_owner < n][: args.max_negatives]
+        mine = (neighbour_owner < n).nonzero().flatten()[: args.max_negatives]
+        neigh = emb_neighbours[mine]
         neg = torch.cat([emb_irrelevant, neigh])
-        neg_kind = torch.cat([torch.zeros(len(emb_irrelevant), dtype=torch.long),
-                              torch.ones(len(neigh), dtype=torch.long)])
+        neg_kind = torch.cat([torch.full((len(emb_irrelevant),), KIND["pseudo_irrelevant"]), neighbour_kind[mine]])
         n_train = min(len(emb_train), max(recipe["train_negatives"], math.ceil(recipe["negatives_per_edit"] * n)))
         row = {"n": n, "scored_neighbours": len(neigh), "train_negatives": n_train}
         for name, negatives, plateau in (("megedit", emb_train[:n_train], True), ("paper", None, False)):
@@ -206,11 +237,11 @@ def main(argv=None) -> dict:
             e_mem, e_pos, e_neg = router.entropy(memorised), router.entropy(emb_pos), router.entropy(neg)
             row[name] = {"epochs": epochs, "converged": converged, "train_seconds": round(time.time() - t, 1),
                          "memorised_mean_entropy": float(e_mem.mean()),
-                         **read_out(e_pos, e_neg, neg_kind, recipe["target_fpr"])}
+                         **read_out(e_pos, e_neg, neg_kind, recipe)}
         # Nearest-neighbour baseline on the same embeddings (distance 1 - cosine: lower = more familiar).
         nn_pos = 1 - (emb_pos @ memorised.T).max(1).values
         nn_neg = 1 - torch.cat([(neg[i:i + 2048] @ memorised.T).max(1).values for i in range(0, len(neg), 2048)])
-        row["nearest_neighbour"] = read_out(nn_pos, nn_neg, neg_kind, recipe["target_fpr"])
+        row["nearest_neighbour"] = read_out(nn_pos, nn_neg, neg_kind, recipe)
         results["runs"].append(row)
         m, p, b = row["megedit"], row["paper"], row["nearest_neighbour"]
         print(f"N={n:>6} ({n_train} training negatives, {len(neigh)} neighbours scored)", flush=True)
