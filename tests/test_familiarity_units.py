@@ -205,3 +205,67 @@ def test_training_negatives_grow_with_the_number_of_edits():
     assert count(256) == 4096 and count(1024) == 4096  # the floor
     assert count(4096) == 16384 and count(4096, negatives_per_edit=2.5) == 10240
     assert count(4096, train_negatives=0) == 0  # off means off (the paper's positives-only router)
+
+
+def _entropies_artifact(folder, threshold, *, calibrate=True, kinds_tensor=True):
+    """A familiarity folder holding only what ``megedit threshold`` reads (router.json, entropies, manifest)."""
+    from safetensors.torch import save_file
+
+    from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    ent = {"main.edit_prompts": torch.rand(50, generator=g) * 0.01,
+           "main.edit_paraphrases": torch.rand(50, generator=g) * 0.5,
+           "main.locality": 0.3 + torch.rand(200, generator=g) * 2}
+    if calibrate:
+        ent |= {"calibration.calib_positives": torch.rand(120, generator=g) * 0.5,
+                "calibration.calib_negatives": 0.2 + torch.rand(400, generator=g) * 2}
+        if kinds_tensor:
+            ent["calibration.negative_kind"] = torch.arange(400) % 2
+    save_file(ent, str(folder / "entropies.safetensors"), metadata={"negative_kinds": ",".join(NEGATIVE_KINDS)})
+    arch = {"in_dim": 8, "num_classes": 10, "depth": 1, "hidden_mult": 1, "width": 8}
+    (folder / "router.json").write_text(json.dumps({"architecture": arch, "threshold": 0.25 if threshold == "auto"
+                                                    else threshold, "threshold_source": "x"}))
+    model = {"threshold": threshold, "calibration_rule": "capped", "target_fpr": 0.04,
+             "budget_kinds": ["pseudo_irrelevant", "pseudo_locality"]}
+    write_manifest(folder, "familiarity", {"run": "x"}, {"model": model}, ["router.json", "entropies.safetensors"])
+    return ent
+
+
+def test_threshold_command_reports_a_fixed_threshold_and_picks_only_when_asked(tmp_path, capsys):
+    from megedit.familiarity.threshold import main
+
+    ent = _entropies_artifact(tmp_path / "fixed", 0.1)
+    assert main([str(tmp_path / "fixed"), "--json", str(tmp_path / "fixed.json")]) == 0
+    fixed = json.loads((tmp_path / "fixed.json").read_text())
+    assert fixed["threshold"] == 0.1 and "pick" not in fixed
+    assert fixed["edits"]["edit_paraphrases_familiar"] == float((ent["main.edit_paraphrases"] < 0.1).float().mean())
+    assert fixed["edits"]["locality_unfamiliar"] == float((ent["main.locality"] >= 0.1).float().mean())
+    # Asked for a rule: it picks on the pseudo data exactly as choose_threshold does, and holds the budget.
+    assert main([str(tmp_path / "fixed"), "--rule", "max_fpr", "--target-fpr", "0.02",
+                 "--json", str(tmp_path / "picked.json")]) == 0
+    picked = json.loads((tmp_path / "picked.json").read_text())
+    want = choose_threshold(ent["calibration.calib_positives"], ent["calibration.calib_negatives"], "max_fpr", 0.02,
+                            unfamiliar_kind=ent["calibration.negative_kind"],
+                            kind_names=["pseudo_irrelevant", "pseudo_locality", "pseudo_same_subject"],
+                            budget_kinds=["pseudo_irrelevant", "pseudo_locality"])
+    assert picked["threshold"] == want["threshold"] and picked["pick"]["unfamiliar_routed_familiar_rate"] <= 0.02
+    assert all(v >= 0.98 for v in picked["pseudo"]["negatives_unfamiliar_by_kind"].values())
+    with pytest.raises(SystemExit, match="give one or the other"):
+        main([str(tmp_path / "fixed"), "--threshold", "0.2", "--rule", "balanced"])
+
+
+def test_threshold_command_refuses_what_it_cannot_pick_on(tmp_path):
+    from megedit.familiarity.threshold import main
+
+    _entropies_artifact(tmp_path / "nocal", 0.1, calibrate=False)
+    assert main([str(tmp_path / "nocal")]) == 0  # the trained threshold can still be inspected
+    with pytest.raises(SystemExit, match="trained without calibration data"):
+        main([str(tmp_path / "nocal"), "--rule", "balanced"])
+    _entropies_artifact(tmp_path / "nokind", "auto", kinds_tensor=False)
+    with pytest.raises(ArtifactError, match="negative_kind"):
+        main([str(tmp_path / "nokind")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        main([str(tmp_path / "empty")])

@@ -46,6 +46,9 @@ def load_entropies(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[st
         raise ArtifactError(f"{path}: missing tensors {missing} (expected main.edit_prompts, main.edit_paraphrases, "
                             "main.locality)")
     kinds = [k for k in meta.get("negative_kinds", "").split(",") if k]
+    if "calibration.calib_negatives" in tensors and ("calibration.negative_kind" not in tensors or not kinds):
+        raise ArtifactError(f"{path}: calibration entropies without calibration.negative_kind or the "
+                            "negative_kinds metadata; re-run the familiarity stage")
     return tensors, kinds
 
 
@@ -57,7 +60,8 @@ def rate(x: torch.Tensor, threshold: float, familiar: bool) -> float | None:
 
 
 def edit_rates(ent: dict[str, torch.Tensor], threshold: float) -> dict[str, float | None]:
-    """Routing rates of the main router on the edits at ``threshold`` (the report's ``rates`` keys)."""
+    """Routing rates of the main router on the edits at ``threshold``, named as in the report's ``rates``
+    (all of them but the one without restatements: locality kinds are not in the entropies file)."""
     return {f"{g}_{'familiar' if fam else 'unfamiliar'}": rate(ent[f"main.{g}"], threshold, fam)
             for g, _, fam in EDIT_GROUPS}
 
@@ -67,11 +71,9 @@ def pseudo_rates(ent: dict[str, torch.Tensor], threshold: float, kind_names: lis
     of pseudo negative unfamiliar (None without calibration data)."""
     if "calibration.calib_positives" not in ent:
         return None
-    neg, kind = ent["calibration.calib_negatives"], ent.get("calibration.negative_kind")
-    by_kind = {name: rate(neg[kind == k], threshold, False) for k, name in enumerate(kind_names)} if kind is not None \
-        else {"all": rate(neg, threshold, False)}
+    neg, kind = ent["calibration.calib_negatives"], ent["calibration.negative_kind"]
+    by_kind = {name: rate(neg[kind == k], threshold, False) for k, name in enumerate(kind_names)}
     return {"paraphrases_familiar": rate(ent["calibration.calib_positives"], threshold, True),
-            "negatives_unfamiliar": rate(neg, threshold, False),
             "negatives_unfamiliar_by_kind": {k: v for k, v in by_kind.items() if v is not None}}
 
 
@@ -104,9 +106,9 @@ def routing_curve(ent: dict[str, torch.Tensor], threshold: float, kind_names: li
     if "calibration.calib_positives" in ent:
         ax.plot(grid, curve(ent["calibration.calib_positives"], True), "--",
                 label=f"pseudo paraphrases familiar (n={ent['calibration.calib_positives'].numel()})")
-        neg, kind = ent["calibration.calib_negatives"], ent.get("calibration.negative_kind")
+        neg, kind = ent["calibration.calib_negatives"], ent["calibration.negative_kind"]
         for k, name in enumerate(kind_names):
-            x = neg[kind == k] if kind is not None else neg
+            x = neg[kind == k]
             if x.numel():
                 ax.plot(grid, curve(x, False), ":", label=f"{name} unfamiliar (n={x.numel()})")
     ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
@@ -135,40 +137,52 @@ def main(argv=None) -> int:
     folder = Path(args.familiarity_dir)
     ent, kinds = load_entropies(folder)
     cfg = json.loads((folder / CONFIG).read_text())
-    own = cfg.get("calibration") or {}
-    manifest_model = read_manifest(folder, stage="familiarity")["config"]["model"]
+    hp = read_manifest(folder, stage="familiarity")["config"]["model"]
     result: dict = {"familiarity_dir": str(folder), "trained_threshold": cfg["threshold"],
                     "trained_threshold_source": cfg.get("threshold_source")}
+    asked_to_pick = args.rule is not None or args.target_fpr is not None or args.budget_kinds is not None
     if args.threshold is not None:
+        if asked_to_pick:
+            raise SystemExit("--threshold names a threshold; --rule, --target-fpr and --budget-kinds pick one: "
+                             "give one or the other")
         threshold, source = args.threshold, "given (--threshold)"
+    elif not asked_to_pick and hp.get("threshold") != "auto":
+        # A run trained with a fixed threshold: report that one, not what auto would have picked.
+        threshold, source = float(cfg["threshold"]), cfg.get("threshold_source", "fixed (config)")
     else:
         if "calibration.calib_positives" not in ent:
             raise SystemExit(f"{folder}: trained without calibration data (data.calibrate false): nothing to pick a "
                              "threshold on; pass --threshold to inspect one")
-        rule = args.rule or own.get("rule") or manifest_model.get("calibration_rule", "capped")
-        fpr = args.target_fpr if args.target_fpr is not None else (own.get("target_fpr") or
-                                                                    manifest_model.get("target_fpr", 0.04))
-        budget = args.budget_kinds or manifest_model.get("budget_kinds") or own.get("kinds_budgeted")
-        unknown = set(budget or []) - set(kinds)
+        rule = args.rule or hp["calibration_rule"]
+        fpr = args.target_fpr if args.target_fpr is not None else hp["target_fpr"]
+        budget = args.budget_kinds or hp["budget_kinds"]
+        unknown = set(budget) - set(kinds)
         if unknown:
-            raise SystemExit(f"--budget-kinds: unknown kinds {sorted(unknown)}; this run has {kinds}")
-        kind_tensor = ent.get("calibration.negative_kind")
-        # A kind the run budgeted was big enough (min_kind_size); others only pool, as in the stage.
+            raise SystemExit(f"budget kinds {sorted(unknown)} are not kinds of this run's calibration negatives "
+                             f"({kinds})")
+        # The stage's own call (FamiliarityModule._write): same tensors, kinds and default min_kind_size.
         pick = choose_threshold(ent["calibration.calib_positives"], ent["calibration.calib_negatives"], rule, fpr,
-                                unfamiliar_kind=kind_tensor, kind_names=kinds or None, budget_kinds=budget)
-        threshold, source = pick["threshold"], f"{rule} at FPR budget {fpr} on the pseudo calibration data"
+                                unfamiliar_kind=ent["calibration.negative_kind"], kind_names=kinds,
+                                budget_kinds=list(budget))
+        threshold = pick["threshold"]
+        source = ("balanced (max TPR - FPR)" if rule == "balanced" else f"{rule} at FPR budget {fpr}") + \
+            " on the pseudo calibration data" + ("" if asked_to_pick else " (the run's own rule)")
         result["pick"] = {k: pick[k] for k in ("rule", "target_fpr", "kinds_budgeted", "familiar_rate",
                                                 "unfamiliar_routed_familiar_rate")}
-    if not threshold > 0:
-        raise SystemExit(f"threshold {threshold} is not positive: no query would be routed familiar")
     result.update(threshold=threshold, threshold_source=source, pseudo=pseudo_rates(ent, threshold, kinds),
                   edits=edit_rates(ent, threshold))
     print(f"{folder}: threshold {threshold:.4g} ({source}); trained with {cfg['threshold']:.4g}")
+    if not threshold > 0:
+        print("  warning: a threshold <= 0 routes no query familiar (no entropy is negative)")
     if result["pseudo"] is not None:
         p = result["pseudo"]
         by_kind = ", ".join(f"{k} {v:.3f}" for k, v in p["negatives_unfamiliar_by_kind"].items())
-        print(f"  pseudo calibration: paraphrases familiar {p['paraphrases_familiar']:.3f}; negatives unfamiliar "
-              f"{p['negatives_unfamiliar']:.3f} ({by_kind})")
+        line = f"  pseudo calibration: paraphrases familiar {p['paraphrases_familiar']:.3f}; negatives unfamiliar {by_kind}"
+        if "pick" in result:
+            q = result["pick"]
+            line += (f"; worst budgeted ({', '.join(q['kinds_budgeted']) or 'pooled'}) routed familiar "
+                     f"{q['unfamiliar_routed_familiar_rate']:.3f}")
+        print(line)
     e = result["edits"]
     print("  edits (diagnostic): " + ", ".join(f"{label} {e[f'{g}_{suffix}']:.3f}"
                                                for g, label, fam in EDIT_GROUPS
