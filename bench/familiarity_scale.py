@@ -200,37 +200,40 @@ def main(argv=None) -> dict:
     recipe = stage_recipe()
     prep = load_prepared(args.prepare)
     split = json.loads((Path(args.encoder) / "heldout_groups.json").read_text())
-    texts = select_texts(prep, set(split["groups"]), set(split.get("hard_negative_groups", [])), max(args.n),
-                         args.max_positive_groups, recipe["seed"])
-
     encoder = TextEncoder.from_source(str(Path(args.encoder) / "encoder"))
-    t0 = time.time()
-    embed = lambda x: encoder.embed(x, 256, progress=True)  # noqa: E731
-    emb_memorised, emb_pos = embed(texts["memorised"]), embed(texts["positives"])
-    emb_irrelevant = embed(texts["scored_irrelevant"][: args.max_negatives])
-    emb_neighbours = embed(texts["neighbours"])
-    wanted_train = max(recipe["train_negatives"], math.ceil(recipe["negatives_per_edit"] * max(args.n)))
-    emb_train = embed(texts["train_pool"][:wanted_train])
-    embed_seconds = time.time() - t0
-    neighbour_owner, neighbour_kind = texts["neighbour_owner"], texts["neighbour_kind"]
-    anchors, positives = texts["n_anchors"], texts["positives"]
+    cache: dict[str, torch.Tensor] = {}
+    embed_seconds = 0.0
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        nonlocal embed_seconds
+        t0, new = time.time(), [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            cache.update(zip(new, encoder.embed(new, 256, progress=True)))
+        embed_seconds += time.time() - t0
+        return torch.stack([cache[t] for t in texts]) if texts else torch.empty(0, encoder.dim)
 
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
                "prepare": args.prepare, "encoder": args.encoder, "recipe": recipe,
-               "positives": len(positives), "positive_groups": anchors, "scored_irrelevant": len(emb_irrelevant),
-               "fences": "not built (the stage's fences need relation templates; CounterFact has none)",
-               "embed_seconds": round(embed_seconds, 1), "runs": []}
-    print(f"{anchors} held-out originals memorised at every N, {len(positives)} of their paraphrases scored; "
-          f"{len(emb_irrelevant)} pseudo-irrelevant prompts; embedding {embed_seconds:.0f} s", flush=True)
+               "fences": "not built (the stage's fences need relation templates; CounterFact has none)", "runs": []}
     for n in args.n:
-        memorised = emb_memorised[:n]
-        mine = (neighbour_owner < n).nonzero().flatten()[: args.max_negatives]
-        neigh = emb_neighbours[mine]
+        # Per N, as the stage does: every pseudo text outside this N's memorised and scored sets may be a
+        # training negative. The memorised set, positives and irrelevant prompts are prefixes / the same.
+        texts = select_texts(prep, set(split["groups"]), set(split.get("hard_negative_groups", [])), n,
+                             args.max_positive_groups, recipe["seed"])
+        memorised, emb_pos = embed(texts["memorised"]), embed(texts["positives"])
+        emb_irrelevant = embed(texts["scored_irrelevant"][: args.max_negatives])
+        neigh = embed(texts["neighbours"][: args.max_negatives])
         neg = torch.cat([emb_irrelevant, neigh])
-        neg_kind = torch.cat([torch.full((len(emb_irrelevant),), KIND["pseudo_irrelevant"]), neighbour_kind[mine]])
-        n_train = min(len(emb_train), max(recipe["train_negatives"], math.ceil(recipe["negatives_per_edit"] * n)))
+        neg_kind = torch.cat([torch.full((len(emb_irrelevant),), KIND["pseudo_irrelevant"]),
+                              texts["neighbour_kind"][: args.max_negatives]])
+        n_train = max(recipe["train_negatives"], math.ceil(recipe["negatives_per_edit"] * n))
+        train = embed(texts["train_pool"][:n_train])
+        n_train = len(train)
+        results.setdefault("positives", len(texts["positives"]))
+        results.setdefault("positive_groups", texts["n_anchors"])
+        results.setdefault("scored_irrelevant", len(emb_irrelevant))
         row = {"n": n, "scored_neighbours": len(neigh), "train_negatives": n_train}
-        for name, negatives, plateau in (("megedit", emb_train[:n_train], True), ("paper", None, False)):
+        for name, negatives, plateau in (("megedit", train, True), ("paper", None, False)):
             t = time.time()
             net, epochs, converged = train_router(memorised, negatives, recipe, plateau)
             router = FamiliarityRouter(net, threshold=0.0)
@@ -260,6 +263,7 @@ def main(argv=None) -> dict:
         print(f"  ratio megedit / paper: AUROC {row['ratio_megedit_over_paper']['auroc']:.3f}, paraphrases familiar "
               f"at the capped threshold {row['ratio_megedit_over_paper']['capped_paraphrases_familiar']:.2f}x",
               flush=True)
+    results["embed_seconds"] = round(embed_seconds, 1)
     atomic_write_json(args.out, results)
     return results
 
