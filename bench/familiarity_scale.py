@@ -163,15 +163,14 @@ def select_texts(prep, heldout: set[str], hard_groups: set[str], max_n: int, max
     rng.shuffle(irrelevant)
     scored_irrelevant, train_irrelevant = irrelevant[: len(irrelevant) // 2], irrelevant[len(irrelevant) // 2:]
     # ``seen``: texts neither scored as a neighbour nor trained on (also: already a neighbour).
-    neighbours, neighbour_kind, neighbour_owner = [], [], []
+    neighbours, neighbour_kind = [], []
     seen = encoder_trained | anchor_keys | positive_keys | irrelevant_keys
-    for k, prompt in enumerate(memorised):
+    for prompt in memorised:
         for t, kind in locality_of.get(key(prompt), []):
             if key(t) not in seen:
                 seen.add(key(t))
                 neighbours.append(t)
                 neighbour_kind.append(kind)
-                neighbour_owner.append(k)
     # Training negatives (the stage's recipe): other pseudo locality prompts, the other half of the
     # pseudo-irrelevant prompts, and pseudo originals that are not memorised.
     other_locality = sorted({key(t): t for ts in locality_of.values() for t, _ in ts if key(t) not in seen}.values())
@@ -183,8 +182,7 @@ def select_texts(prep, heldout: set[str], hard_groups: set[str], max_n: int, max
         raise AssertionError(f"{len(leaked)} training negatives are also memorised or scored, e.g. {leaked[:3]}")
     return {"memorised": memorised, "n_anchors": len(anchors), "positives": positives,
             "scored_irrelevant": scored_irrelevant, "neighbours": neighbours,
-            "neighbour_kind": torch.tensor(neighbour_kind, dtype=torch.long),
-            "neighbour_owner": torch.tensor(neighbour_owner, dtype=torch.long), "train_pool": train_pool}
+            "neighbour_kind": torch.tensor(neighbour_kind, dtype=torch.long), "train_pool": train_pool}
 
 
 def main(argv=None) -> dict:

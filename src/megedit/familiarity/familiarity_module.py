@@ -30,7 +30,7 @@ from megedit.data.locality_kinds import LOCALITY_KINDS
 from megedit.distributed import barrier
 from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
 from megedit.familiarity.router import CONFIG, ENTROPIES, WEIGHTS, auroc, choose_threshold
-from megedit.familiarity.threshold import routing_curve
+from megedit.familiarity.threshold import rate, routing_curve
 from megedit.resume import CHECKPOINT_DIR, resume_point_callback
 
 REPORT = "routing_report.json"
@@ -280,11 +280,6 @@ class FamiliarityModule(L.LightningModule):
         else:
             threshold, source = float(hp.threshold), "fixed (config)"
 
-        def rate(x: torch.Tensor, familiar: bool) -> float | None:
-            if x.numel() == 0:
-                return None
-            return float((x < threshold).float().mean() if familiar else (x >= threshold).float().mean())
-
         def summary(x: torch.Tensor) -> dict:
             if x.numel() == 0:
                 return {"n": 0}
@@ -297,13 +292,14 @@ class FamiliarityModule(L.LightningModule):
             "threshold": threshold, "threshold_source": source, "entropy_units": "nats",
             "max_entropy": math.log(hp.num_classes), "n_edits": len(dm.prepared.edits),
             "rates": {
-                "edit_prompts_familiar": rate(ent["edit_prompts"], True),
-                "edit_paraphrases_familiar": rate(ent["edit_paraphrases"], True),
-                "locality_unfamiliar": rate(ent["locality"], False),
+                "edit_prompts_familiar": rate(ent["edit_prompts"], threshold, True),
+                "edit_paraphrases_familiar": rate(ent["edit_paraphrases"], threshold, True),
+                "locality_unfamiliar": rate(ent["locality"], threshold, False),
                 # Locality proper: without the prompts that ask the edited fact again (they should be familiar).
-                "locality_unfamiliar_excluding_restatements": rate(ent["locality"][~kind_mask["restates_edit"]], False),
+                "locality_unfamiliar_excluding_restatements": rate(ent["locality"][~kind_mask["restates_edit"]], threshold,
+                                                                   False),
             },
-            "locality_unfamiliar_by_kind": {k: rate(ent["locality"][m], False) for k, m in kind_mask.items()},
+            "locality_unfamiliar_by_kind": {k: rate(ent["locality"][m], threshold, False) for k, m in kind_mask.items()},
             "n_locality_by_kind": {k: int(m.sum()) for k, m in kind_mask.items()},
             "auroc": {
                 "edit_paraphrases_vs_locality": auroc(-ent["edit_paraphrases"], -ent["locality"]),

@@ -22,18 +22,20 @@ import torch
 
 from megedit.artifacts import ArtifactError, atomic_path, atomic_write_json, read_manifest
 from megedit.familiarity.router import CALIBRATION_RULES, CONFIG, ENTROPIES, choose_threshold
+
 # The main router's groups and which way each should fall (True: below the threshold, i.e. familiar).
 EDIT_GROUPS = (("edit_prompts", "edit prompts familiar", True),
                ("edit_paraphrases", "paraphrases familiar", True),
                ("locality", "locality unfamiliar", False))
 
 
-def load_entropies(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The entropies of a familiarity artifact, and the names of its calibration negative kinds."""
+def load_entropies(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
+    """The entropies of a familiarity artifact, the names of its calibration negative kinds, and its
+    (verified) manifest."""
     from safetensors import safe_open
 
     folder = Path(folder)
-    read_manifest(folder, stage="familiarity")
+    manifest = read_manifest(folder, stage="familiarity")
     path = folder / ENTROPIES
     if not path.is_file():
         raise ArtifactError(f"{folder}: no {ENTROPIES} (written by the familiarity stage since it saves every "
@@ -49,7 +51,7 @@ def load_entropies(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[st
     if "calibration.calib_negatives" in tensors and ("calibration.negative_kind" not in tensors or not kinds):
         raise ArtifactError(f"{path}: calibration entropies without calibration.negative_kind or the "
                             "negative_kinds metadata; re-run the familiarity stage")
-    return tensors, kinds
+    return tensors, kinds, manifest
 
 
 def rate(x: torch.Tensor, threshold: float, familiar: bool) -> float | None:
@@ -135,9 +137,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     folder = Path(args.familiarity_dir)
-    ent, kinds = load_entropies(folder)
+    ent, kinds, manifest = load_entropies(folder)
     cfg = json.loads((folder / CONFIG).read_text())
-    hp = read_manifest(folder, stage="familiarity")["config"]["model"]
+    hp = manifest["config"]["model"]
     result: dict = {"familiarity_dir": str(folder), "trained_threshold": cfg["threshold"],
                     "trained_threshold_source": cfg.get("threshold_source")}
     asked_to_pick = args.rule is not None or args.target_fpr is not None or args.budget_kinds is not None
@@ -183,11 +185,9 @@ def main(argv=None) -> int:
             line += (f"; worst budgeted ({', '.join(q['kinds_budgeted']) or 'pooled'}) routed familiar "
                      f"{q['unfamiliar_routed_familiar_rate']:.3f}")
         print(line)
-    e = result["edits"]
-    print("  edits (diagnostic): " + ", ".join(f"{label} {e[f'{g}_{suffix}']:.3f}"
-                                               for g, label, fam in EDIT_GROUPS
-                                               for suffix in ["familiar" if fam else "unfamiliar"]
-                                               if e[f"{g}_{suffix}"] is not None))
+    labels = [label for _, label, _ in EDIT_GROUPS]  # edit_rates keeps EDIT_GROUPS' order
+    print("  edits (diagnostic): " + ", ".join(f"{label} {v:.3f}" for label, v in zip(labels, result["edits"].values())
+                                               if v is not None))
     print(f"  evaluate it: stages/evaluate.py ... --model.router_threshold {threshold:.6g}")
     if args.curve:
         import matplotlib.pyplot as plt
