@@ -8,7 +8,8 @@ stage splits them. Every text is distinct as the uncased encoder sees it, and no
 memorised or scored (checked). The same texts and embeddings serve three routers, in this one run:
 
 * ``megedit``: the familiarity stage's recipe with the defaults of ``configs/stages/familiarity.yaml``
-  (training negatives, max(train_negatives, negatives_per_edit x N) as far as the pools hold them; lr
+  (training negatives, max(train_negatives, negatives_per_edit x N) as far as the pools hold them;
+  memorised points also learnt at paraphrase displacements of the encoder's training pairs; lr
   halved on an entropy plateau; the stage's convergence rule). Differences from the stage: one router,
   not the main and calibration routers side by side (the stage's plateau and stop watch the worse of
   the two), and no fences (they need relation templates; CounterFact has none, so there it is the
@@ -66,7 +67,9 @@ def stage_recipe(path: Path = STAGE_CONFIG) -> dict:
             "plateau_patience": m["plateau_patience"], "plateau_factor": m["plateau_factor"], "min_lr": m["min_lr"],
             "negative_weight": m["negative_weight"], "target_fpr": m["target_fpr"], "batch_size": d["batch_size"],
             "budget_kinds": m["budget_kinds"],
-            "train_negatives": d["train_negatives"], "negatives_per_edit": d["negatives_per_edit"]}
+            "train_negatives": d["train_negatives"], "negatives_per_edit": d["negatives_per_edit"],
+            "paraphrase_shifts": d["paraphrase_shifts"], "shift_scale": m["shift_scale"],
+            "shift_weight": m["shift_weight"]}
 
 
 @torch.no_grad()
@@ -78,7 +81,7 @@ def fit_state(net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def train_router(emb: torch.Tensor, negatives: torch.Tensor | None, r: dict,
-                 plateau: bool) -> tuple[FamiliarityNet, int, bool]:
+                 plateau: bool, shifts: torch.Tensor | None = None) -> tuple[FamiliarityNet, int, bool]:
     """One router, trained as the stage trains its main router (same loss, schedule and stopping rule)."""
     torch.manual_seed(r["seed"])
     net = FamiliarityNet(emb.shape[1], r["num_classes"], r["depth"], r["hidden_mult"], r["width"])
@@ -96,7 +99,9 @@ def train_router(emb: torch.Tensor, negatives: torch.Tensor | None, r: dict,
             neg = None
             if negatives is not None:
                 neg = negatives[torch.randint(len(negatives), (len(idx),), generator=gen)]
-            loss, _ = router_loss(net, emb[idx], labels[idx], neg, r["negative_weight"])
+            shift = None if shifts is None else shifts[torch.randint(len(shifts), (len(idx),), generator=gen)]
+            loss, _ = router_loss(net, emb[idx], labels[idx], neg, r["negative_weight"], shift, r["shift_scale"],
+                                  r["shift_weight"])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -180,9 +185,16 @@ def select_texts(prep, heldout: set[str], hard_groups: set[str], max_n: int, max
     leaked = [t for t in train_pool if key(t) in scored]
     if leaked:
         raise AssertionError(f"{len(leaked)} training negatives are also memorised or scored, e.g. {leaked[:3]}")
+    # Paraphrase displacements (the stage's data.paraphrase_shifts): pairs of groups the encoder trained on,
+    # none with a scored text (a memorised one may appear: its displacement moves other memorised points).
+    scored_only = {key(t) for t in positives + scored_irrelevant + neighbours}
+    shift_pairs = [(g["anchor"], p) for gid, g in groups.items() if gid not in heldout
+                   and key(g["anchor"]) not in scored_only for p in g["positives"] if key(p) not in scored_only]
+    random.Random(f"{seed}:shifts").shuffle(shift_pairs)
     return {"memorised": memorised, "n_anchors": len(anchors), "positives": positives,
             "scored_irrelevant": scored_irrelevant, "neighbours": neighbours,
-            "neighbour_kind": torch.tensor(neighbour_kind, dtype=torch.long), "train_pool": train_pool}
+            "neighbour_kind": torch.tensor(neighbour_kind, dtype=torch.long), "train_pool": train_pool,
+            "shift_pairs": shift_pairs}
 
 
 def main(argv=None) -> dict:
@@ -227,13 +239,15 @@ def main(argv=None) -> dict:
         n_train = max(recipe["train_negatives"], math.ceil(recipe["negatives_per_edit"] * n))
         train = embed(texts["train_pool"][:n_train])
         n_train = len(train)
+        pairs = texts["shift_pairs"][: recipe["paraphrase_shifts"]]
+        shifts = embed([p for _, p in pairs]) - embed([a for a, _ in pairs]) if pairs else None
         results.setdefault("positives", len(texts["positives"]))
         results.setdefault("positive_groups", texts["n_anchors"])
         results.setdefault("scored_irrelevant", len(emb_irrelevant))
-        row = {"n": n, "scored_neighbours": len(neigh), "train_negatives": n_train}
-        for name, negatives, plateau in (("megedit", train, True), ("paper", None, False)):
+        row = {"n": n, "scored_neighbours": len(neigh), "train_negatives": n_train, "shift_pairs": len(pairs)}
+        for name, negatives, plateau, shift in (("megedit", train, True, shifts), ("paper", None, False, None)):
             t = time.time()
-            net, epochs, converged = train_router(memorised, negatives, recipe, plateau)
+            net, epochs, converged = train_router(memorised, negatives, recipe, plateau, shift)
             router = FamiliarityRouter(net, threshold=0.0)
             e_mem, e_pos, e_neg = router.entropy(memorised), router.entropy(emb_pos), router.entropy(neg)
             row[name] = {"epochs": epochs, "converged": converged, "train_seconds": round(time.time() - t, 1),

@@ -85,6 +85,25 @@ def test_familiarity_stage_routes_and_refuses_other_encoder(prepared_dir, encode
     assert cfg["K"] == 10 and cfg["threshold"] == report["threshold"] and cfg["threshold_source"].startswith("auto")
     assert report["fit"]["converged"]
     assert report["calibration"]["counts"]["memorised"] == 8
+    shifts = report["paraphrase_shifts"]
+    assert shifts["used"] and shifts["pairs"] > 0 and shifts["median_displacement_norm"] > 0
+    # The displacements come from the encoder's training groups only, and no pair holds a scored text.
+    from megedit.data.locality_kinds import normalise
+    from megedit.encoder.encoder_datamodule import group_pairs
+    from megedit.familiarity.familiarity_datamodule import FamiliarityDataModule
+
+    dm = FamiliarityDataModule(str(prepared_dir), str(tuned))
+    dm._check_inputs()
+    texts = dm._texts()
+    originals, paraphrases = dm._shift_pairs(texts)
+    assert len(originals) == len(paraphrases) == shifts["pairs"]
+    scored = {normalise(t) for k in ("edit_prompts", "edit_paraphrases", "locality", "calib_positives",
+                                     "calib_negatives") for t in texts[k]}
+    assert not {normalise(t) for t in originals + paraphrases} & scored
+    heldout = set(json.loads((tuned / "heldout_groups.json").read_text())["groups"])
+    trained_pairs = {(g["anchor"], p) for gid, g in group_pairs(load_prepared(prepared_dir).pseudo_pairs).items()
+                     if gid not in heldout for p in g["positives"]}
+    assert set(zip(originals, paraphrases)) <= trained_pairs
     # The saved entropies re-pick the same threshold without retraining, and give the reported rates.
     from safetensors.torch import load_file
 

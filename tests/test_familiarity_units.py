@@ -66,8 +66,8 @@ def test_training_negatives_sharpen_the_familiar_region(one_thread):
         opt = torch.optim.Adam(net.parameters(), 3e-3)
         for _ in range(300):
             neg = hard_train[torch.randint(len(hard_train), (n,))] if use_negatives else None
-            loss, kl = router_loss(net, seen, labels, neg)
-            assert (kl is None) == (not use_negatives)
+            loss, parts = router_loss(net, seen, labels, neg)
+            assert ("negative_kl" in parts) == use_negatives
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -78,13 +78,51 @@ def test_training_negatives_sharpen_the_familiar_region(one_thread):
     assert aurocs[True] > aurocs[False] + 0.05, aurocs
 
 
+def test_paraphrase_shifts_widen_the_familiar_basin_along_paraphrase_directions():
+    """Paraphrases move a prompt along a few directions; displacements of *other* pairs along them teach the
+    router to stay familiar there, while negatives as far away in other directions stay unfamiliar."""
+    torch.manual_seed(0)
+    n, d, r = 128, 32, 3
+    basis = torch.linalg.qr(torch.randn(d, r)).Q.T  # the paraphrase subspace [r, d]
+    seen = F.normalize(torch.randn(n, d), dim=-1)
+    along = lambda m: 0.5 * F.normalize(torch.randn(m, r), dim=-1) @ basis  # noqa: E731
+    off = lambda m: 0.5 * F.normalize(torch.randn(m, d) - (torch.randn(m, d) @ basis.T) @ basis, dim=-1)  # noqa: E731
+    paraphrases, hard_eval = F.normalize(seen + along(n), dim=-1), F.normalize(seen + off(n), dim=-1)
+    shift_pool = along(512)  # displacements of other pairs, not of the scored paraphrases
+    hard_train = F.normalize(seen.repeat(4, 1) + off(4 * n), dim=-1)
+    labels = random_labels(n, 10, 0)
+    aurocs = {}
+    for use_shifts in (False, True):
+        torch.manual_seed(1)
+        net = FamiliarityNet(d, num_classes=10, depth=2, hidden_mult=4)
+        opt = torch.optim.Adam(net.parameters(), 3e-3)
+        for _ in range(300):
+            neg = hard_train[torch.randint(len(hard_train), (n,))]
+            shifts = shift_pool[torch.randint(len(shift_pool), (n,))] if use_shifts else None
+            loss, parts = router_loss(net, seen, labels, neg, shifts=shifts)
+            assert ("shift_ce" in parts) == use_shifts
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert (net(seen).argmax(-1) == labels).all()
+        router = FamiliarityRouter(net, threshold=0.1)
+        aurocs[use_shifts] = auroc(-router.entropy(paraphrases), -router.entropy(hard_eval))
+    assert aurocs[True] > 0.9 and aurocs[True] > aurocs[False] + 0.1, aurocs
+
+
+def test_router_loss_refuses_shifts_of_another_shape():
+    net = FamiliarityNet(8, num_classes=4, depth=1)
+    with pytest.raises(ValueError, match="must match the memorised batch"):
+        router_loss(net, torch.randn(3, 8), torch.tensor([0, 1, 2]), shifts=torch.randn(2, 8))
+
+
 def test_router_loss_kl_is_zero_for_uniform_output():
     net = FamiliarityNet(8, num_classes=4, depth=1)
     with torch.no_grad():
         net.head.weight.zero_()
         net.head.bias.zero_()
-    _, kl = router_loss(net, torch.randn(3, 8), torch.tensor([0, 1, 2]), torch.randn(5, 8))
-    assert abs(kl.item()) < 1e-6
+    _, parts = router_loss(net, torch.randn(3, 8), torch.tensor([0, 1, 2]), torch.randn(5, 8))
+    assert abs(parts["negative_kl"].item()) < 1e-6
 
 
 def test_entropy_from_logits_bounds():

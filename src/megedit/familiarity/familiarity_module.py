@@ -45,17 +45,29 @@ def random_labels(n: int, k: int, seed: int) -> torch.Tensor:
 
 
 def router_loss(net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor, neg: torch.Tensor | None = None,
-                negative_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cross-entropy to the random labels (eq. 6), plus ``negative_weight`` x KL(uniform || p) on the
-    negatives ``neg`` (unfamiliar prompts), which is zero exactly when their output is uniform.
+                negative_weight: float = 1.0, shifts: torch.Tensor | None = None, shift_scale: float = 1.0,
+                shift_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy to the random labels (eq. 6), plus
 
-    Returns (loss, the negatives' mean KL or None).
+    * ``negative_weight`` x KL(uniform || p) on the negatives ``neg`` (unfamiliar prompts), which is zero
+      exactly when their output is uniform;
+    * ``shift_weight`` x cross-entropy to the same labels at ``normalise(emb + shift_scale * shifts)``:
+      each memorised point moved by a paraphrase displacement (one row of ``shifts`` per point), so the
+      familiar basin around it reaches where paraphrases land, not just the point itself.
+
+    Returns (loss, the parts: ``negative_kl`` and ``shift_ce`` where used).
     """
     loss = F.cross_entropy(net(emb), labels)
-    if neg is None or negative_weight <= 0:
-        return loss, None
-    kl = uniform_kl(net, neg)
-    return loss + negative_weight * kl, kl
+    parts: dict[str, torch.Tensor] = {}
+    if neg is not None and negative_weight > 0:
+        parts["negative_kl"] = uniform_kl(net, neg)
+        loss = loss + negative_weight * parts["negative_kl"]
+    if shifts is not None and shift_weight > 0:
+        if shifts.shape != emb.shape:
+            raise ValueError(f"shifts {tuple(shifts.shape)} must match the memorised batch {tuple(emb.shape)}")
+        parts["shift_ce"] = F.cross_entropy(net(F.normalize(emb + shift_scale * shifts, dim=-1)), labels)
+        loss = loss + shift_weight * parts["shift_ce"]
+    return loss, parts
 
 
 def uniform_kl(net: FamiliarityNet, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +85,7 @@ class FamiliarityModule(L.LightningModule):
                  calibration_rule: Literal["capped", "balanced", "max_fpr"] = "capped", target_fpr: float = 0.04,
                  budget_kinds: list[str] = ["pseudo_irrelevant", "pseudo_locality"],
                  hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
-                 fence_weight: float = 0.5,
+                 fence_weight: float = 0.5, shift_scale: float = 1.6, shift_weight: float = 1.0,
                  plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5):
         """
         Args:
@@ -103,6 +115,10 @@ class FamiliarityModule(L.LightningModule):
                 (cross-entropy to the uniform distribution; no effect when there are none).
             fence_weight: weight of the same loss on each router's own fences (``data.fences_per_edit``:
                 other facts about its memorised subjects); 0 ignores them.
+            shift_scale: how far each memorised point is moved along a pseudo paraphrase displacement
+                (``data.paraphrase_shifts``) for the shifted cross-entropy. The displacements come from pairs the
+                encoder trained on, which it pulled closer than unseen paraphrases lie, hence > 1.
+            shift_weight: weight of the cross-entropy at the shifted points (0: no shifts, the paper).
             plateau_patience: halve (``plateau_factor``) the learning rate after this many optimizer steps
                 (rounded up to whole epochs) without a new low of the routers' mean entropy on their
                 memorised points (0: constant lr). At a constant lr Adam keeps knocking a large router
@@ -149,6 +165,7 @@ class FamiliarityModule(L.LightningModule):
             self.calib_labels = random_labels(len(self.calib_emb), hp.num_classes, hp.seed + 1)
         nonempty = lambda x: x if x is not None and len(x) > 0 else None  # noqa: E731
         self.neg_emb = nonempty(dm.emb.get("train_negatives"))
+        self.shift_emb = nonempty(dm.emb.get("shifts"))
         self.fence_emb, self.calib_fence_emb = nonempty(dm.emb.get("fences")), nonempty(dm.emb.get("calib_fences"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -167,7 +184,8 @@ class FamiliarityModule(L.LightningModule):
         return [resume_point_callback(self.hparams.out_dir, self.hparams.checkpoint_every_n_epochs)]
 
     def on_fit_start(self) -> None:
-        for name in ("main_emb", "main_labels", "calib_emb", "calib_labels", "neg_emb", "fence_emb", "calib_fence_emb"):
+        for name in ("main_emb", "main_labels", "calib_emb", "calib_labels", "neg_emb", "fence_emb", "calib_fence_emb",
+                     "shift_emb"):
             if getattr(self, name, None) is not None:
                 setattr(self, name, getattr(self, name).to(self.device))
 
@@ -192,23 +210,29 @@ class FamiliarityModule(L.LightningModule):
         if self.neg_emb is not None and self.hparams.negative_weight > 0:
             # Same draw for both routers, so the calibration router keeps the main router's recipe.
             neg = self.neg_emb[torch.randint(len(self.neg_emb), (len(i_main),), device=self.neg_emb.device)]
+        shifts = None
+        if self.shift_emb is not None and self.hparams.shift_weight > 0:
+            shifts = self.shift_emb[torch.randint(len(self.shift_emb), (len(i_main),), device=self.shift_emb.device)]
         loss_main = self._router_loss(self.main_net, self.main_emb[i_main], self.main_labels[i_main], neg, "train",
-                                      self.fence_emb)
+                                      self.fence_emb, shifts)
         loss = loss_main
         self.log("train/loss", loss_main, prog_bar=True, batch_size=len(i_main))
         if self.calib_net is not None:
             # Separate nets and Adam is per-parameter: the sum trains both exactly as two runs would.
             loss_calib = self._router_loss(self.calib_net, self.calib_emb[i_calib], self.calib_labels[i_calib],
-                                           neg, "train/calibration", self.calib_fence_emb)
+                                           neg, "train/calibration", self.calib_fence_emb,
+                                           None if shifts is None else shifts[:len(i_calib)])
             self.log("train/calibration_loss", loss_calib, batch_size=len(i_calib))
             loss = loss + loss_calib
         return loss
 
     def _router_loss(self, net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor,
-                     neg: torch.Tensor | None, prefix: str, fences: torch.Tensor | None = None) -> torch.Tensor:
-        loss, kl = router_loss(net, emb, labels, neg, self.hparams.negative_weight)
-        if kl is not None:
-            self.log(f"{prefix}_negative_kl", kl, batch_size=len(neg))
+                     neg: torch.Tensor | None, prefix: str, fences: torch.Tensor | None = None,
+                     shifts: torch.Tensor | None = None) -> torch.Tensor:
+        hp = self.hparams
+        loss, parts = router_loss(net, emb, labels, neg, hp.negative_weight, shifts, hp.shift_scale, hp.shift_weight)
+        for name, value in parts.items():
+            self.log(f"{prefix}_{name}", value, batch_size=len(emb))
         if fences is not None and self.hparams.fence_weight > 0:
             # A batch of this router's own fences (other facts about its memorised subjects), as many as
             # memorised points in the step, on the same uniform-output loss as the negatives.
@@ -309,6 +333,7 @@ class FamiliarityModule(L.LightningModule):
             "calibration": calibration,
             "fences": {"per_edit": dm.hparams.fences_per_edit, "templates": len(dm.fence_templates),
                        "main": len(dm.texts["fences"]), "used": hp.fence_weight > 0 and bool(dm.texts["fences"])},
+            "paraphrase_shifts": self._shift_summary(dm),
             "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self.resumed_from,
                     **getattr(self, "_fit_states", {})},
             "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
@@ -362,6 +387,14 @@ class FamiliarityModule(L.LightningModule):
               f"AUROC paraphrase/locality "
               f"{a['edit_paraphrases_vs_locality']:.3f}; {self._epochs_run} epochs; wrote {out} "
               f"({report['wall_seconds']} s)")
+
+    def _shift_summary(self, dm) -> dict:
+        shifts, hp = dm.emb.get("shifts"), self.hparams
+        n = 0 if shifts is None else len(shifts)
+        out = {"pairs": n, "scale": hp.shift_scale, "weight": hp.shift_weight, "used": n > 0 and hp.shift_weight > 0}
+        if n:
+            out["median_displacement_norm"] = float(shifts.norm(dim=-1).median())
+        return out
 
     def _histogram(self, ent: dict, cal: dict | None, threshold: float):
         import matplotlib
