@@ -307,36 +307,3 @@ def test_threshold_command_refuses_what_it_cannot_pick_on(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="no manifest.json"):
         main([str(tmp_path / "empty")])
-
-
-def test_calibration_router_is_padded_with_the_benchmarks_own_pseudo_edits_first(tmp_path):
-    """Fewer held-out pseudo edits than N: the calibration set is filled with other pseudo edits (records of
-    the edits' own dataset) before paraphrase-corpus originals, and never with a scored text."""
-    from types import SimpleNamespace
-
-    from megedit.data.records import EditRecord, Probe
-    from megedit.familiarity.familiarity_datamodule import FamiliarityDataModule
-
-    def record(i, kind):
-        return EditRecord(id=f"{kind}:{i}", subject=f"S{kind}{i}", prompt=f"{kind} prompt {i} of S{kind}{i}",
-                          prompt_kind="completion", target_new="x", target_true="y",
-                          paraphrases=[f"{kind} paraphrase {i}"], locality=[Probe(f"{kind} neighbour {i}", "z")])
-
-    edits = [record(i, "edit") for i in range(12)]
-    pseudo = [record(i, "pseudo") for i in range(10)]
-    corpus = [{"group": f"corpus:{i}", "anchor": f"corpus original {i}", "positive": f"corpus paraphrase {i}"}
-              for i in range(30)]
-    pairs = [{"group": r.id, "anchor": r.prompt, "positive": r.paraphrases[0]} for r in pseudo] + corpus
-    heldout = [r.id for r in pseudo[:3]]
-    (tmp_path / "heldout_groups.json").write_text(json.dumps({"groups": heldout}))
-    dm = FamiliarityDataModule(prepare_dir="p", encoder_dir=str(tmp_path), fences_per_edit=0, train_negatives=0)
-    dm.prepared = SimpleNamespace(edits=edits, pseudo_edits=pseudo, pseudo_pairs=pairs,
-                                  pseudo_irrelevant=[{"prompt": f"irrelevant {i}"} for i in range(20)])
-    texts = dm._texts()
-    calib = texts["calib_prompts"]
-    assert len(calib) == 12 and len(set(calib)) == 12
-    assert set(calib[:3]) == {r.prompt for r in pseudo[:3]}  # the held-out pseudo edits, whose paraphrases score
-    assert set(calib[3:10]) == {r.prompt for r in pseudo[3:]}  # then every other pseudo edit
-    assert all(t.startswith("corpus original") for t in calib[10:])  # and only then the corpus
-    assert dm.calibration_counts["padded_with_pseudo_edits"] == 7
-    assert not set(calib) & (set(texts["calib_positives"]) | set(texts["calib_negatives"]))

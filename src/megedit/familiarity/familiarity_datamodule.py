@@ -83,7 +83,7 @@ class FamiliarityDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, batch_size: int = 256, calibrate: bool = True,
                  max_calibration_positives: int = 2000, max_calibration_negatives: int = 4000, seed: int = 0,
                  embed_batch_size: int = 256, num_workers: int = 0, train_negatives: int = 4096,
-                 negatives_per_edit: float = 4.0, fences_per_edit: int = 1, paraphrase_shifts: int = 0):
+                 negatives_per_edit: float = 4.0, fences_per_edit: int = 1, paraphrase_shifts: int = 8000):
         """
         Args:
             prepare_dir: the prepare artifact.
@@ -192,20 +192,13 @@ class FamiliarityDataModule(L.LightningDataModule):
                 positives_owner.append(k)
         keep = sorted(rng.sample(range(len(positives)), min(len(positives), hp.max_calibration_positives)))
         calib_prompts = [g["anchor"] for _, g in pseudo_groups[:n]]
-        # Pad to N memorised points with other pseudo originals (same density as the real router), the
-        # benchmark's own records first: the edits' neighbours crowd edits of their own dataset, and padding
-        # with paraphrase-corpus originals left the calibration router's familiar region thinner there than
-        # the main router's (CF-4096: a 4% pseudo budget let 5.3% of the real locality prompts through).
-        padded_same_dataset = 0
+        # Pad to N memorised points with other pseudo originals (same density as the real router).
         if len(calib_prompts) < n:
-            used = set(calib_prompts) | {r["prompt"] for r in prep.pseudo_irrelevant} | {
-                p for _, g in pseudo_groups for p in g["positives"]}
-            same_dataset = sorted({r.prompt for r in prep.pseudo_edits} - used)
-            other = sorted({p["anchor"] for p in prep.pseudo_pairs} - used - set(same_dataset))
-            rng.shuffle(same_dataset)
-            rng.shuffle(other)
-            padded_same_dataset = min(len(same_dataset), n - len(calib_prompts))
-            calib_prompts += (same_dataset + other)[: n - len(calib_prompts)]
+            used = set(calib_prompts)
+            irrelevant = {r["prompt"] for r in prep.pseudo_irrelevant}
+            filler = sorted({p["anchor"] for p in prep.pseudo_pairs} - used - irrelevant)
+            rng.shuffle(filler)
+            calib_prompts += filler[: n - len(calib_prompts)]
         positive_texts = {p for _, g in pseudo_groups for p in g["positives"]}
         irrelevant = sorted({r["prompt"] for r in prep.pseudo_irrelevant} - evaluation)
         locality = sorted(set(pseudo_locality) - set(calib_prompts) - positive_texts - set(irrelevant) - encoder_trained)
@@ -242,7 +235,6 @@ class FamiliarityDataModule(L.LightningDataModule):
                                    "positives": len(keep), "negatives": len(negatives),
                                    "negatives_neighbours_of_memorised": sum(t in neighbours for t in negatives),
                                    "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups)),
-                                   "padded_with_pseudo_edits": padded_same_dataset,
                                    "train_negatives": len(train_negatives)}
         subject_of = {r.prompt: r.subject for r in prep.pseudo_edits}
         calib_fences = self._fences([(subject_of.get(t, ""), t) for t in calib_prompts],
