@@ -85,18 +85,18 @@ def test_familiarity_stage_routes_and_refuses_other_encoder(prepared_dir, encode
     assert cfg["K"] == 10 and cfg["threshold"] == report["threshold"] and cfg["threshold_source"].startswith("auto")
     assert report["fit"]["converged"]
     assert report["calibration"]["counts"]["memorised"] == 8
-    shifts = report["paraphrase_shifts"]
-    assert shifts["used"] and shifts["pairs"] > 0 and shifts["median_displacement_norm"] > 0
-    # The displacements come from the encoder's training groups only, and no pair holds a scored text.
+    assert report["paraphrase_shifts"] == {"pairs": 0, "scale": 1.6, "weight": 1.0, "used": False}  # off by default
+    # With data.paraphrase_shifts, the displacements come from the encoder's training groups only, and no
+    # pair holds a scored text.
     from megedit.data.locality_kinds import normalise
     from megedit.encoder.encoder_datamodule import group_pairs
     from megedit.familiarity.familiarity_datamodule import FamiliarityDataModule
 
-    dm = FamiliarityDataModule(str(prepared_dir), str(tuned))
+    dm = FamiliarityDataModule(str(prepared_dir), str(tuned), paraphrase_shifts=50)
     dm._check_inputs()
     texts = dm._texts()
     originals, paraphrases = dm._shift_pairs(texts)
-    assert len(originals) == len(paraphrases) == shifts["pairs"]
+    assert len(originals) == len(paraphrases) == 50
     scored = {normalise(t) for k in ("edit_prompts", "edit_paraphrases", "locality", "calib_positives",
                                      "calib_negatives") for t in texts[k]}
     assert not {normalise(t) for t in originals + paraphrases} & scored

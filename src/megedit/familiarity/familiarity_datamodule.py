@@ -83,7 +83,7 @@ class FamiliarityDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, batch_size: int = 256, calibrate: bool = True,
                  max_calibration_positives: int = 2000, max_calibration_negatives: int = 4000, seed: int = 0,
                  embed_batch_size: int = 256, num_workers: int = 0, train_negatives: int = 4096,
-                 negatives_per_edit: float = 4.0, fences_per_edit: int = 1, paraphrase_shifts: int = 8000):
+                 negatives_per_edit: float = 4.0, fences_per_edit: int = 1, paraphrase_shifts: int = 0):
         """
         Args:
             prepare_dir: the prepare artifact.
@@ -111,8 +111,9 @@ class FamiliarityDataModule(L.LightningDataModule):
                 router gets its own fences, never one of its calibration texts. 0: none.
             paraphrase_shifts: how many pseudo pairs (original, paraphrase) from the encoder's *training* groups
                 give the embedding displacements ``model.shift_scale`` moves memorised points by (never a
-                held-out group, an evaluation text or a calibration text; 0: none). CounterFact-4096 pseudo
-                data, paraphrases familiar at the 4% budget: none 85.4%, 8000 pairs 88.8%.
+                held-out group, an evaluation text or a calibration text; 0: none, the default). They sharpen
+                a large router and blur a small one: CounterFact-4096 AUROC 0.956 -> 0.965 with 8000,
+                CounterFact-1024 0.984 -> 0.976 (``configs/experiments/large-n``).
         """
         super().__init__()
         self.save_hyperparameters()
