@@ -57,9 +57,14 @@ STAGE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stages" / "fam
 KIND = {name: k for k, name in enumerate(NEGATIVE_KINDS)}
 
 
-def stage_recipe(path: Path = STAGE_CONFIG) -> dict:
-    """The familiarity stage's shipped training recipe (its model and data defaults)."""
+def stage_recipe(path: Path = STAGE_CONFIG, override: Path | None = None) -> dict:
+    """The familiarity stage's shipped training recipe (its model and data defaults), with the ``model`` and
+    ``data`` keys of ``override`` (an experiment's familiarity.yaml, e.g. configs/experiments/large-n) on top."""
     cfg = yaml.safe_load(path.read_text())
+    if override is not None:
+        extra = yaml.safe_load(Path(override).read_text()) or {}
+        for section in ("model", "data"):
+            cfg[section] = {**cfg[section], **extra.get(section, {})}
     m, d = cfg["model"], cfg["data"]
     return {"num_classes": m["num_classes"], "depth": m["depth"], "hidden_mult": m["hidden_mult"],
             "width": m["width"], "lr": m["lr"], "seed": m["seed"], "converge_entropy": m["converge_entropy"],
@@ -206,8 +211,11 @@ def main(argv=None) -> dict:
                     help="held-out pseudo originals whose paraphrases are scored (memorised at every N)")
     ap.add_argument("--max-negatives", type=int, default=4000, help="cap per kind of scored negative")
     ap.add_argument("--out", default="bench/results/familiarity_scale.json")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="familiarity.yaml of an experiment whose settings replace the stage defaults "
+                         "(e.g. configs/experiments/large-n/familiarity.yaml)")
     args = ap.parse_args(argv)
-    recipe = stage_recipe()
+    recipe = stage_recipe(override=args.config)
     prep = load_prepared(args.prepare)
     split = json.loads((Path(args.encoder) / "heldout_groups.json").read_text())
     encoder = TextEncoder.from_source(str(Path(args.encoder) / "encoder"))
@@ -223,7 +231,7 @@ def main(argv=None) -> dict:
         return torch.stack([cache[t] for t in texts]) if texts else torch.empty(0, encoder.dim)
 
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-               "prepare": args.prepare, "encoder": args.encoder, "recipe": recipe,
+               "config": str(args.config) if args.config else "configs/stages/familiarity.yaml", "prepare": args.prepare, "encoder": args.encoder, "recipe": recipe,
                "fences": "not built (the stage's fences need relation templates; CounterFact has none)", "runs": []}
     for n in args.n:
         # Per N, as the stage does: every pseudo text outside this N's memorised and scored sets may be a
