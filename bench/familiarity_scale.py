@@ -8,9 +8,11 @@ stage splits them. Every text is distinct as the uncased encoder sees it, and no
 memorised or scored (checked). The same texts and embeddings serve three routers, in this one run:
 
 * ``megedit``: the familiarity stage's recipe with the defaults of ``configs/stages/familiarity.yaml``
-  (training negatives, max(train_negatives, negatives_per_edit x N) as far as the pools hold them;
-  memorised points also learnt at paraphrase displacements of the encoder's training pairs; lr
-  halved on an entropy plateau; the stage's convergence rule). Differences from the stage: one router,
+  (training negatives, max(train_negatives, negatives_per_edit x N) as far as the pools hold them; lr
+  halved on an entropy plateau; the stage's convergence rule), or an experiment's with ``--config``
+  (``configs/experiments/large-n``: memorised points also learnt at paraphrase displacements of pseudo
+  pairs, ``data.paraphrase_shifts``; the bench, like the stage's calibration router, may draw a
+  displacement from a memorised text's own pair, which the stage's main router never does). Differences from the stage: one router,
   not the main and calibration routers side by side (the stage's plateau and stop watch the worse of
   the two), and no fences (they need relation templates; CounterFact has none, so there it is the
   stage's recipe);
@@ -64,7 +66,7 @@ def stage_recipe(path: Path = STAGE_CONFIG, override: Path | None = None) -> dic
     if override is not None:
         extra = yaml.safe_load(Path(override).read_text()) or {}
         for section in ("model", "data"):
-            cfg[section] = {**cfg[section], **extra.get(section, {})}
+            cfg[section] = {**cfg[section], **(extra.get(section) or {})}
     m, d = cfg["model"], cfg["data"]
     return {"num_classes": m["num_classes"], "depth": m["depth"], "hidden_mult": m["hidden_mult"],
             "width": m["width"], "lr": m["lr"], "seed": m["seed"], "converge_entropy": m["converge_entropy"],

@@ -170,6 +170,20 @@ def test_familiarity_refuses_encoder_of_another_prepare_run(prepared_dir, encode
                                    "--model.out_dir", str(tmp_path / "f"), "--trainer.logger", "false"])
 
 
+def test_familiarity_stage_trains_with_paraphrase_shifts(prepared_dir, encoder_dirs, tmp_path):
+    """The large-n recipe's path through the stage: shift rows drawn, moved to the device, shared with the
+    calibration router, and the router still memorises every edit."""
+    out = tmp_path / "familiarity"
+    stage_main("familiarity", ["--data.prepare_dir", str(prepared_dir), "--data.encoder_dir", str(encoder_dirs[0]),
+                               "--model.out_dir", str(out), "--trainer.logger", "false", *FAMILIARITY_SMALL,
+                               "--data.paraphrase_shifts", "50", "--model.target_fpr", "0.03"])
+    report = json.loads((out / "routing_report.json").read_text())
+    shifts = report["paraphrase_shifts"]
+    assert shifts["used"] and shifts["pairs"] == 50 and shifts["median_displacement_norm"] > 0
+    assert report["fit"]["converged"] and report["rates"]["edit_prompts_familiar"] == 1.0
+    assert read_manifest(out, stage="familiarity")["config"]["data"]["paraphrase_shifts"] == 50
+
+
 def test_killed_familiarity_run_resumes_from_its_last_checkpoint(prepared_dir, encoder_dirs, tmp_path):
     from _interrupt import SimulatedKill
 

@@ -78,7 +78,7 @@ def test_training_negatives_sharpen_the_familiar_region(one_thread):
     assert aurocs[True] > aurocs[False] + 0.05, aurocs
 
 
-def test_paraphrase_shifts_widen_the_familiar_basin_along_paraphrase_directions():
+def test_paraphrase_shifts_widen_the_familiar_basin_along_paraphrase_directions(one_thread):
     """Paraphrases move a prompt along a few directions; displacements of *other* pairs along them teach the
     router to stay familiar there, while negatives as far away in other directions stay unfamiliar."""
     torch.manual_seed(0)
@@ -86,7 +86,10 @@ def test_paraphrase_shifts_widen_the_familiar_basin_along_paraphrase_directions(
     basis = torch.linalg.qr(torch.randn(d, r)).Q.T  # the paraphrase subspace [r, d]
     seen = F.normalize(torch.randn(n, d), dim=-1)
     along = lambda m: 0.5 * F.normalize(torch.randn(m, r), dim=-1) @ basis  # noqa: E731
-    off = lambda m: 0.5 * F.normalize(torch.randn(m, d) - (torch.randn(m, d) @ basis.T) @ basis, dim=-1)  # noqa: E731
+    def off(m):  # directions orthogonal to the paraphrase subspace
+        x = torch.randn(m, d)
+        return 0.5 * F.normalize(x - (x @ basis.T) @ basis, dim=-1)
+
     paraphrases, hard_eval = F.normalize(seen + along(n), dim=-1), F.normalize(seen + off(n), dim=-1)
     shift_pool = along(512)  # displacements of other pairs, not of the scored paraphrases
     hard_train = F.normalize(seen.repeat(4, 1) + off(4 * n), dim=-1)

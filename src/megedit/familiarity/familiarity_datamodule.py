@@ -109,7 +109,8 @@ class FamiliarityDataModule(L.LightningDataModule):
                 learns to leave unfamiliar. A dataset without relation-specificity locality prompts
                 (CounterFact) has no template, hence no fence. Never an evaluation text; the calibration
                 router gets its own fences, never one of its calibration texts. 0: none.
-            paraphrase_shifts: how many pseudo pairs (original, paraphrase) from the encoder's *training* groups
+            paraphrase_shifts: how many pseudo pairs (original, paraphrase) from the groups the encoder did not
+                hold out (its training groups; with the encoder's ``data.max_train_groups`` some were not trained on)
                 give the embedding displacements ``model.shift_scale`` moves memorised points by (never a
                 held-out group, an evaluation text or a calibration text; 0: none, the default). They sharpen
                 a large router and blur a small one: CounterFact-4096 AUROC 0.956 -> 0.965 with 8000,
