@@ -50,7 +50,7 @@ from megedit.components.text_encoder import TextEncoder
 from megedit.data.locality_kinds import normalise
 from megedit.encoder.encoder_datamodule import group_pairs
 from megedit.data.locality_kinds import mentions_subject
-from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS, interleave
+from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS, interleave, shift_pairs
 from megedit.familiarity.familiarity_module import random_labels, router_loss
 from megedit.familiarity.router import auroc, choose_threshold
 from megedit.prepare.artifact import load_prepared
@@ -133,7 +133,7 @@ def read_out(pos: torch.Tensor, neg: torch.Tensor, neg_kind: torch.Tensor, r: di
 
 
 def select_texts(prep, heldout: set[str], hard_groups: set[str], max_n: int, max_positive_groups: int,
-                 seed: int) -> dict:
+                 seed: int, shift_limit: int = 0) -> dict:
     """Memorised, scored and training texts, pairwise disjoint as the uncased encoder sees them."""
     key, rng = normalise, random.Random(seed)
     groups = group_pairs(prep.pseudo_pairs)
@@ -194,14 +194,11 @@ def select_texts(prep, heldout: set[str], hard_groups: set[str], max_n: int, max
         raise AssertionError(f"{len(leaked)} training negatives are also memorised or scored, e.g. {leaked[:3]}")
     # Paraphrase displacements (the stage's data.paraphrase_shifts): pairs of groups the encoder trained on,
     # none with a scored text (a memorised one may appear: its displacement moves other memorised points).
-    scored_only = {key(t) for t in positives + scored_irrelevant + neighbours}
-    shift_pairs = [(g["anchor"], p) for gid, g in groups.items() if gid not in heldout
-                   and key(g["anchor"]) not in scored_only for p in g["positives"] if key(p) not in scored_only]
-    random.Random(f"{seed}:shifts").shuffle(shift_pairs)
+    shifts = shift_pairs(prep.pseudo_pairs, heldout, positives + scored_irrelevant + neighbours, shift_limit, seed)
     return {"memorised": memorised, "n_anchors": len(anchors), "positives": positives,
             "scored_irrelevant": scored_irrelevant, "neighbours": neighbours,
             "neighbour_kind": torch.tensor(neighbour_kind, dtype=torch.long), "train_pool": train_pool,
-            "shift_pairs": shift_pairs}
+            "shift_pairs": list(zip(*shifts))}
 
 
 def main(argv=None) -> dict:
@@ -239,7 +236,7 @@ def main(argv=None) -> dict:
         # Per N, as the stage does: every pseudo text outside this N's memorised and scored sets may be a
         # training negative. The memorised set, positives and irrelevant prompts are prefixes / the same.
         texts = select_texts(prep, set(split["groups"]), set(split.get("hard_negative_groups", [])), n,
-                             args.max_positive_groups, recipe["seed"])
+                             args.max_positive_groups, recipe["seed"], recipe["paraphrase_shifts"])
         memorised, emb_pos = embed(texts["memorised"]), embed(texts["positives"])
         emb_irrelevant = embed(texts["scored_irrelevant"][: args.max_negatives])
         neigh = embed(texts["neighbours"][: args.max_negatives])
@@ -249,7 +246,7 @@ def main(argv=None) -> dict:
         n_train = max(recipe["train_negatives"], math.ceil(recipe["negatives_per_edit"] * n))
         train = embed(texts["train_pool"][:n_train])
         n_train = len(train)
-        pairs = texts["shift_pairs"][: recipe["paraphrase_shifts"]]
+        pairs = texts["shift_pairs"]
         shifts = embed([p for _, p in pairs]) - embed([a for a, _ in pairs]) if pairs else None
         results.setdefault("positives", len(texts["positives"]))
         results.setdefault("positive_groups", texts["n_anchors"])

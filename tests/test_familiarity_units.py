@@ -48,6 +48,23 @@ def test_familiarity_net_separates_seen_and_neighbours_from_unseen(one_thread):
     assert ((e_unseen >= 0) & (e_unseen <= math.log(10) + 1e-5)).all()
 
 
+def _fit_synthetic_router(seen, labels, negatives=None, shifts=None, steps=300):
+    """The router on synthetic points: ``router_loss`` with a fresh draw of negatives / shifts per step."""
+    torch.manual_seed(1)
+    net = FamiliarityNet(seen.shape[1], num_classes=10, depth=2, hidden_mult=4)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(steps):
+        neg = negatives[torch.randint(len(negatives), (len(seen),))] if negatives is not None else None
+        shift = shifts[torch.randint(len(shifts), (len(seen),))] if shifts is not None else None
+        loss, parts = router_loss(net, seen, labels, neg, shifts=shift)
+        assert ("negative_kl" in parts) == (neg is not None) and ("shift_ce" in parts) == (shift is not None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (net(seen).argmax(-1) == labels).all()
+    return FamiliarityRouter(net, threshold=0.1)
+
+
 def test_training_negatives_sharpen_the_familiar_region(one_thread):
     """Hard negatives (near a memorised point, farther than its paraphrases) end up above the
     paraphrases' entropy far more often when the router also learns a uniform output on
@@ -61,18 +78,7 @@ def test_training_negatives_sharpen_the_familiar_region(one_thread):
     labels = random_labels(n, 10, 0)
     aurocs = {}
     for use_negatives in (False, True):
-        torch.manual_seed(1)
-        net = FamiliarityNet(d, num_classes=10, depth=2, hidden_mult=4)
-        opt = torch.optim.Adam(net.parameters(), 3e-3)
-        for _ in range(300):
-            neg = hard_train[torch.randint(len(hard_train), (n,))] if use_negatives else None
-            loss, parts = router_loss(net, seen, labels, neg)
-            assert ("negative_kl" in parts) == use_negatives
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        router = FamiliarityRouter(net, threshold=0.1)
-        assert (net(seen).argmax(-1) == labels).all()
+        router = _fit_synthetic_router(seen, labels, negatives=hard_train if use_negatives else None)
         aurocs[use_negatives] = auroc(-router.entropy(paraphrases), -router.entropy(hard_eval))
     assert aurocs[True] > 0.9
     assert aurocs[True] > aurocs[False] + 0.05, aurocs
@@ -96,19 +102,7 @@ def test_paraphrase_shifts_widen_the_familiar_basin_along_paraphrase_directions(
     labels = random_labels(n, 10, 0)
     aurocs = {}
     for use_shifts in (False, True):
-        torch.manual_seed(1)
-        net = FamiliarityNet(d, num_classes=10, depth=2, hidden_mult=4)
-        opt = torch.optim.Adam(net.parameters(), 3e-3)
-        for _ in range(300):
-            neg = hard_train[torch.randint(len(hard_train), (n,))]
-            shifts = shift_pool[torch.randint(len(shift_pool), (n,))] if use_shifts else None
-            loss, parts = router_loss(net, seen, labels, neg, shifts=shifts)
-            assert ("shift_ce" in parts) == use_shifts
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        assert (net(seen).argmax(-1) == labels).all()
-        router = FamiliarityRouter(net, threshold=0.1)
+        router = _fit_synthetic_router(seen, labels, negatives=hard_train, shifts=shift_pool if use_shifts else None)
         aurocs[use_shifts] = auroc(-router.entropy(paraphrases), -router.entropy(hard_eval))
     assert aurocs[True] > 0.9 and aurocs[True] > aurocs[False] + 0.1, aurocs
 

@@ -79,6 +79,18 @@ def interleave(*lists: list[str]) -> list[str]:
     return out
 
 
+def shift_pairs(pseudo_pairs: list[dict], heldout: set[str], scored: list[str], limit: int,
+                seed: int) -> tuple[list[str], list[str]]:
+    """(originals, paraphrases): up to ``limit`` pseudo pairs of groups not in ``heldout``, none holding a
+    ``scored`` text (compared as the uncased encoder sees them), in a seeded order of their own."""
+    taken = {normalise(t) for t in scored}
+    pairs = [(g["anchor"], p) for gid, g in group_pairs(pseudo_pairs).items() if gid not in heldout
+             and normalise(g["anchor"]) not in taken for p in g["positives"] if normalise(p) not in taken]
+    random.Random(f"{seed}:shifts").shuffle(pairs)  # its own stream: the other draws stay as they were
+    pairs = pairs[:limit]
+    return [a for a, _ in pairs], [p for _, p in pairs]
+
+
 class FamiliarityDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, batch_size: int = 256, calibrate: bool = True,
                  max_calibration_positives: int = 2000, max_calibration_negatives: int = 4000, seed: int = 0,
@@ -273,12 +285,8 @@ class FamiliarityDataModule(L.LightningDataModule):
             return [], []
         heldout = set(json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())["groups"])
         scored = ("edit_prompts", "edit_paraphrases", "locality", "calib_positives", "calib_negatives")
-        taken = {normalise(t) for name in scored for t in texts.get(name, [])}
-        pairs = [(g["anchor"], p) for gid, g in group_pairs(self.prepared.pseudo_pairs).items() if gid not in heldout
-                 and normalise(g["anchor"]) not in taken for p in g["positives"] if normalise(p) not in taken]
-        random.Random(f"{hp.seed}:shifts").shuffle(pairs)  # its own stream: the other draws stay as they were
-        pairs = pairs[: hp.paraphrase_shifts]
-        return [a for a, _ in pairs], [p for _, p in pairs]
+        return shift_pairs(self.prepared.pseudo_pairs, heldout, [t for name in scored for t in texts.get(name, [])],
+                           hp.paraphrase_shifts, hp.seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.emb is not None:
