@@ -136,3 +136,20 @@ def test_key_starts_where_it_should(tiny_llama):
     engine = NeuronCollector(model, tok, spec, CollectOptions(key_init="subject"))
     engine.initial_weights([CollectItem("y", ["5 9 3 7"], "40", subject="not there")])
     assert engine.subject_fallbacks == 1
+
+
+def test_budget_rule_runs_every_edit_for_max_steps_and_judges_after(tiny_llama):
+    """stop_rule="budget" (the authors' fixed step count): no early stop; success is checked after the last step."""
+    model, spec = tiny_llama
+    tok = _ToyTokenizer()
+    items = _items(5)
+    early = collect(model, tok, spec, items, CollectOptions(lr=0.5, max_steps=30, capacity=2))
+    fixed = collect(model, tok, spec, items, CollectOptions(lr=0.5, max_steps=30, capacity=2, stop_rule="budget"))
+    assert all(r.steps == 30 for r in fixed)
+    assert any(r.steps < 30 for r in early)
+    W = torch.stack([r.weights for r in fixed])
+    neuron = DynamicNeuron(model, spec)
+    tf = teacher_forced(model, tok, neuron, [it.views[0] for it in items], [it.target for it in items], W)
+    assert [r.success for r in fixed] == tf["exact"].tolist()  # the flag belongs to the returned weights
+    with pytest.raises(ValueError, match="stop_rule"):
+        CollectOptions(stop_rule="never")

@@ -156,3 +156,24 @@ def test_two_process_ddp_on_gloo(run, tmp_path):
     assert report["generated_vs_collected"]["n"] == 6
     read_manifest(out, "diffusion")
     assert load_generator(out).sample(torch.randn(2, 16), steps=3, seed=0).shape == (2, 16)
+
+
+def test_shifted_conditions_move_only_the_edits_and_stay_on_the_sphere():
+    from megedit.diffusion.diffusion_datamodule import ShiftedConditions
+
+    torch.manual_seed(0)
+    cond = torch.nn.functional.normalize(torch.randn(6, 5), dim=-1)
+    weights = torch.arange(6.0)[:, None].expand(6, 3)
+    shifts = 0.3 * torch.randn(4, 5)
+    always = ShiftedConditions(cond, weights, shifts, n_shiftable=4, prob=1.0, scale=1.0)
+    for i in range(6):
+        c, w = always[i]
+        assert torch.equal(w, weights[i])  # the target neuron never moves
+        assert torch.allclose(c.norm(), torch.tensor(1.0), atol=1e-5)
+        moved = not torch.allclose(c, cond[i])
+        assert moved == (i < 4), i  # rows past n_shiftable (zero-weight pairs) stay put
+        if moved:  # by one of the given displacements, re-normalised
+            assert any(torch.allclose(c, torch.nn.functional.normalize(cond[i] + s, dim=-1), atol=1e-5)
+                       for s in shifts)
+    never = ShiftedConditions(cond, weights, shifts, n_shiftable=6, prob=0.0, scale=1.0)
+    assert all(torch.equal(never[i][0], cond[i]) for i in range(6))

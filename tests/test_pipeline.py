@@ -34,15 +34,54 @@ def run_dir(tmp_path_factory, data_dir) -> Path:
                            "32", "--trainer.max_epochs", "1", *tb, *QUIET])
     stage_main("familiarity", [*p, "--data.encoder_dir", str(run / "encoder"), "--model.out_dir",
                                str(run / "familiarity"), *tb, *QUIET])
-    stage_main("collect", [*p, "--model.out_dir", str(run / "collect"), "--model.transfer_n", "0", *QUIET])
+    stage_main("collect", [*p, "--model.out_dir", str(run / "collect"), "--model.transfer_n", "8",
+                           "--model.relation_views", "2", *QUIET])
     stage_main("diffusion", [*p, "--data.encoder_dir", str(run / "encoder"), "--data.collect_dir", str(run / "collect"),
                              "--model.out_dir", str(run / "diffusion"), "--model.preset", "dit-cpu",
                              "--data.batch_size", str(N_EDITS), "--trainer.max_epochs", "1500",
                              "--trainer.check_val_every_n_epoch", "1500", "--data.val_edits", str(N_EDITS),
-                             "--model.report_steps", "20", *tb, *QUIET])
+                             "--model.report_steps", "20", "--data.paraphrase_shifts", "64", *tb, *QUIET])
     stage_main("evaluate", ["--data.prepare_dir", str(run / "prepare"), "--data.run_dir", str(run), "--model.out_dir",
                             str(run / "evaluate"), "--model.steps", "20", "--model.ft_epochs", "3", *tb, *QUIET])
     return run
+
+
+def test_no_evaluation_text_is_ever_trained_on(run_dir):
+    """Collection, the encoder, the router and the generator train only on the edit prompts, the prepare run's
+    pseudo texts and the collect run's relation views: none of them may equal an evaluation paraphrase or
+    locality prompt, up to case, whitespace and a context prefix."""
+    from megedit.artifacts import read_jsonl
+    from megedit.collect.views import LeakGuard, evaluation_texts
+    from megedit.prepare.artifact import load_prepared
+
+    prepared = load_prepared(run_dir / "prepare")
+    guard = LeakGuard(evaluation_texts(prepared.edits))
+    trained = {"edit prompts": [e.prompt for e in prepared.edits],
+               "pseudo pairs (encoder, router shifts, generator shifts)":
+                   [t for pair in prepared.pseudo_pairs for t in (pair["anchor"], pair["positive"])],
+               "pseudo edits (router, calibration, pseudo neurons)":
+                   [t for r in prepared.pseudo_edits for t in (r.prompt, *r.paraphrases)],
+               "pseudo-irrelevant prompts (router negatives, zero-weight pairs)":
+                   [r["prompt"] for r in prepared.pseudo_irrelevant],
+               "relation views (collection)":
+                   [v for row in read_jsonl(run_dir / "collect" / "per_edit.jsonl") for v in row["relation_views"]]}
+    assert trained["pseudo pairs (encoder, router shifts, generator shifts)"]
+    for source, texts in trained.items():
+        leaked = [t for t in texts if guard.leaks(t)]
+        assert not leaked, f"{source}: {leaked[:3]}"
+
+
+def test_generator_learns_pseudo_neurons_and_reports_their_generality(run_dir):
+    from megedit.collect.artifact import load_pseudo_neurons
+
+    ids, weights, success = load_pseudo_neurons(run_dir / "collect")
+    assert len(ids) == 8 and weights.shape[0] == 8
+    report = json.loads((run_dir / "diffusion" / "report.json").read_text())
+    pg = report["pseudo_generality"]
+    assert pg["pseudo_gen_n"] >= int(success.sum()) > 0  # one row per paraphrase of a collected pseudo edit
+    assert 0.0 <= pg["pseudo_gen_ag"] <= 1.0 and 0.0 <= pg["pseudo_gen_collected_ag"] <= 1.0
+    trained = json.loads((run_dir / "diffusion" / "generator.json").read_text())["trained_on"]
+    assert trained["pseudo_edits"] == int(success.sum()) and trained["paraphrase_shifts"] > 0
 
 
 def test_evaluate_writes_every_output_with_its_protocol(run_dir):

@@ -4,6 +4,10 @@
   ``neurons.safetensors``  ``weights`` float32 [N, D] (row i = edit i of the prepare artifact's
                            edits.jsonl) and ``success`` uint8 [N] (greedy decoding reproduces the target)
   ``per_edit.jsonl``       {index, id, success, tf_success, steps, loss, min_margin, rank}
+  ``pseudo_neurons.safetensors``  the transfer diagnostic's neurons: ``weights`` [M, D] and ``success`` [M]
+                           of M pseudo edits (never edited), their ids in the metadata; the diffusion
+                           stage learns them too and measures on their paraphrases how well generated
+                           neurons generalise against collected ones (only when ``transfer_n`` > 0)
   ``report.json``          success rate, edits/s, wall time, peak memory, paraphrase-transfer diagnostic
   ``manifest.json``        stage "collect", lineage of the prepare run, upstream {"prepare": dir}
   ``shards/``              work files: one atomic safetensors file per finished shard of edits;
@@ -23,6 +27,26 @@ from megedit.artifacts import ArtifactError, atomic_path, read_manifest
 
 FILES = {"neurons": "neurons.safetensors", "per_edit": "per_edit.jsonl", "report": "report.json"}
 SHARD_DIR = "shards"
+PSEUDO_FILE = "pseudo_neurons.safetensors"
+
+
+def save_pseudo_neurons(out_dir: Path, ids: list[str], weights: torch.Tensor, success: torch.Tensor) -> None:
+    with atomic_path(Path(out_dir) / PSEUDO_FILE) as tmp:
+        save_file({"weights": weights.float().contiguous(), "success": success.to(torch.uint8)}, str(tmp),
+                  metadata={"ids": json.dumps(ids)})
+
+
+def load_pseudo_neurons(collect_dir: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor] | None:
+    """``(pseudo edit ids, weights [M, D], success bool [M])`` of the transfer diagnostic, or None if absent."""
+    path = Path(collect_dir) / PSEUDO_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        ids = json.loads((f.metadata() or {}).get("ids", "null") or "null")
+        weights, success = f.get_tensor("weights"), f.get_tensor("success").bool()
+    if not isinstance(ids, list) or len(ids) != weights.shape[0] or success.shape != (weights.shape[0],):
+        raise ArtifactError(f"{path}: ids / weights / success do not line up")
+    return ids, weights, success
 
 
 def load_collected(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:

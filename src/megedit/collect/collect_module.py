@@ -18,18 +18,19 @@ import torch
 
 from megedit.artifacts import (ArtifactError, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json,
                                write_manifest)
-from megedit.collect.artifact import FILES, SHARD_DIR, read_shard, write_shard
+from megedit.collect.artifact import FILES, PSEUDO_FILE, SHARD_DIR, read_shard, save_pseudo_neurons, write_shard
 from megedit.collect.engine import (CollectItem, CollectOptions, CollectResult, NeuronCollector, generate_prefixes,
                                     with_prefix)
 from megedit.collect.transfer import measure_transfer, sample_pseudo
+from megedit.collect.views import LeakGuard, evaluation_texts, relation_views
 from megedit.components.neuron import DynamicNeuron
 from megedit.distributed import barrier, gather_objects
 from megedit.loading import load_lm, state_dict_sha256
 from megedit.scoring import greedy_match
 
 # Options that change the collected weights (the shard fingerprint); the rest only change speed or reports.
-_RESULT_OPTIONS = ("lr", "optimizer", "max_steps", "key_init", "stop_margin", "stop_on", "n_prefixes", "prefix_tokens",
-                   "prefix_seed", "verify")
+_RESULT_OPTIONS = ("lr", "optimizer", "max_steps", "key_init", "stop_margin", "stop_on", "stop_rule", "n_prefixes",
+                   "prefix_tokens", "prefix_seed", "relation_views", "verify")
 
 
 def peak_rss_mib() -> float:
@@ -39,8 +40,9 @@ def peak_rss_mib() -> float:
 class CollectModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/collect", lr: float = 0.05, max_steps: int = 50, capacity: int = 64,
                  optimizer: str = "adam",
-                 key_init: str = "last", stop_margin: float = 3.0, stop_on: str = "all", n_prefixes: int = 0,
-                 prefix_tokens: int = 10, prefix_seed: int = 0, verify: bool = True, drop_failed: bool = True,
+                 key_init: str = "last", stop_margin: float = 3.0, stop_on: str = "all", stop_rule: str = "pass",
+                 n_prefixes: int = 0, prefix_tokens: int = 10, prefix_seed: int = 0, relation_views: int = 0,
+                 verify: bool = True, drop_failed: bool = True,
                  transfer_n: int = 64, transfer_compare: bool = True, transfer_seed: int = 0,
                  encode_batch: int = 64, keep_shards: bool = False, check_weights: bool = True):
         """
@@ -60,9 +62,15 @@ class CollectModule(L.LightningModule):
                 (logits). A neuron that only just passes breaks under the generator's small errors; the
                 slack is what lets a generated neuron reproduce the target.
             stop_on: ``all`` views (prompt and prefixed copies) must pass, or only the ``prompt``.
+            stop_rule: ``pass`` stops an edit at the first check that passes; ``budget`` always runs ``max_steps``
+                steps (the authors' fixed budget) and judges the edit after the last one.
             n_prefixes: random LM-generated context prefixes trained alongside the plain prompt (0 = prompt only).
             prefix_tokens: tokens per generated prefix.
             prefix_seed: seed of the prefix sampling.
+            relation_views: up to this many rephrasings per edit trained alongside the prompt, lent by pseudo
+                edits (never edited) with the same relation template: their paraphrases with this edit's
+                subject put in (``megedit.collect.views``). A view equal to an evaluation text of any edit (up
+                to case, whitespace and a context prefix) is dropped.
             verify: re-check every edit with real batched greedy decoding (``generate``); success needs both.
             drop_failed: the paper keeps only edits whose collection succeeded; recorded in the manifest and
                 honoured by ``megedit.collect.artifact.training_rows`` (failed rows stay in the [N, D] file).
@@ -78,9 +86,10 @@ class CollectModule(L.LightningModule):
         self.save_hyperparameters()
         self.options = CollectOptions(lr=lr, max_steps=max_steps, capacity=capacity, optimizer=optimizer,
                                       key_init=key_init,
-                                      stop_margin=stop_margin, stop_on=stop_on, encode_batch=encode_batch)
-        if n_prefixes < 0 or transfer_n < 0:
-            raise ValueError("model.n_prefixes and model.transfer_n must be >= 0")
+                                      stop_margin=stop_margin, stop_on=stop_on, stop_rule=stop_rule,
+                                      encode_batch=encode_batch)
+        if n_prefixes < 0 or transfer_n < 0 or relation_views < 0:
+            raise ValueError("model.n_prefixes, model.relation_views and model.transfer_n must be >= 0")
         self.lm = None
         self._created = time.time()
 
@@ -109,9 +118,12 @@ class CollectModule(L.LightningModule):
         # Every rank must train under the same prefixes (sampling is seeded, but check rather than trust).
         if len({tuple(p) for p in gather_objects(self.prefixes)}) != 1:
             raise RuntimeError("ranks sampled different context prefixes; cannot shard consistently")
+        self.guard = LeakGuard(evaluation_texts(self.prepared.edits))
+        self.extra_views = relation_views(self.prepared.edits, self.prepared.pseudo_edits,
+                                          self.hparams.relation_views, self.guard)
         self.fingerprint = sha256_json({
             "options": {k: self.hparams[k] for k in _RESULT_OPTIONS},
-            "prefixes": self.prefixes, "shard_size": dm.hparams.shard_size, "n_edits": dm.n_edits,
+            "prefixes": self.prefixes, "relation_views": self.extra_views, "shard_size": dm.hparams.shard_size, "n_edits": dm.n_edits,
             "prepare_manifest": sha256_file(Path(self.prepared.dir) / "manifest.json"),
         })[:16]
         self.out_dir = Path(self.hparams.out_dir)
@@ -127,9 +139,11 @@ class CollectModule(L.LightningModule):
     def configure_optimizers(self):
         return None  # the per-edit Adam lives in the engine (one state per row)
 
-    def views(self, prompt: str, kind: str) -> list[str]:
-        fmt = self.spec.format_prompt
-        return [fmt(prompt, kind)] + [fmt(with_prefix(p, prompt), kind) for p in self.prefixes]
+    def views(self, i: int) -> list[str]:
+        """The LM strings edit ``i`` is trained on: its prompt, prefixed copies, then its relation views."""
+        edit, fmt = self.prepared.edits[i], self.spec.format_prompt
+        texts = [edit.prompt] + [with_prefix(p, edit.prompt) for p in self.prefixes] + self.extra_views[i]
+        return [fmt(t, edit.prompt_kind) for t in texts]
 
     # ------------------------------------------------------------------ work
     def predict_step(self, batch: dict, batch_idx: int):
@@ -141,8 +155,7 @@ class CollectModule(L.LightningModule):
             return None
         start, end = int(batch["start"]), int(batch["end"])
         edits = self.prepared.edits
-        items = [CollectItem(i, self.views(edits[i].prompt, edits[i].prompt_kind), edits[i].target_new,
-                             edits[i].subject) for i in range(start, end)]
+        items = [CollectItem(i, self.views(i), edits[i].target_new, edits[i].subject) for i in range(start, end)]
         t0 = time.time()
         self._buffers[shard] = {}
         self.engine.add(items, extra={"shard": shard})
@@ -175,7 +188,8 @@ class CollectModule(L.LightningModule):
             success = tf_ok
         records = [{"index": r.key, "id": self.prepared.edits[r.key].id, "success": bool(s), "tf_success": r.success,
                     "steps": r.steps, "loss": round(r.loss, 5), "min_margin": round(r.min_margin, 4),
-                    "rank": self.global_rank} for r, s in zip(results, success.tolist())]
+                    "rank": self.global_rank, "relation_views": self.extra_views[r.key]}
+                   for r, s in zip(results, success.tolist())]
         write_shard(self.out_dir, shard, {"weights": weights, "success": success.to(torch.uint8),
                                           "index": torch.tensor([r.key for r in results])},
                     records, self.fingerprint)
@@ -251,16 +265,21 @@ class CollectModule(L.LightningModule):
             "peak_cache_mib_per_rank": [r["peak_cache_mib"] for r in per_rank],
             "per_rank": per_rank,
             "prefixes": self.prefixes,
+            "relation_views": {"per_edit": self.hparams.relation_views,
+                               "edits_with_any": sum(bool(v) for v in self.extra_views),
+                               "total": sum(len(v) for v in self.extra_views)},
             "weights_norm_mean": round(float(weights.norm(dim=1).mean()), 4),
         }
+        (self.out_dir / PSEUDO_FILE).unlink(missing_ok=True)  # a stale one from an earlier config
         if self.hparams.transfer_n:
             t0 = time.time()
             report["transfer"] = self.transfer_diagnostic()
             report["transfer"]["seconds"] = round(time.time() - t0, 1)
         atomic_write_json(self.out_dir / FILES["report"], report)
+        outputs = list(FILES.values()) + ([PSEUDO_FILE] if (self.out_dir / PSEUDO_FILE).is_file() else [])
         write_manifest(self.out_dir, "collect", self.prepared.lineage,
                        config={"data": dict(dm.hparams), "model": dict(self.hparams)},
-                       outputs=list(FILES.values()), upstream={"prepare": str(self.prepared.dir)},
+                       outputs=outputs, upstream={"prepare": str(self.prepared.dir)},
                        extra={"n_edits": n, "neuron_dim": D, "model_spec": self.spec.to_dict(),
                               "prefixes": self.prefixes, "fingerprint": self.fingerprint})
         if not self.hparams.keep_shards:
@@ -277,11 +296,19 @@ class CollectModule(L.LightningModule):
             sample = sample_pseudo(self.prepared.pseudo_edits, self.hparams.transfer_n, self.hparams.transfer_seed)
         except ValueError as exc:
             return {"error": str(exc)}
+        # The sample's relation views are lent by the other pseudo edits and never equal a sampled paraphrase.
+        sampled = {r.id for r in sample}
+        guard = LeakGuard(evaluation_texts(self.prepared.edits) + evaluation_texts(sample))
+        extra = relation_views(sample, [r for r in self.prepared.pseudo_edits if r.id not in sampled],
+                               self.hparams.relation_views, guard)
+        results: list[CollectResult] = []
         out = {"n_pseudo_edits": len(sample),
                "configured": measure_transfer(self.lm, self.tokenizer, self.spec, self.neuron, sample, self.options,
-                                              self.prefixes)}
-        if self.hparams.transfer_compare and (self.prefixes or self.hparams.stop_margin or
-                                              self.hparams.key_init != "last"):
+                                              self.prefixes, extra_views=extra, keep=results)}
+        save_pseudo_neurons(self.out_dir, [r.id for r in sample], torch.stack([r.weights for r in results]),
+                            torch.tensor([r.success for r in results]))
+        if self.hparams.transfer_compare and (self.prefixes or self.hparams.stop_margin or any(extra) or
+                                              self.hparams.key_init != "last" or self.hparams.stop_rule != "pass"):
             out["prompt_only"] = measure_transfer(self.lm, self.tokenizer, self.spec, self.neuron, sample,
-                                                  self.options, [], stop_margin=0.0, key_init="last")
+                                                  self.options, [], stop_margin=0.0, key_init="last", stop_rule="pass")
         return out

@@ -33,6 +33,7 @@ from megedit.registry import ModelSpec
 from megedit.scoring import positions_from_mask, target_batch
 
 KEY_INITS = ("last", "subject", "mean", "random")
+STOP_RULES = ("pass", "budget")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class CollectOptions:
     key_init: str = "last"  # last: last prompt token's MLP input / |.|^2; subject: the subject's last token; mean; random
     stop_margin: float = 0.0  # target logit must beat the runner-up by this much (logits) at every target token
     stop_on: str = "all"  # all: every view must pass; prompt: only the plain prompt
+    stop_rule: str = "pass"  # pass: stop at the first check that passes; budget: always run max_steps, judge at the end
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     encode_batch: int = 64  # sequences per forward when caching the lower layers
@@ -55,6 +57,8 @@ class CollectOptions:
             raise ValueError(f"optimizer {self.optimizer!r}: expected 'adam' or 'sgd'")
         if self.stop_on not in ("all", "prompt"):
             raise ValueError(f"stop_on {self.stop_on!r}: expected 'all' or 'prompt'")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"stop_rule {self.stop_rule!r}: expected one of {STOP_RULES}")
         if self.lr <= 0 or self.max_steps < 1 or self.capacity < 1:
             raise ValueError(f"need lr > 0, max_steps >= 1, capacity >= 1; got {self.lr}, {self.max_steps}, "
                              f"{self.capacity}")
@@ -377,7 +381,9 @@ class NeuronCollector:
                 if c is None:
                     continue
                 success = bool(slot_bad[s] == 0)
-                if success or c.steps >= self.opt.max_steps:
+                # "budget": a fixed number of steps for every edit (the authors' recipe), judged after the last.
+                stop_early = success and self.opt.stop_rule == "pass"
+                if stop_early or c.steps >= self.opt.max_steps:
                     # Frozen at the weights that were just checked; this row gets no update.
                     result = CollectResult(c.item.key, self.W[s].detach().cpu().clone(), success, c.steps,
                                            float(slot_loss[s]), float(slot_margin[s]))

@@ -46,19 +46,24 @@ def transfer_scores(model, tokenizer, neuron, spec, records, results) -> dict:
 
 
 def measure_transfer(model, tokenizer, spec, neuron, records, options: CollectOptions, prefixes: list[str],
-                     **overrides) -> dict:
-    """Collect neurons for ``records`` (prompt + ``prefixes`` views) and score them on the paraphrases."""
+                     extra_views: list[list[str]] | None = None, keep: list | None = None, **overrides) -> dict:
+    """Collect neurons for ``records`` (prompt + ``prefixes`` + ``extra_views[i]`` views) and score them on the
+    paraphrases. ``keep``, when given, receives the collected results (one per record, in order)."""
     fmt = spec.format_prompt
-    items = [CollectItem(i, [fmt(r.prompt, r.prompt_kind)] +
-                         [fmt(with_prefix(p, r.prompt), r.prompt_kind) for p in prefixes], r.target_new, r.subject)
-             for i, r in enumerate(records)]
+    extra_views = extra_views or [[] for _ in records]
+    items = [CollectItem(i, [fmt(t, r.prompt_kind) for t in [r.prompt, *(with_prefix(p, r.prompt) for p in prefixes),
+                                                              *extra]], r.target_new, r.subject)
+             for i, (r, extra) in enumerate(zip(records, extra_views))]
     opts = dataclasses.replace(options, **overrides)
     t0 = time.perf_counter()
     results = collect(model, tokenizer, spec, items, opts, neuron=neuron)
     seconds = time.perf_counter() - t0
+    if keep is not None:
+        keep.extend(results)
     return {**transfer_scores(model, tokenizer, neuron, spec, records, results),
             "collect_seconds": round(seconds, 1), "n_prefixes": len(prefixes),
-            "stop_margin": opts.stop_margin, "key_init": opts.key_init}
+            "stop_margin": opts.stop_margin, "key_init": opts.key_init, "stop_rule": opts.stop_rule,
+            "n_extra_views": sum(len(v) for v in extra_views)}
 
 
 __all__ = ["sample_pseudo", "transfer_scores", "measure_transfer", "generate_prefixes"]

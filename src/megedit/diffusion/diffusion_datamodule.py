@@ -4,6 +4,13 @@ The condition of edit i is the tuned encoder's embedding of the *raw* edit promp
 never sees the LM's template); the target is the neuron the collect stage found for edit i.
 With ``zero_weight_aug`` the pseudo-irrelevant prompts are added with all-zero weights (paper
 App. A.3): the generator learns to answer "no edit" for queries far from every edit.
+With ``paraphrase_shifts`` an edit's condition is, at random (``shift_prob``), moved by the
+displacement (paraphrase minus original, in embedding space) of a pseudo pair the encoder trained
+on, so the generator learns that a paraphrase's embedding means its edit's neuron, not only the
+prompt's own point (the familiarity router's ``paraphrase_shifts`` is the same idea).
+With ``pseudo_generality`` the collect stage's pseudo-edit neurons (its transfer diagnostic; records
+that are never edited) are learnt too, and validation generates neurons from their *paraphrases'*
+embeddings: the generated neurons' Generality against the collected ones', without any evaluation text.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from megedit.artifacts import ArtifactError, check_lineage, check_upstream, read_manifest
 from megedit.prepare.artifact import load_prepared
@@ -43,11 +51,32 @@ def read_collected(collect_dir: str | Path) -> tuple[dict, torch.Tensor, torch.T
     return manifest, weights, success
 
 
+class ShiftedConditions(Dataset):
+    """(condition, neuron) pairs whose first ``n_shiftable`` conditions are moved, with probability ``prob``,
+    by a random row of ``shifts`` (scaled by ``scale``) and re-normalised, fresh at every draw."""
+
+    def __init__(self, cond: torch.Tensor, weights: torch.Tensor, shifts: torch.Tensor, n_shiftable: int,
+                 prob: float, scale: float):
+        self.cond, self.weights, self.shifts = cond, weights, shifts
+        self.n_shiftable, self.prob, self.scale = n_shiftable, prob, scale
+
+    def __len__(self) -> int:
+        return len(self.cond)
+
+    def __getitem__(self, i: int):
+        cond = self.cond[i]
+        if i < self.n_shiftable and torch.rand(()) < self.prob:
+            shift = self.shifts[torch.randint(len(self.shifts), ())]
+            cond = F.normalize(cond + self.scale * shift, dim=-1)
+        return cond, self.weights[i]
+
+
 class DiffusionDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, collect_dir: str, batch_size: int = 256,
                  only_successful: bool | None = None, zero_weight_aug: bool = False, n_zero: int | None = None,
                  val_edits: int = 128, val_batch_size: int = 64, seed: int = 0, embed_batch_size: int = 256,
-                 num_workers: int = 0):
+                 num_workers: int = 0, paraphrase_shifts: int = 0, shift_prob: float = 0.5,
+                 shift_scale: float = 1.0, pseudo_generality: bool = True):
         """
         Args:
             prepare_dir: the prepare artifact (edits, pseudo-irrelevant prompts, lineage).
@@ -62,6 +91,13 @@ class DiffusionDataModule(L.LightningDataModule):
                 reliability; 0 turns validation off.
             val_batch_size: edits per validation step (one sampling batch).
             seed: seed of the validation subset.
+            paraphrase_shifts: pseudo pairs (from the encoder's training groups, never a held-out group nor a
+                text of the edits) whose displacements move the edits' conditions in training; 0: none.
+            shift_prob: chance that a drawn edit pair is moved by one of them.
+            shift_scale: the displacement's scale.
+            pseudo_generality: learn the collect run's pseudo-edit neurons as well (when it saved them) and
+                track, at each validation, generated against collected neurons on those pseudo edits'
+                paraphrases (``val/pseudo_gen_*``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -103,6 +139,10 @@ class DiffusionDataModule(L.LightningDataModule):
             raise ArtifactError(f"{collect_dir}: no successfully collected neuron to train on "
                                 "(set data.only_successful false to train on all of them)")
         cond, target = [self.edit_cond[keep]], [weights[keep]]
+        self.pseudo = self._pseudo(encoder, collect_dir)
+        if self.pseudo is not None:  # learnt like edits (before the zero rows: shifts move them too)
+            cond.append(self.pseudo["cond"][self.pseudo["success"]])
+            target.append(self.pseudo["weights"][self.pseudo["success"]])
         self.n_zero = 0
         if hp.zero_weight_aug:
             irrelevant = self.prepared.pseudo_irrelevant[: hp.n_zero]
@@ -111,13 +151,56 @@ class DiffusionDataModule(L.LightningDataModule):
             cond.append(encoder.embed([r["prompt"] for r in irrelevant], batch_size=hp.embed_batch_size))
             target.append(torch.zeros(len(irrelevant), weights.shape[1]))
             self.n_zero = len(irrelevant)
+        self.shifts = self._shifts(encoder, edits)
         del encoder
         self.train_cond, self.train_weights = torch.cat(cond), torch.cat(target)
         self.n_train_edits = int(keep.sum())
+        self.n_shiftable = self.n_train_edits + (int(self.pseudo["success"].sum()) if self.pseudo else 0)
         n_val = min(hp.val_edits, len(edits))
         order = torch.randperm(len(edits), generator=torch.Generator().manual_seed(hp.seed))
         self.val_indices = sorted(order[:n_val].tolist())
         self.ready = True
+
+    def _pseudo(self, encoder, collect_dir: Path) -> dict | None:
+        """The collect run's pseudo-edit neurons with their prompts' and paraphrases' embeddings, or None."""
+        from megedit.collect.artifact import load_pseudo_neurons
+
+        got = load_pseudo_neurons(collect_dir) if self.hparams.pseudo_generality else None
+        if got is None:
+            return None
+        ids, weights, success = got
+        by_id = {r.id: r for r in self.prepared.pseudo_edits}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ArtifactError(f"{collect_dir}: pseudo neurons for ids {missing[:3]} that {self.hparams.prepare_dir} "
+                                "does not hold")
+        records = [by_id[i] for i in ids]
+        para = [(k, p) for k, r in enumerate(records) if success[k] for p in r.paraphrases]
+        bs = self.hparams.embed_batch_size
+        return {"records": records, "weights": weights.float(), "success": success,
+                "cond": encoder.embed([r.prompt for r in records], batch_size=bs),
+                "para_rows": [k for k, _ in para], "para_texts": [p for _, p in para],
+                "para_cond": encoder.embed([p for _, p in para], batch_size=bs)}
+
+    def _shifts(self, encoder, edits) -> torch.Tensor | None:
+        """``[M, H]`` paraphrase displacements of pseudo pairs the encoder trained on, or None."""
+        import json
+
+        from megedit.encoder.encoder_module import HELDOUT
+        from megedit.familiarity.familiarity_datamodule import shift_pairs
+
+        hp = self.hparams
+        if hp.paraphrase_shifts <= 0:
+            return None
+        heldout = set(json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())["groups"])
+        edit_texts = [t for r in edits for t in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
+        originals, paraphrases = shift_pairs(self.prepared.pseudo_pairs, heldout, edit_texts,
+                                             hp.paraphrase_shifts, hp.seed)
+        if not originals:
+            raise ArtifactError(f"{hp.prepare_dir}: paraphrase_shifts needs pseudo pairs outside the encoder's "
+                                "held-out groups; there are none")
+        emb = encoder.embed(originals + paraphrases, batch_size=hp.embed_batch_size)
+        return emb[len(originals):] - emb[: len(originals)]
 
     @property
     def cond_dim(self) -> int:
@@ -133,7 +216,13 @@ class DiffusionDataModule(L.LightningDataModule):
         return self.train_weights[: self.n_train_edits]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.train_cond, self.train_weights), batch_size=self.hparams.batch_size,
+        hp = self.hparams
+        if self.shifts is None:
+            data = TensorDataset(self.train_cond, self.train_weights)
+        else:  # only the edits' rows move; the zero-weight rows stay where the irrelevant prompts are
+            data = ShiftedConditions(self.train_cond, self.train_weights, self.shifts, self.n_shiftable,
+                                     hp.shift_prob, hp.shift_scale)
+        return DataLoader(data, batch_size=self.hparams.batch_size,
                           shuffle=True, drop_last=False, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:

@@ -197,6 +197,29 @@ class DiffusionModule(L.LightningModule):
                                collected_ag=float(self._collected_rel[i][1]))
         return rows
 
+    def _pseudo_generality(self, generator: WeightGenerator, sampler: str, steps: int) -> dict:
+        """Greedy exact match on the pseudo edits' paraphrases: neurons generated from each paraphrase's own
+        embedding against the pseudo edit's collected neuron (what retrieval would attach)."""
+        from megedit.scoring import greedy_match
+
+        dm = self.trainer.datamodule
+        pseudo = getattr(dm, "pseudo", None)
+        if pseudo is None or not pseudo["para_texts"]:
+            return {}
+        model, tokenizer, neuron = self._lm_bundle()
+        records, rows = pseudo["records"], pseudo["para_rows"]
+        prompts = [dm.spec.format_prompt(t, records[k].prompt_kind) for k, t in zip(rows, pseudo["para_texts"])]
+        targets = [records[k].target_new for k in rows]
+        generated = generator.sample(pseudo["para_cond"].to(self.device), steps=steps, sampler=sampler,
+                                     seed=0).float()
+        gen = float(greedy_match(model, tokenizer, neuron, prompts, targets, generated).float().mean())
+        if "collected" not in pseudo:  # constant: the collected neurons do not train
+            pseudo["collected"] = float(greedy_match(model, tokenizer, neuron, prompts, targets,
+                                                     pseudo["weights"][rows].to(self.device)).float().mean())
+        ref = pseudo["collected"]
+        return {"pseudo_gen_ag": gen, "pseudo_gen_collected_ag": ref,
+                "pseudo_gen_ratio": gen / ref if ref > 0 else float("nan"), "pseudo_gen_n": len(prompts)}
+
     def on_validation_epoch_start(self) -> None:
         self._val_rows = {}
 
@@ -243,9 +266,11 @@ class DiffusionModule(L.LightningModule):
         else:
             score = -stats["l2_mean_plus_std"]
         stats["score"] = score
+        if self.hparams.reliability:  # tracked, not selected on: the checkpoint choice stays reliability's
+            stats.update(self._pseudo_generality(self.ema, self.hparams.val_sampler, self.hparams.val_steps))
         # Every rank holds the same gathered figures, so no further reduction is needed.
         for key, value in stats.items():
-            if key != "n":
+            if key not in ("n", "pseudo_gen_n"):
                 self.log(f"val/{key}", float(value), prog_bar=key in ("score", "l2_mean_plus_std"), sync_dist=False)
 
     # ------------------------------------------------------------------ output
@@ -284,10 +309,14 @@ class DiffusionModule(L.LightningModule):
                                     seed=start))
         summary = self.summarise(rows)
         ema.save(out, extra={"trained_on": {"edits": dm.n_train_edits, "zero_vectors": dm.n_zero,
+                                            "pseudo_edits": dm.n_shiftable - dm.n_train_edits,
+                                            "paraphrase_shifts": 0 if dm.shifts is None else len(dm.shifts),
                                             "only_successful": dm.n_train_edits < len(dm.success)},
                              "checkpoint": best})
         report = {"generated_vs_collected": summary, "sampler": {"name": "ddim", "steps": hp.report_steps, "noise_scale": ema.noise_scale},
                   "collected_success_rate": float(dm.success.float().mean()),
+                  "pseudo_generality": (self._pseudo_generality(ema, "ddim", hp.report_steps)
+                                        if hp.reliability else {}),
                   "criterion_l2_mean_plus_std_below_0.5": summary["l2_mean_plus_std"] < 0.5,
                   "best_checkpoint": best, "global_step": int(self.global_step),
                   "epochs": int(self.current_epoch), "wall_seconds_train": round(train_seconds, 1),
