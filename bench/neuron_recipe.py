@@ -191,6 +191,7 @@ class Study:
             "recipe": dataclasses.asdict(recipe),
             "n_edits": len(self.records), "n_extra_views": n_extra,
             "prompt_success_tf": rate(r.success for r in results),
+            "reached_margin": rate(r.reached_margin for r in results),
             "prompt_success_ag": rate(prompt_ag.tolist()),
             "paraphrase_ag": rate(ag.tolist()),
             "paraphrase_tf_exact": rate(tf["exact"].tolist()),

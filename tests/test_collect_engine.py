@@ -74,15 +74,19 @@ def test_margin_and_views(tiny_llama):
     base = collect(model, tok, spec, _items(4), CollectOptions(lr=0.5, max_steps=80, capacity=4))
     strict = collect(model, tok, spec, _items(4), CollectOptions(lr=0.5, max_steps=80, capacity=4, stop_margin=2.0))
     for a, b in zip(base, strict):
-        if b.success:
-            assert b.min_margin > 2.0 and b.steps >= a.steps
+        if b.reached_margin:
+            assert b.success and b.min_margin > 2.0 and b.steps >= a.steps
+        elif b.success:  # greedy decoding already works, the slack was not reached in the step budget
+            assert b.steps == 80
     views = [CollectItem(i, [PROMPTS[i], "8 8 " + PROMPTS[i]], str(40 + i)) for i in range(3)]
     res = collect(model, tok, spec, views, CollectOptions(lr=0.5, max_steps=80, capacity=2))
     neuron = DynamicNeuron(model, spec)
-    for view in (0, 1):
-        W = torch.stack([r.weights for r in res])
-        tf = teacher_forced(model, tok, neuron, [it.views[view] for it in views], [it.target for it in views], W)
-        assert torch.equal(tf["exact"], torch.tensor([r.success for r in res]))  # stop_on=all: both views pass
+    W = torch.stack([r.weights for r in res])
+    exact = [teacher_forced(model, tok, neuron, [it.views[v] for it in views], [it.target for it in views], W)["exact"]
+             for v in (0, 1)]
+    # Success is the prompt's (view 0); stopping (stop_on=all) needs every view to pass.
+    assert exact[0].tolist() == [r.success for r in res]
+    assert (exact[0] & exact[1]).tolist() == [r.reached_margin for r in res]
 
 
 def test_engine_cache_is_released_and_options_checked(tiny_llama):

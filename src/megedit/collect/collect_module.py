@@ -188,7 +188,8 @@ class CollectModule(L.LightningModule):
             success = tf_ok
         records = [{"index": r.key, "id": self.prepared.edits[r.key].id, "success": bool(s), "tf_success": r.success,
                     "steps": r.steps, "loss": round(r.loss, 5), "min_margin": round(r.min_margin, 4),
-                    "rank": self.global_rank, "relation_views": self.extra_views[r.key]}
+                    "reached_margin": r.reached_margin, "rank": self.global_rank,
+                    "relation_views": self.extra_views[r.key]}
                    for r, s in zip(results, success.tolist())]
         write_shard(self.out_dir, shard, {"weights": weights, "success": success.to(torch.uint8),
                                           "index": torch.tensor([r.key for r in results])},
@@ -254,6 +255,7 @@ class CollectModule(L.LightningModule):
             "n_failed": int(n - int(success.sum())),
             "drop_failed": self.hparams.drop_failed,
             "teacher_forced_success_rate": round(sum(r["tf_success"] for r in records) / n, 4),
+            "reached_margin_rate": round(sum(r.get("reached_margin", True) for r in records) / n, 4),
             "steps_mean": round(sum(steps) / n, 2), "steps_max": max(steps),
             "edits_collected_this_run": n_new,
             "edits_per_second": round(n_new / collect_seconds, 3) if n_new and collect_seconds > 0 else None,
