@@ -255,6 +255,29 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(out: dict) -> str:
+    """One Markdown table per run: every rate as a percentage with its 95% interval."""
+    def pct(r):
+        return f"{100 * r['rate']:.1f} [{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
+
+    lines = []
+    for tag, run in out["runs"].items():
+        lines += [f"**{tag}**, n = {run['n_edits']} pseudo edits (seed {run['seed']}, {run['threads']} thread):", "",
+                  "| variant | layer | key | stop | lr | wrapper | views | prompt AG | paraphrase AG | paraphrase TF "
+                  "tok. acc | unrelated changed | mean steps | s / edit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, v in run["variants"].items():
+            r = v["recipe"]
+            stop = (f"margin {r['stop_margin']:g}" if r["stop_rule"] == "pass" else f"{r['max_steps']} steps")
+            views = r["views"] if r["views"] == "prompt" else f"{r['views']} ({v['n_extra_views']})"
+            lines.append(f"| {name} | {r['layer']} | {r['key_init']} | {stop} | {r['optimizer']} {r['lr']:g} | "
+                         f"{r['wrapper']} | {views} | {pct(v['prompt_success_ag'])} | {pct(v['paraphrase_ag'])} | "
+                         f"{100 * v['paraphrase_tf_token_acc']:.1f} | {pct(v['unrelated_changed'])} | "
+                         f"{v['steps_mean']:.1f} | {v['seconds_per_edit']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepare_dir")
@@ -265,13 +288,14 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=["base"], choices=list(VARIANTS))
     ap.add_argument("--out", default="bench/results/neuron_recipe.json")
     ap.add_argument("--plot", action="store_true", help="only redraw the PNG and print the table from --out")
+    ap.add_argument("--markdown", action="store_true", help="with --plot: print Markdown tables instead")
     args = ap.parse_args(argv)
     out_path = Path(args.out)
     png = out_path.with_suffix(".png")
     if args.plot:
         out = json.loads(out_path.read_text())
         plot(out, png)
-        print(table(out))
+        print(markdown(out) if args.markdown else table(out))
         return out
     if not args.prepare_dir or not args.tag:
         ap.error("--prepare_dir and --tag are needed unless --plot")

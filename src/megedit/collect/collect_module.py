@@ -38,9 +38,9 @@ def peak_rss_mib() -> float:
 
 
 class CollectModule(L.LightningModule):
-    def __init__(self, out_dir: str = "runs/collect", lr: float = 0.05, max_steps: int = 50, capacity: int = 64,
+    def __init__(self, out_dir: str = "runs/collect", lr: float = 0.2, max_steps: int = 100, capacity: int = 64,
                  optimizer: str = "adam",
-                 key_init: str = "last", stop_margin: float = 3.0, stop_on: str = "all", stop_rule: str = "pass",
+                 key_init: str = "last", stop_margin: float = 10.0, stop_on: str = "all", stop_rule: str = "pass",
                  n_prefixes: int = 0, prefix_tokens: int = 10, prefix_seed: int = 0, relation_views: int = 0,
                  verify: bool = True, drop_failed: bool = True,
                  transfer_n: int = 64, transfer_compare: bool = True, transfer_seed: int = 0,

@@ -75,7 +75,7 @@ class DiffusionDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, encoder_dir: str, collect_dir: str, batch_size: int = 256,
                  only_successful: bool | None = None, zero_weight_aug: bool = False, n_zero: int | None = None,
                  val_edits: int = 128, val_batch_size: int = 64, seed: int = 0, embed_batch_size: int = 256,
-                 num_workers: int = 0, paraphrase_shifts: int = 0, shift_prob: float = 0.5,
+                 num_workers: int = 0, paraphrase_shifts: int = 4096, shift_prob: float = 0.5,
                  shift_scale: float = 1.0, pseudo_generality: bool = True):
         """
         Args:
@@ -196,9 +196,10 @@ class DiffusionDataModule(L.LightningDataModule):
         edit_texts = [t for r in edits for t in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
         originals, paraphrases = shift_pairs(self.prepared.pseudo_pairs, heldout, edit_texts,
                                              hp.paraphrase_shifts, hp.seed)
-        if not originals:
-            raise ArtifactError(f"{hp.prepare_dir}: paraphrase_shifts needs pseudo pairs outside the encoder's "
-                                "held-out groups; there are none")
+        if not originals:  # e.g. a prepare run without a paraphrase source: train on the plain conditions
+            print(f"diffusion: {hp.prepare_dir} has no pseudo pairs outside the encoder's held-out groups; "
+                  "training without paraphrase shifts")
+            return None
         emb = encoder.embed(originals + paraphrases, batch_size=hp.embed_batch_size)
         return emb[len(originals):] - emb[: len(originals)]
 
