@@ -62,8 +62,10 @@ CMD_encoder     = stages/encoder.py --data.prepare_dir $(RUN)/prepare --model.ou
                   $(call CFG,encoder) $(ENCODER_ARGS)
 CMD_familiarity = stages/familiarity.py --data.prepare_dir $(RUN)/prepare --data.encoder_dir $(RUN)/encoder \
                   --model.out_dir $(RUN)/familiarity $(TB) $(call CFG,familiarity) $(FAMILIARITY_ARGS)
+# A dataset may tune a stage: configs/stages/<stage>-<dataset>.yaml is read over the stage's defaults.
+DATASET_CFG = $(if $(wildcard configs/stages/$(1)-$(DATASET).yaml),--config configs/stages/$(1)-$(DATASET).yaml)
 CMD_collect     = stages/collect.py --data.prepare_dir $(RUN)/prepare --model.out_dir $(RUN)/collect \
-                  $(call CFG,collect) $(COLLECT_ARGS)
+                  $(call DATASET_CFG,collect) $(call CFG,collect) $(COLLECT_ARGS)
 CMD_diffusion   = stages/diffusion.py --data.prepare_dir $(RUN)/prepare --data.encoder_dir $(RUN)/encoder \
                   --data.collect_dir $(RUN)/collect --model.out_dir $(RUN)/diffusion $(TB) \
                   $(call CFG,diffusion) $(DIFFUSION_ARGS)

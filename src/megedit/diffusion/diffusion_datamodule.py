@@ -192,7 +192,8 @@ class DiffusionDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.paraphrase_shifts <= 0:
             return None
-        heldout = set(json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())["groups"])
+        heldout_file = Path(hp.encoder_dir) / HELDOUT  # an encoder that held nothing out writes none
+        heldout = set(json.loads(heldout_file.read_text())["groups"]) if heldout_file.is_file() else set()
         edit_texts = [t for r in edits for t in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
         originals, paraphrases = shift_pairs(self.prepared.pseudo_pairs, heldout, edit_texts,
                                              hp.paraphrase_shifts, hp.seed)
