@@ -118,9 +118,11 @@ class CollectModule(L.LightningModule):
         # Every rank must train under the same prefixes (sampling is seeded, but check rather than trust).
         if len({tuple(p) for p in gather_objects(self.prefixes)}) != 1:
             raise RuntimeError("ranks sampled different context prefixes; cannot shard consistently")
-        self.guard = LeakGuard(evaluation_texts(self.prepared.edits))
-        self.extra_views = relation_views(self.prepared.edits, self.prepared.pseudo_edits,
-                                          self.hparams.relation_views, self.guard)
+        self.extra_views = [[] for _ in self.prepared.edits]
+        if self.hparams.relation_views:  # the guard indexes every evaluation text: only build it when used
+            self.extra_views = relation_views(self.prepared.edits, self.prepared.pseudo_edits,
+                                              self.hparams.relation_views,
+                                              LeakGuard(evaluation_texts(self.prepared.edits)))
         self.fingerprint = sha256_json({
             "options": {k: self.hparams[k] for k in _RESULT_OPTIONS},
             "prefixes": self.prefixes, "relation_views": self.extra_views, "shard_size": dm.hparams.shard_size, "n_edits": dm.n_edits,

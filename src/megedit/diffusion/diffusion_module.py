@@ -82,6 +82,7 @@ class DiffusionModule(L.LightningModule):
         self.ema: WeightGenerator | None = None
         self._val_rows: dict[int, dict] = {}
         self._collected_rel: dict[int, tuple[float, bool]] = {}
+        self._pseudo_collected: float | None = None  # collected neurons' AG on the pseudo paraphrases
         self._lm = None  # (model, tokenizer, neuron); a plain attribute so it is never in the state dict
         self._started = time.time()
 
@@ -213,10 +214,10 @@ class DiffusionModule(L.LightningModule):
         generated = generator.sample(pseudo["para_cond"].to(self.device), steps=steps, sampler=sampler,
                                      seed=0).float()
         gen = float(greedy_match(model, tokenizer, neuron, prompts, targets, generated).float().mean())
-        if "collected" not in pseudo:  # constant: the collected neurons do not train
-            pseudo["collected"] = float(greedy_match(model, tokenizer, neuron, prompts, targets,
-                                                     pseudo["weights"][rows].to(self.device)).float().mean())
-        ref = pseudo["collected"]
+        if self._pseudo_collected is None:  # constant: the collected neurons do not train
+            self._pseudo_collected = float(greedy_match(model, tokenizer, neuron, prompts, targets,
+                                                        pseudo["weights"][rows].to(self.device)).float().mean())
+        ref = self._pseudo_collected
         return {"pseudo_gen_ag": gen, "pseudo_gen_collected_ag": ref,
                 "pseudo_gen_ratio": gen / ref if ref > 0 else float("nan"), "pseudo_gen_n": len(prompts)}
 
