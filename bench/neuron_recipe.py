@@ -124,7 +124,8 @@ class Study:
         self._prefixes = generate_prefixes(self.lm, self.tok, 8, 10, 0)
 
     def wrap(self, recipe: Recipe, spec, text: str, kind: str) -> str:
-        formatted = spec.format_prompt(text, kind)
+        # The recipes name their wrapper themselves, so completions start from the bare text here.
+        formatted = dataclasses.replace(spec, completion_template="{prompt}").format_prompt(text, kind)
         if recipe.wrapper == "plain":
             return formatted
         message = INSTRUCTION.format(prompt=formatted) if kind == "completion" else formatted

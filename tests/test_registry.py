@@ -56,4 +56,15 @@ def test_unknown_model_lists_known_ones():
 def test_prompt_formatting():
     spec = load_model_spec("phi2")
     assert spec.format_prompt("Who?", "question").startswith("Instruct:Answer the following question")
-    assert spec.format_prompt("Paris is in", "completion") == "Paris is in"
+    assert spec.format_prompt("Paris is in", "completion").endswith("Paris is in\nOutput:")
+    assert load_model_spec("gptj").format_prompt("Paris is in", "completion") == "Paris is in"
+    smol = load_model_spec("smollm2").format_prompt("Paris is in", "completion")
+    assert smol.startswith("Question: ") and smol.endswith("Paris is in\nAnswer:")
+
+
+def test_completion_template_needs_its_placeholder(tmp_path):
+    import yaml
+    raw = yaml.safe_load(open(CONFIG_DIR / "models" / "smollm2.yaml"))
+    raw["completion_template"] = "Q: {question}"
+    with pytest.raises(RegistryError, match="completion_template"):
+        spec_from_dict(raw, where="x.yaml")

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory with prepare/ encoder/ familiarity/ diffusion/")
     p.add_argument("--file", help="read questions from this file, one per line")
     p.add_argument("--kind", choices=["question", "completion"], default="question",
-                   help="question: wrap in the model's question template; completion: feed as is")
+                   help="question / completion: wrap in the model's question / completion template")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--no-router", action="store_true", help="attach a generated neuron to every query")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")

@@ -36,10 +36,13 @@ class ModelSpec:
     hidden_size: int
     num_layers: int
     mlp: MLPSpec
-    question_template: str  # applied to question-style prompts (ZsRE); completions go in as they are
+    question_template: str  # applied to question-style prompts (ZsRE)
     encoder: str  # hub id, local path or pkg://<package>/<folder>
     dtype: str = "float32"
     neuron_dim: int = 0  # filled from hidden_size and the MLP kind when omitted; checked when given
+    # Applied to completion-style prompts (CounterFact). "{prompt}" feeds them as they are; asking them
+    # like questions makes every prompt end alike, which is what lets an edit reach its paraphrases.
+    completion_template: str = "{prompt}"
 
     @property
     def neuron_has_bias(self) -> bool:
@@ -51,7 +54,7 @@ class ModelSpec:
         if kind == "question":
             return self.question_template.format(question=text)
         if kind == "completion":
-            return text
+            return self.completion_template.format(prompt=text)
         raise ValueError(f"unknown prompt kind {kind!r}; expected 'question' or 'completion'")
 
     def to_dict(self) -> dict:
@@ -103,7 +106,11 @@ def spec_from_dict(raw: dict, where: str = "<dict>") -> ModelSpec:
         raise RegistryError(f"{where}: field 'edit_layer' {layer} is outside 0..{int(raw['num_layers']) - 1}")
     if "{question}" not in raw["question_template"]:
         raise RegistryError(f"{where}: field 'question_template' must contain '{{question}}'")
+    completion_template = raw.get("completion_template", "{prompt}")
+    if not isinstance(completion_template, str) or "{prompt}" not in completion_template:
+        raise RegistryError(f"{where}: field 'completion_template' must be a string containing '{{prompt}}'")
     fields = {k: raw[k] for k in required if k != "mlp"}
     return ModelSpec(
-        **fields, mlp=mlp, dtype=raw.get("dtype", "float32"), neuron_dim=expected_dim
+        **fields, mlp=mlp, dtype=raw.get("dtype", "float32"), neuron_dim=expected_dim,
+        completion_template=completion_template,
     )
