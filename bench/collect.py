@@ -98,7 +98,7 @@ def main(argv=None):
     edits = prepared.edits[: args.n]
     items = [CollectItem(i, [spec.format_prompt(e.prompt, e.prompt_kind)], e.target_new) for i, e in enumerate(edits)]
     prompts, targets = [it.views[0] for it in items], [it.target for it in items]
-    opts = CollectOptions(lr=args.lr, max_steps=args.max_steps, capacity=args.capacity)
+    opts = CollectOptions(lr=args.lr, max_steps=args.max_steps, capacity=args.capacity, stop_margin=0.0)
     torch.set_num_threads(torch.get_num_threads())
 
     rows = {}

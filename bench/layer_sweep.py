@@ -37,7 +37,7 @@ def main(argv=None):
     lm, tok = load_lm(prepared.spec)
     records = sample_pseudo(prepared.pseudo_edits, args.n, args.seed)
     prefixes = generate_prefixes(lm, tok, args.n_prefixes, 10, 0)
-    base = CollectOptions(lr=args.lr, max_steps=args.max_steps, capacity=args.capacity)
+    base = CollectOptions(lr=args.lr, max_steps=args.max_steps, capacity=args.capacity, stop_margin=0.0)
     out = {"model": prepared.spec.name, "n_pseudo_edits": len(records), "n_prefixes": args.n_prefixes, "layers": {}}
     print(f"{'layer':>5} {'success':>8} {'steps':>6} {'edits/s':>8} {'transfer':>9} {'tok_acc':>8}")
     for layer in args.layers:

@@ -51,7 +51,7 @@ def main(argv=None):
     lm, tok = load_lm(spec)
     neuron = DynamicNeuron(lm, spec)
     records = sample_pseudo(prepared.pseudo_edits, args.n, args.seed)
-    base = CollectOptions(lr=args.lr, max_steps=args.max_steps, capacity=args.capacity)
+    base = CollectOptions(lr=args.lr, max_steps=args.max_steps, capacity=args.capacity, stop_margin=0.0)
     out = {"model": spec.name, "edit_layer": spec.edit_layer, "n_pseudo_edits": len(records), "variants": {}}
     for name in args.variants:
         overrides, k = VARIANTS[name]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -11,6 +13,9 @@ from megedit.scoring import greedy_match, target_batch, teacher_forced
 from test_collect_neuron import _ToyTokenizer
 
 PROMPTS = ["5 9 3", "7 2 8 4 6 10", "11 12", "3 3 3 3", "9", "1 2 3", "20 21 22", "30 31 32 33 34"]
+
+# The engine's tests were written for its small-model settings (the stage defaults are for SmolLM2).
+_opts = functools.partial(CollectOptions, lr=0.05, max_steps=50, stop_margin=0.0)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
@@ -42,8 +47,8 @@ def test_batched_refill_equals_one_at_a_time(fixture, optimizer, lr, request):
     model, spec = request.getfixturevalue(fixture)
     items = _items(7)
     opts = dict(lr=lr, max_steps=60, optimizer=optimizer)
-    alone = collect(model, _ToyTokenizer(), spec, items, CollectOptions(capacity=1, **opts))
-    batched = collect(model, _ToyTokenizer(), spec, items, CollectOptions(capacity=3, **opts))
+    alone = collect(model, _ToyTokenizer(), spec, items, _opts(capacity=1, **opts))
+    batched = collect(model, _ToyTokenizer(), spec, items, _opts(capacity=3, **opts))
     assert [r.key for r in batched] == [it.key for it in items]
     assert sum(r.success for r in alone) >= 5  # single-token targets are reachable even on a random model
     for a, b in zip(alone, batched):
@@ -55,7 +60,7 @@ def test_results_are_frozen_at_the_weights_that_passed(tiny_llama):
     model, spec = tiny_llama
     tok = _ToyTokenizer()
     items = _items(6)
-    res = collect(model, tok, spec, items, CollectOptions(lr=0.5, max_steps=60, capacity=2))
+    res = collect(model, tok, spec, items, _opts(lr=0.5, max_steps=60, capacity=2))
     W = torch.stack([r.weights for r in res])
     neuron = DynamicNeuron(model, spec)
     prompts, targets = [it.views[0] for it in items], [it.target for it in items]
@@ -71,15 +76,15 @@ def test_results_are_frozen_at_the_weights_that_passed(tiny_llama):
 def test_margin_and_views(tiny_llama):
     model, spec = tiny_llama
     tok = _ToyTokenizer()
-    base = collect(model, tok, spec, _items(4), CollectOptions(lr=0.5, max_steps=80, capacity=4))
-    strict = collect(model, tok, spec, _items(4), CollectOptions(lr=0.5, max_steps=80, capacity=4, stop_margin=2.0))
+    base = collect(model, tok, spec, _items(4), _opts(lr=0.5, max_steps=80, capacity=4))
+    strict = collect(model, tok, spec, _items(4), _opts(lr=0.5, max_steps=80, capacity=4, stop_margin=2.0))
     for a, b in zip(base, strict):
         if b.reached_margin:
             assert b.success and b.min_margin > 2.0 and b.steps >= a.steps
         elif b.success:  # greedy decoding already works, the slack was not reached in the step budget
             assert b.steps == 80
     views = [CollectItem(i, [PROMPTS[i], "8 8 " + PROMPTS[i]], str(40 + i)) for i in range(3)]
-    res = collect(model, tok, spec, views, CollectOptions(lr=0.5, max_steps=80, capacity=2))
+    res = collect(model, tok, spec, views, _opts(lr=0.5, max_steps=80, capacity=2))
     neuron = DynamicNeuron(model, spec)
     W = torch.stack([r.weights for r in res])
     exact = [teacher_forced(model, tok, neuron, [it.views[v] for it in views], [it.target for it in views], W)["exact"]
@@ -92,7 +97,7 @@ def test_margin_and_views(tiny_llama):
 def test_engine_cache_is_released_and_options_checked(tiny_llama):
     model, spec = tiny_llama
     done = []
-    engine = NeuronCollector(model, _ToyTokenizer(), spec, CollectOptions(lr=0.5, max_steps=5, capacity=2),
+    engine = NeuronCollector(model, _ToyTokenizer(), spec, _opts(lr=0.5, max_steps=5, capacity=2),
                              on_result=lambda r, extra: done.append((r.key, extra["tag"])))
     engine.add(_items(3), extra={"tag": "a"})
     assert engine.cache_bytes > 0 and engine.pending == 3
@@ -100,11 +105,11 @@ def test_engine_cache_is_released_and_options_checked(tiny_llama):
     assert engine.idle and engine.cache_bytes == 0 and engine.peak_cache_bytes > 0
     assert sorted(done) == [("e0", "a"), ("e1", "a"), ("e2", "a")]
     with pytest.raises(ValueError, match="key_init"):
-        CollectOptions(key_init="middle")
+        _opts(key_init="middle")
     with pytest.raises(ValueError, match="stop_on"):
-        CollectOptions(stop_on="some")
+        _opts(stop_on="some")
     with pytest.raises(ValueError, match="optimizer"):
-        CollectOptions(optimizer="lbfgs")
+        _opts(optimizer="lbfgs")
 
 
 class _OffsetTokenizer(_ToyTokenizer):
@@ -133,11 +138,11 @@ def test_key_starts_where_it_should(tiny_llama):
     handle.remove()
     d = spec.hidden_size
     for key_init, pos in (("last", 3), ("subject", 2)):
-        engine = NeuronCollector(model, tok, spec, CollectOptions(key_init=key_init))
+        engine = NeuronCollector(model, tok, spec, _opts(key_init=key_init))
         w = engine.initial_weights([item])[0]
         assert torch.allclose(seen["h"][pos] @ w[:d], torch.tensor(1.0), atol=1e-4)
         assert torch.equal(w[d:], torch.zeros(d))
-    engine = NeuronCollector(model, tok, spec, CollectOptions(key_init="subject"))
+    engine = NeuronCollector(model, tok, spec, _opts(key_init="subject"))
     engine.initial_weights([CollectItem("y", ["5 9 3 7"], "40", subject="not there")])
     assert engine.subject_fallbacks == 1
 
@@ -147,8 +152,8 @@ def test_budget_rule_runs_every_edit_for_max_steps_and_judges_after(tiny_llama):
     model, spec = tiny_llama
     tok = _ToyTokenizer()
     items = _items(5)
-    early = collect(model, tok, spec, items, CollectOptions(lr=0.5, max_steps=30, capacity=2))
-    fixed = collect(model, tok, spec, items, CollectOptions(lr=0.5, max_steps=30, capacity=2, stop_rule="budget"))
+    early = collect(model, tok, spec, items, _opts(lr=0.5, max_steps=30, capacity=2))
+    fixed = collect(model, tok, spec, items, _opts(lr=0.5, max_steps=30, capacity=2, stop_rule="budget"))
     assert all(r.steps == 30 for r in fixed)
     assert any(r.steps < 30 for r in early)
     W = torch.stack([r.weights for r in fixed])
@@ -156,4 +161,4 @@ def test_budget_rule_runs_every_edit_for_max_steps_and_judges_after(tiny_llama):
     tf = teacher_forced(model, tok, neuron, [it.views[0] for it in items], [it.target for it in items], W)
     assert [r.success for r in fixed] == tf["exact"].tolist()  # the flag belongs to the returned weights
     with pytest.raises(ValueError, match="stop_rule"):
-        CollectOptions(stop_rule="never")
+        _opts(stop_rule="never")

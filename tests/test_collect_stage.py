@@ -19,7 +19,7 @@ from megedit.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--data.shard_size", "3", "--model.capacity", "4", "--model.max_steps", "40",
+FAST = ["--data.shard_size", "3", "--model.options.capacity", "4", "--model.options.max_steps", "40",
         "--trainer.enable_progress_bar", "false"]
 
 
@@ -80,7 +80,7 @@ def test_collect_stage_writes_verified_neurons(prepared_dir, tmp_path):
 def test_collect_resumes_after_sigkill(prepared_dir, tmp_path):
     out = tmp_path / "collect"
     # 4 edits, one per shard and per batch, so shards land one after another and the kill falls between them.
-    cmd = _cmd(prepared_dir, out, "--data.shard_size", "1", "--model.capacity", "1", "--model.transfer_n", "0",
+    cmd = _cmd(prepared_dir, out, "--data.shard_size", "1", "--model.options.capacity", "1", "--model.transfer_n", "0",
                "--data.limit", "4")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     shards = out / "shards"

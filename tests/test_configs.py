@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
+import yaml
 
 from megedit.cli import STAGES, _load, main
 from megedit.paths import CONFIG_DIR
@@ -44,3 +48,41 @@ def test_every_experiment_override_parses(path):
     stage = STAGES.get(path.stem)
     assert stage is not None, f"{path}: file name must be a stage name"
     parse_stage_args(path.stem, _load(stage.module), _load(stage.datamodule), stage.links, ["--config", str(path)])
+
+
+# Run-specific folders: the stage YAML shows where `make` puts them; the code has no default to agree with.
+_PLACE_HOLDERS = {"out_dir", "prepare_dir", "run_dir", "encoder_dir", "collect_dir"}
+
+
+def _signature_defaults(cls) -> dict:
+    """A class's keyword defaults, a dataclass-typed default expanded into its fields."""
+    out = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if param.default is inspect.Parameter.empty or name in _PLACE_HOLDERS:
+            continue
+        value = param.default
+        out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _disagreements(yaml_part: dict, defaults: dict, where: str) -> list[str]:
+    bad = []
+    for key, value in (yaml_part or {}).items():
+        if key in _PLACE_HOLDERS or key not in defaults:
+            continue
+        want = defaults[key]
+        if isinstance(want, dict) and isinstance(value, dict):
+            bad += _disagreements(value, want, f"{where}.{key}")
+        elif (list(want) if isinstance(want, tuple) else want) != value:
+            bad.append(f"{where}.{key}: YAML {value!r} but the code's default is {want!r}")
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_yaml_restates_the_code_defaults(name):
+    """One place per default (docs/contributing.md): a stage YAML may show a default, never change it."""
+    stage = STAGES[name]
+    raw = yaml.safe_load((CONFIG_DIR / "stages" / f"{name}.yaml").read_text())
+    bad = (_disagreements(raw.get("model"), _signature_defaults(_load(stage.module)), "model")
+           + _disagreements(raw.get("data"), _signature_defaults(_load(stage.datamodule)), "data"))
+    assert not bad, f"configs/stages/{name}.yaml disagrees with the code:\n" + "\n".join(bad)

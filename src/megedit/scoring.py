@@ -39,7 +39,14 @@ def positions_from_mask(mask: Tensor) -> Tensor:
 
 
 def target_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> dict:
-    """Left-padded ``prompt + target`` batch for teacher forcing.
+    """Left-padded ``prompt + target`` batch for teacher forcing (targets as text; see ``id_target_batch``)."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    return id_target_batch(tokenizer, prompts, [target_ids(tokenizer, t) for t in targets])
+
+
+def id_target_batch(tokenizer, prompts: Sequence[str], targets: Sequence[Sequence[int]]) -> dict:
+    """Left-padded ``prompt + target`` batch for teacher forcing, targets given as token ids.
 
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` ``[B, T]``, ``target_mask`` ``[B, T]``
     (True where the token is a target token), ``labels`` (target ids there, -100 elsewhere) and
@@ -50,12 +57,10 @@ def target_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> d
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     if not prompts:
         raise ValueError("target_batch needs at least one prompt")
-    seqs, lengths = [], []
-    for prompt, target in zip(prompts, targets):
-        p = tokenizer(prompt)["input_ids"]
-        t = target_ids(tokenizer, target)
-        seqs.append(list(p) + list(t))
-        lengths.append(len(t))
+    if any(len(t) == 0 for t in targets):
+        raise ValueError("every target needs at least one token")
+    seqs = [list(tokenizer(p)["input_ids"]) + list(t) for p, t in zip(prompts, targets)]
+    lengths = [len(t) for t in targets]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = left_pad(seqs, pad)
     width = ids.shape[1]
@@ -90,10 +95,19 @@ def _attach(neuron, weights):
     return neuron.attached(weights)
 
 
-@torch.no_grad()
 def teacher_forced(model, tokenizer, neuron, prompts: Sequence[str], targets: Sequence[str],
                    weights: Tensor | None = None, batch_size: int = 32) -> dict:
     """Per row: ``token_acc`` (fraction of target tokens that are the argmax) and ``exact`` (all of them)."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    return teacher_forced_ids(model, tokenizer, neuron, prompts, [target_ids(tokenizer, t) for t in targets],
+                              weights, batch_size)
+
+
+@torch.no_grad()
+def teacher_forced_ids(model, tokenizer, neuron, prompts: Sequence[str], targets: Sequence[Sequence[int]],
+                       weights: Tensor | None = None, batch_size: int = 32) -> dict:
+    """``teacher_forced`` on targets given as token ids (e.g. a pre-edit answer, which is tokens, not text)."""
     _check(prompts, weights)
     n = len(prompts)
     acc = torch.zeros(n)
@@ -101,7 +115,7 @@ def teacher_forced(model, tokenizer, neuron, prompts: Sequence[str], targets: Se
     order = sorted(range(n), key=lambda i: len(prompts[i]) + len(targets[i]))
     device = next(model.parameters()).device
     for idx in _batches(n, batch_size, order):
-        batch = target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
+        batch = id_target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
         w = _rows(weights, idx)
         with _attach(neuron, None if w is None else w.to(device)):
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),

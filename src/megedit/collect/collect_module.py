@@ -8,6 +8,7 @@ diagnostic on pseudo-edits (never on the evaluation paraphrases) and writes the 
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import shutil
 import time
@@ -28,9 +29,8 @@ from megedit.distributed import barrier, gather_objects
 from megedit.loading import load_lm, state_dict_sha256
 from megedit.scoring import greedy_match
 
-# Options that change the collected weights (the shard fingerprint); the rest only change speed or reports.
-_RESULT_OPTIONS = ("lr", "optimizer", "max_steps", "key_init", "stop_margin", "stop_on", "stop_rule", "n_prefixes",
-                   "prefix_tokens", "prefix_seed", "relation_views", "verify")
+# Stage options (beside the engine's) that change the collected weights; the rest only change speed or reports.
+_RESULT_OPTIONS = ("n_prefixes", "prefix_tokens", "prefix_seed", "relation_views", "verify")
 
 
 def peak_rss_mib() -> float:
@@ -38,32 +38,19 @@ def peak_rss_mib() -> float:
 
 
 class CollectModule(L.LightningModule):
-    def __init__(self, out_dir: str = "runs/collect", lr: float = 0.2, max_steps: int = 100, capacity: int = 64,
-                 optimizer: str = "adam",
-                 key_init: str = "last", stop_margin: float = 10.0, stop_on: str = "all", stop_rule: str = "pass",
+    def __init__(self, out_dir: str = "runs/collect", options: CollectOptions = CollectOptions(),
                  n_prefixes: int = 0, prefix_tokens: int = 10, prefix_seed: int = 0, relation_views: int = 0,
                  verify: bool = True, drop_failed: bool = True,
                  transfer_n: int = 64, transfer_compare: bool = True, transfer_seed: int = 0,
-                 encode_batch: int = 64, keep_shards: bool = False, check_weights: bool = True):
+                 keep_shards: bool = False, check_weights: bool = True):
         """
         Args:
             out_dir: where the artifact goes (``neurons.safetensors``, ``per_edit.jsonl``, ``report.json``,
                 ``manifest.json``; ``shards/`` while running).
-            lr: learning rate of the per-edit optimisation.
-            max_steps: optimiser steps per edit before it counts as failed.
-            optimizer: ``adam`` (per-row moments) or ``sgd`` (plain gradient steps, as the authors' code). SGD
-                moves the weights along the gradient, so neurons stay in a few directions the generator can
-                learn; Adam's per-coordinate steps spread them (see README, "Weight collection").
-            capacity: edits optimised side by side (rows of the batch); finished rows are refilled at once.
-            key_init: ``last`` (key = last prompt token's MLP input / its squared norm, value 0), ``subject``
-                (the same at the subject's last token, where ROME puts its key), ``mean``
-                (same from the mean over prompt tokens) or ``random``.
-            stop_margin: an edit stops once every target token beats the runner-up logit by this margin
-                (logits). A neuron that only just passes breaks under the generator's small errors; the
-                slack is what lets a generated neuron reproduce the target.
-            stop_on: ``all`` views (prompt and prefixed copies) must pass, or only the ``prompt``.
-            stop_rule: ``pass`` stops an edit at the first check that passes; ``budget`` always runs ``max_steps``
-                steps (the authors' fixed budget) and judges the edit after the last one.
+            options: the per-edit optimisation (``megedit.collect.engine.CollectOptions``: lr, optimizer,
+                max_steps, capacity, key_init, stop_margin, stop_on, stop_rule, encode_batch; each field's
+                meaning and range is documented there). The stop margin is the lever of paraphrase transfer:
+                a neuron trained well past its first success fires on paraphrases too (docs/collection.md).
             n_prefixes: random LM-generated context prefixes trained alongside the plain prompt (0 = prompt only).
             prefix_tokens: tokens per generated prefix.
             prefix_seed: seed of the prefix sampling.
@@ -78,16 +65,13 @@ class CollectModule(L.LightningModule):
                 diagnostic; 0 skips it.
             transfer_compare: also measure the plain prompt-only neuron on the same pseudo-edits.
             transfer_seed: which pseudo-edits the diagnostic samples.
-            encode_batch: sequences per forward when caching the layers below the edit layer.
             keep_shards: keep ``shards/`` after the merge.
             check_weights: refuse an LM whose weights hash differs from the prepare run's lineage.
         """
         super().__init__()
-        self.save_hyperparameters()
-        self.options = CollectOptions(lr=lr, max_steps=max_steps, capacity=capacity, optimizer=optimizer,
-                                      key_init=key_init,
-                                      stop_margin=stop_margin, stop_on=stop_on, stop_rule=stop_rule,
-                                      encode_batch=encode_batch)
+        self.save_hyperparameters(ignore=["options"])
+        self.hparams["options"] = dataclasses.asdict(options)  # plain data for the manifest and the resume check
+        self.options = options
         if n_prefixes < 0 or transfer_n < 0 or relation_views < 0:
             raise ValueError("model.n_prefixes, model.relation_views and model.transfer_n must be >= 0")
         self.lm = None
@@ -124,7 +108,7 @@ class CollectModule(L.LightningModule):
                                               self.hparams.relation_views,
                                               LeakGuard(evaluation_texts(self.prepared.edits)))
         self.fingerprint = sha256_json({
-            "options": {k: self.hparams[k] for k in _RESULT_OPTIONS},
+            "options": {**self.options.result_fields(), **{k: self.hparams[k] for k in _RESULT_OPTIONS}},
             "prefixes": self.prefixes, "relation_views": self.extra_views, "shard_size": dm.hparams.shard_size, "n_edits": dm.n_edits,
             "prepare_manifest": sha256_file(Path(self.prepared.dir) / "manifest.json"),
         })[:16]
@@ -311,8 +295,9 @@ class CollectModule(L.LightningModule):
                                               self.prefixes, extra_views=extra, keep=results)}
         save_pseudo_neurons(self.out_dir, [r.id for r in sample], torch.stack([r.weights for r in results]),
                             torch.tensor([r.success for r in results]))
-        if self.hparams.transfer_compare and (self.prefixes or self.hparams.stop_margin or any(extra) or
-                                              self.hparams.key_init != "last" or self.hparams.stop_rule != "pass"):
+        opts = self.options
+        if self.hparams.transfer_compare and (self.prefixes or opts.stop_margin or any(extra) or
+                                              opts.key_init != "last" or opts.stop_rule != "pass"):
             out["prompt_only"] = measure_transfer(self.lm, self.tokenizer, self.spec, self.neuron, sample,
                                                   self.options, [], stop_margin=0.0, key_init="last", stop_rule="pass")
         return out

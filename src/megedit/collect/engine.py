@@ -39,17 +39,17 @@ STOP_RULES = ("pass", "budget")
 
 @dataclass
 class CollectOptions:
-    lr: float = 0.05  # learning rate of `optimizer`
+    lr: float = 0.2  # learning rate of `optimizer` (> 0)
     optimizer: str = "adam"  # adam (per-row state) | sgd (plain gradient steps, as the authors' code)
-    max_steps: int = 50  # per edit; an edit that has not passed by then is recorded as failed
-    capacity: int = 64  # edits optimised side by side
+    max_steps: int = 100  # per edit (>= 1); an edit that greedy decoding still gets wrong by then is failed
+    capacity: int = 64  # edits optimised side by side (>= 1); only speed
     key_init: str = "last"  # last: last prompt token's MLP input / |.|^2; subject: the subject's last token; mean; random
-    stop_margin: float = 0.0  # target logit must beat the runner-up by this much (logits) at every target token
+    stop_margin: float = 10.0  # stop once every target token beats the runner-up by this much (logits, >= 0)
     stop_on: str = "all"  # all: every view must pass; prompt: only the plain prompt
     stop_rule: str = "pass"  # pass: stop at the first check that passes; budget: always run max_steps, judge at the end
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    encode_batch: int = 64  # sequences per forward when caching the lower layers
+    encode_batch: int = 64  # sequences per forward when caching the lower layers; only speed
 
     def __post_init__(self):
         if self.key_init not in KEY_INITS:
@@ -64,6 +64,10 @@ class CollectOptions:
             raise ValueError(f"need lr > 0, max_steps >= 1, capacity >= 1; got {self.lr}, {self.max_steps}, "
                              f"{self.capacity}")
         self.betas = tuple(self.betas)
+
+    def result_fields(self) -> dict:
+        """The options that change the collected weights (a resume fingerprint); the rest only change speed."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("capacity", "encode_batch")}
 
 
 @dataclass

@@ -72,7 +72,7 @@ class ShiftedConditions(Dataset):
 
 
 class DiffusionDataModule(L.LightningDataModule):
-    def __init__(self, prepare_dir: str, encoder_dir: str, collect_dir: str, batch_size: int = 256,
+    def __init__(self, prepare_dir: str, encoder_dir: str, collect_dir: str, batch_size: int = 32,
                  only_successful: bool | None = None, zero_weight_aug: bool = False, n_zero: int | None = None,
                  val_edits: int = 128, val_batch_size: int = 64, seed: int = 0, embed_batch_size: int = 256,
                  num_workers: int = 0, paraphrase_shifts: int = 4096, shift_prob: float = 0.5,

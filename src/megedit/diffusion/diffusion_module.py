@@ -44,12 +44,12 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/diffusion", preset: str = "dit-cpu", hidden: int | None = None,
                  depth: int | None = None, num_heads: int | None = None, patch_size: int | None = None,
                  schedule: str = "linear", num_train_timesteps: int = 1000, normalisation: str = "standardise",
-                 scale: float = 100.0, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
+                 scale: float = 100.0, lr: float = 2e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.05,
-                 ema_decay: float = 0.999, val_sampler: str = "ddim", val_steps: int = 50, noise_scale: float = 0.0,
+                 ema_decay: float = 0.995, val_sampler: str = "ddim", val_steps: int = 50, noise_scale: float = 0.0,
                  reliability: bool = True,
                  report_edits: int | None = None, report_steps: int = 50, seed: int = 0,
-                 torch_threads: int | None = None, checkpoint_every_n_epochs: int = 5):
+                 torch_threads: int | None = 1, checkpoint_every_n_epochs: int = 5):
         """
         Args:
             out_dir: the artifact folder (generator, report, manifest; Lightning checkpoints under ``checkpoints/``).

@@ -100,7 +100,7 @@ def split_groups(groups: dict[str, dict], seed: int, val_fraction: float, min_va
 
 class EncoderDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, batch_size: int = 64, val_fraction: float = 0.05,
-                 min_val_per_source: int = 256, max_val_per_source: int = 1000, max_train_groups: int | None = None,
+                 min_val_per_source: int = 256, max_val_per_source: int = 300, max_train_groups: int | None = None,
                  seed: int = 0, eval_batch_size: int = 256, num_workers: int = 0, hard_negatives: bool = True,
                  hard_negative_batch_size: int = 16):
         """

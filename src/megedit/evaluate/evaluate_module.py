@@ -16,7 +16,7 @@ from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
 from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, summarise
 from megedit.evaluate.report import write_reports
-from megedit.scoring import greedy_tokens, left_pad, positions_from_mask, target_ids
+from megedit.scoring import greedy_tokens, target_ids, teacher_forced_ids
 
 VARIANTS = ("meg", "meg_no_router", "meg_retrieval", "ft")
 AG_PROTOCOLS = {
@@ -30,8 +30,8 @@ AG_PROTOCOLS = {
 
 class EvaluateModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
-                 variants: list[str] = ["meg", "meg_no_router", "ft"], steps: int = 50, sampler: str = "ddim",
-                 seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 10, ft_lr: float = 5e-4,
+                 variants: list[str] = ["meg", "meg_no_router", "meg_retrieval", "ft"], steps: int = 50, sampler: str = "ddim",
+                 seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 3, ft_lr: float = 2e-3,
                  ft_batch_size: int = 32, router_threshold: float | None = None, noise_scale: float | None = None):
         """
         Args:
@@ -110,21 +110,11 @@ class EvaluateModule(L.LightningModule):
                 out.append(pre[: max(1, min(len(want), len(pre)))] if pre else [tok.eos_token_id])
         return out
 
-    @torch.no_grad()
     def _tf(self, prompts, targets, weights) -> torch.Tensor:
-        """Token accuracy of argmax under teacher forcing on explicit target token ids."""
+        """Token accuracy of argmax under teacher forcing on explicit target token ids (one batch)."""
         e = self.edited
-        seqs = [list(e.tokenizer(p)["input_ids"]) + t for p, t in zip(prompts, targets)]
-        ids, mask = left_pad(seqs, e.tokenizer.pad_token_id)
-        with e.neuron.attached(weights):
-            logits = e.lm(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                          use_cache=False).logits
-        width = ids.shape[1]
-        acc = []
-        for i, t in enumerate(targets):
-            pred = logits[i, width - len(t) - 1: width - 1].argmax(-1)
-            acc.append((pred == torch.tensor(t)).float().mean())
-        return torch.stack(acc)
+        return teacher_forced_ids(e.lm, e.tokenizer, e.neuron, prompts, targets, weights,
+                                  batch_size=len(prompts))["token_acc"]
 
     def _ag(self, prompts, items, targets, weights) -> tuple[torch.Tensor, list[list[int]]]:
         e = self.edited

@@ -19,7 +19,7 @@ from megedit.registry import load_model_spec
 
 class PrepareDataModule(L.LightningDataModule):
     def __init__(self, model: str = "smollm2", dataset: str = "counterfact", n_edits: int = 1024, seed: int = 0,
-                 data_dir: str | None = None, n_pseudo_irrelevant: int = 2048, max_pseudo_edits: int | None = None,
+                 data_dir: str | None = None, n_pseudo_irrelevant: int = 2048, max_pseudo_edits: int | None = 8192,
                  only_wrong: bool = False, oversample: float = 2.0, batch_size: int = 32, num_workers: int = 0):
         """
         Args:
