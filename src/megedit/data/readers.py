@@ -9,6 +9,11 @@ Formats (``FORMATS``):
 - ``zsre_knowedit``: KnowEdit ZsRE (``prompt, target_new, ground_truth[], rephrase_prompt, locality{}``)
 - ``mquake``: MQuAKE (``requested_rewrite[]`` plus multi-hop ``questions``)
 - ``paraphrase_groups``: PokeMQA-style ``{edit, questions[]}`` paraphrase corpus
+
+Every field is checked against its format's schema (``docs/input-checks.md`` lists each check): a field is
+either absent (where it is optional) or of its declared type. Nothing is coerced: a bare string is not a
+list, null is not "absent", a number is not text. The readers only read: a bad record raises before any
+record of the file is returned (``on_invalid="drop"`` instead skips it and reports it).
 """
 
 from __future__ import annotations
@@ -41,8 +46,20 @@ def _describe(value: Any) -> str:
     return (text[:60] + "...") if len(text) > 60 else text
 
 
+def _got(value: Any) -> str:
+    """What a wrong value was, as an error shows it: its type and (shortened) value; JSON null as 'null'."""
+    return "null" if value is None else f"{type(value).__name__} {_describe(value)}"
+
+
+_ABSENT = object()  # a key left out, which optional fields allow, unlike a key set to null (a type error)
+
+
 class _Ctx:
-    """Field access for one record that raises DataFormatError with full context."""
+    """The one validation helper: typed field access for one record.
+
+    Each accessor checks one field against what its format declares and raises DataFormatError naming the
+    file, the record (index and case id) and the field path; nothing is coerced into the expected type.
+    """
 
     def __init__(self, file: str, index: int, record: Any, id_field: str | None = None):
         self.file, self.index, self.record = file, index, record
@@ -54,106 +71,179 @@ class _Ctx:
     def fail(self, field: str | None, message: str):
         raise DataFormatError(self.file, message, self.index, self.record_id, field)
 
-    def get(self, obj: dict, key: str, path: str, optional: bool = False):
+    def expect(self, path: str, what: str, value: Any):
+        self.fail(path, f"expected {what}, got {_got(value)}")
+
+    def get(self, obj: Any, key: str, path: str, optional: bool = False) -> Any:
+        """The raw value, or ``_ABSENT`` for an optional key that is left out."""
         if not isinstance(obj, dict):
-            self.fail(path.rsplit(".", 1)[0], f"expected an object, got {type(obj).__name__}")
-        if key not in obj or obj[key] is None:
+            self.expect(path.rsplit(".", 1)[0], "an object", obj)
+        if key not in obj:
             if optional:
-                return None
+                return _ABSENT
             self.fail(path, "is missing")
         return obj[key]
 
-    def string(self, obj: dict, key: str, path: str | None = None, optional: bool = False) -> str | None:
-        path = path or key
+    def obj(self, obj: Any, key: str, path: str, optional: bool = False) -> dict | None:
         value = self.get(obj, key, path, optional)
-        if value is None:
+        if value is _ABSENT:
             return None
+        if not isinstance(value, dict):
+            self.expect(path, "an object", value)
+        return value
+
+    def text(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
-            self.fail(path, f"expected a string, got {type(value).__name__} {_describe(value)}")
+            self.expect(path, "a string", value)
         if not value.strip():
             self.fail(path, "expected a non-empty string, got an empty one")
         return value.strip()
 
-    def string_list(self, obj: dict, key: str, path: str | None = None, optional: bool = False) -> list[str]:
+    def string(self, obj: Any, key: str, path: str | None = None, optional: bool = False) -> str | None:
         path = path or key
         value = self.get(obj, key, path, optional)
-        if value is None:
-            return []
-        if isinstance(value, str):  # several formats store one paraphrase as a bare string
-            value = [value]
-        if not isinstance(value, list):
-            self.fail(path, f"expected a list of strings, got {type(value).__name__}")
-        out = []
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item.strip():
-                self.fail(f"{path}[{i}]", f"expected a non-empty string, got {_describe(item)}")
-            out.append(item.strip())
-        return out
+        return None if value is _ABSENT else self.text(value, path)
 
-    def first_answer(self, obj: dict, key: str, path: str | None = None, optional: bool = False) -> str | None:
-        """A ground truth given either as a string or as a non-empty list of strings (first one wins)."""
+    def string_list(self, obj: Any, key: str, path: str | None = None, optional: bool = False) -> list[str]:
         path = path or key
         value = self.get(obj, key, path, optional)
-        if value is None:
+        if value is _ABSENT:
+            return []
+        if not isinstance(value, list):  # a bare string here is a schema error, not a one-item list
+            self.expect(path, "a list of strings", value)
+        return [self.text(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+    def first_answer(self, obj: Any, key: str, path: str | None = None, optional: bool = False) -> str | None:
+        """A ground truth: a string, or a non-empty list of aliases (KnowEdit also nests ``[[alias, ...]]``).
+
+        The first alias is the answer; every alias is still checked, so a bad one is never hidden behind a
+        good one.
+        """
+        path = path or key
+        value = self.get(obj, key, path, optional)
+        if value is _ABSENT:
             return None
-        if isinstance(value, list):
-            if not value:
-                self.fail(path, "expected a string or a non-empty list of strings, got []")
-            value, path = value[0], f"{path}[0]"
-            if isinstance(value, list) and value:  # KnowEdit nests [[answer]] in places
-                value = value[0]
+        if not isinstance(value, list):
+            return self._answer_text(value, path)
+        if not value:
+            self.fail(path, "expected a string or a non-empty list of strings, got []")
+        aliases = []
+        for i, item in enumerate(value):
+            if isinstance(item, list) and item:
+                aliases += [self._answer_text(sub, f"{path}[{i}][{j}]") for j, sub in enumerate(item)]
+            else:
+                aliases.append(self._answer_text(item, f"{path}[{i}]"))
+        return aliases[0]
+
+    def _answer_text(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not value.strip():
             self.fail(path, f"expected a non-empty string, got {_describe(value)}")
         return value.strip()
 
-    def template(self, obj: dict, key: str, path: str) -> str:
+    def template(self, obj: Any, key: str, path: str) -> str:
+        """A CounterFact template: the subject goes where its single ``{}`` is (none or two would be ambiguous)."""
         value = self.string(obj, key, path)
-        if "{}" not in value:
-            self.fail(path, f"expected a template with '{{}}' where the subject goes, got {_describe(value)}")
+        holes = value.count("{}")
+        if holes != 1:
+            self.fail(path, f"expected a template with '{{}}' exactly once, where the subject goes; "
+                            f"got {holes} in {_describe(value)}")
         return value
+
+    def case_id(self, obj: dict, default: int) -> Any:
+        """The format's own case id: it becomes part of the record id, so it must be an integer or text."""
+        value = self.get(obj, "case_id", "case_id", optional=True)
+        if value is _ABSENT:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
+            self.expect("case_id", "an integer or a non-empty string", value)
+        return value
+
+    def flat_probe(self, obj: dict, prompt_key: str, answer_key: str, kind: str = "completion") -> list[Probe]:
+        """An optional (prompt, answer) pair stored as two flat fields; an answer without its prompt would be lost."""
+        prompt, answer = self.string(obj, prompt_key, optional=True), self.string(obj, answer_key, optional=True)
+        if prompt is None and answer is not None:
+            self.fail(prompt_key, f"is missing, but '{answer_key}' is given")
+        return [Probe(prompt, answer, kind)] if prompt else []
 
     def subject_in(self, subject: str, text: str, path: str):
         if subject not in text:
             self.fail(path, f"expected the subject {subject!r} to occur in the prompt {_describe(text)}")
 
 
-def load_json_list(path: Path) -> list:
-    """Read a JSON (list of records) or JSONL file; a syntax error names the line and column."""
-    text = path.read_text(encoding="utf-8")
+# --------------------------------------------------------------------------- files
+
+def _read_text(path: Path, name: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # skips a byte-order mark (Windows editors write one; json refuses it)
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(name, f"expected UTF-8 text, got byte {data[exc.start]:#04x} at offset {exc.start}"
+                              ) from None
+
+
+def _json_lines(name: str, text: str, note: str = "") -> list:
+    rows = []
+    # split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON keeps raw in strings
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(name, f"invalid JSON at line {lineno}, column {exc.colno}: {exc.msg}{note}"
+                                  ) from None
+    return rows
+
+
+def _first_line_is_object(text: str) -> bool:
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def load_json_list(path: Path, name: str | None = None) -> list:
+    """Read a JSON list of records or JSON Lines; a syntax error names the line and column.
+
+    A ``.jsonl`` file is read line by line; so is a file of any other name whose content is plainly JSON
+    Lines (its first line is a whole object and more follows), since every format here is a list of records.
+    """
+    path, name = Path(path), name or str(path)
+    text = _read_text(path, name)
     if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(path, f"invalid JSON at line {lineno}, column {exc.colno}: {exc.msg}") from None
-        return rows
+        return _json_lines(name, text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataFormatError(path, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        if exc.msg == "Extra data" and _first_line_is_object(text):
+            return _json_lines(name, text, " (the file looks like JSON Lines, one record per line, and was read so)")
+        raise DataFormatError(name, f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, list):
-        raise DataFormatError(path, f"expected a JSON list of records at the top level, got {type(data).__name__}")
+        hint = ""
+        if isinstance(data, dict) and len([ln for ln in text.split("\n") if ln.strip()]) == 1:
+            hint = " (if this is JSON Lines holding one record, name the file .jsonl)"
+        raise DataFormatError(name, "expected a JSON list of records at the top level, "
+                                    f"got {type(data).__name__}{hint}")
     return data
 
 
 # --------------------------------------------------------------------------- readers
 
-def _probes(ctx: _Ctx, groups: Any, path: str, kind: str) -> list[Probe]:
-    """KnowEdit-style ``{name: [{prompt, ground_truth}]}`` (or a bare list) into Probes."""
-    if groups is None:
+def _probes(ctx: _Ctx, obj: dict, key: str, kind: str) -> list[Probe]:
+    """KnowEdit-style ``{name: [{prompt, ground_truth}]}`` (or one bare list of them) into Probes."""
+    groups = ctx.get(obj, key, key, optional=True)
+    if groups is _ABSENT:
         return []
     if isinstance(groups, list):
         groups = {"": groups}
     if not isinstance(groups, dict):
-        ctx.fail(path, f"expected an object of lists, got {type(groups).__name__}")
+        ctx.expect(key, "an object of lists of {prompt, ground_truth}", groups)
     out = []
     for name, items in groups.items():
-        gpath = f"{path}.{name}" if name else path
+        gpath = f"{key}.{name}" if name else key
         if not isinstance(items, list):
-            ctx.fail(gpath, f"expected a list, got {type(items).__name__}")
+            ctx.expect(gpath, "a list of {prompt, ground_truth} objects", items)
         for i, item in enumerate(items):
             ipath = f"{gpath}[{i}]"
             out.append(Probe(ctx.string(item, "prompt", f"{ipath}.prompt"),
@@ -162,13 +252,21 @@ def _probes(ctx: _Ctx, groups: Any, path: str, kind: str) -> list[Probe]:
 
 
 def _gpt4_portability(ctx: _Ctx, raw: dict, kind: str) -> list[Probe]:
-    port = raw.get("portability")
-    if port is None:
-        return []
+    port = ctx.get(raw, "portability", "portability", optional=True)
     if isinstance(port, dict) and "New Question" in port:
         return [Probe(ctx.string(port, "New Question", "portability.New Question"),
                       ctx.string(port, "New Answer", "portability.New Answer"), kind)]
-    return _probes(ctx, port, "portability", kind)
+    return _probes(ctx, raw, "portability", kind)
+
+
+def _rewrite(ctx: _Ctx, rw: dict, path: str) -> tuple[str, str, str, str | None]:
+    """A ROME-style rewrite ``{prompt: template, subject, target_new{str}, target_true{str}}``."""
+    template = ctx.template(rw, "prompt", f"{path}.prompt")
+    subject = ctx.string(rw, "subject", f"{path}.subject")
+    target_new = ctx.string(ctx.obj(rw, "target_new", f"{path}.target_new"), "str", f"{path}.target_new.str")
+    true_obj = ctx.obj(rw, "target_true", f"{path}.target_true", optional=True)
+    target_true = ctx.string(true_obj, "str", f"{path}.target_true.str") if true_obj is not None else None
+    return subject, template.replace("{}", subject), target_new, target_true
 
 
 def read_counterfact_easyedit(rows: list, file: str, start: int = 0) -> list[EditRecord]:
@@ -177,13 +275,12 @@ def read_counterfact_easyedit(rows: list, file: str, start: int = 0) -> list[Edi
         ctx = _Ctx(file, i, raw, "case_id")
         subject, prompt = ctx.string(raw, "subject"), ctx.string(raw, "prompt")
         ctx.subject_in(subject, prompt, "prompt")
-        loc_prompt = ctx.string(raw, "locality_prompt", optional=True)
-        locality = [Probe(loc_prompt, ctx.string(raw, "locality_ground_truth", optional=True))] if loc_prompt else []
-        native = raw.get("case_id", i)
+        rephrase = ctx.string(raw, "rephrase_prompt", optional=True)
         out.append(EditRecord(
-            id=f"{Path(file).stem}:{native}", subject=subject, prompt=prompt, prompt_kind="completion",
+            id=f"{Path(file).stem}:{ctx.case_id(raw, i)}", subject=subject, prompt=prompt, prompt_kind="completion",
             target_new=ctx.first_answer(raw, "target_new"), target_true=ctx.first_answer(raw, "ground_truth", optional=True),
-            paraphrases=ctx.string_list(raw, "rephrase_prompt", optional=True), locality=locality,
+            paraphrases=[rephrase] if rephrase else [],
+            locality=ctx.flat_probe(raw, "locality_prompt", "locality_ground_truth"),
             portability=_gpt4_portability(ctx, raw, "completion"), source=file, index=i))
     return out
 
@@ -192,18 +289,11 @@ def read_counterfact_rome(rows: list, file: str, start: int = 0) -> list[EditRec
     out = []
     for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw, "case_id")
-        rw = ctx.get(raw, "requested_rewrite", "requested_rewrite")
-        if not isinstance(rw, dict):
-            ctx.fail("requested_rewrite", f"expected an object, got {type(rw).__name__}")
-        template = ctx.template(rw, "prompt", "requested_rewrite.prompt")
-        subject = ctx.string(rw, "subject", "requested_rewrite.subject")
-        target_new = ctx.string(ctx.get(rw, "target_new", "requested_rewrite.target_new"), "str",
-                                "requested_rewrite.target_new.str")
-        true_obj = rw.get("target_true")
-        target_true = ctx.string(true_obj, "str", "requested_rewrite.target_true.str") if true_obj else None
+        subject, prompt, target_new, target_true = _rewrite(ctx, ctx.obj(raw, "requested_rewrite", "requested_rewrite"),
+                                                            "requested_rewrite")
         locality = [Probe(p, target_true) for p in ctx.string_list(raw, "neighborhood_prompts", optional=True)]
         out.append(EditRecord(
-            id=f"{Path(file).stem}:{raw.get('case_id', i)}", subject=subject, prompt=template.replace("{}", subject),
+            id=f"{Path(file).stem}:{ctx.case_id(raw, i)}", subject=subject, prompt=prompt,
             prompt_kind="completion", target_new=target_new, target_true=target_true,
             paraphrases=ctx.string_list(raw, "paraphrase_prompts", optional=True), locality=locality,
             portability=_gpt4_portability(ctx, raw, "question"), source=file, index=i))
@@ -214,13 +304,12 @@ def read_zsre_mend(rows: list, file: str, start: int = 0) -> list[EditRecord]:
     out = []
     for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw)
-        loc = ctx.string(raw, "loc", optional=True)
-        locality = [Probe(loc, ctx.string(raw, "loc_ans", optional=True), "question")] if loc else []
+        rephrase = ctx.string(raw, "rephrase", optional=True)
         out.append(EditRecord(
             id=f"{Path(file).stem}:{i}", subject=ctx.string(raw, "subject"), prompt=ctx.string(raw, "src"),
             prompt_kind="question", target_new=ctx.first_answer(raw, "alt"),
             target_true=ctx.first_answer(raw, "answers", optional=True),
-            paraphrases=ctx.string_list(raw, "rephrase", optional=True), locality=locality,
+            paraphrases=[rephrase] if rephrase else [], locality=ctx.flat_probe(raw, "loc", "loc_ans", "question"),
             portability=_gpt4_portability(ctx, raw, "question"), source=file, index=i))
     return out
 
@@ -229,13 +318,14 @@ def read_zsre_knowedit(rows: list, file: str, start: int = 0) -> list[EditRecord
     out = []
     for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw)
+        rephrase = ctx.string(raw, "rephrase_prompt", optional=True)
         out.append(EditRecord(
             id=f"{Path(file).stem}:{i}", subject=ctx.string(raw, "subject"), prompt=ctx.string(raw, "prompt"),
             prompt_kind="question", target_new=ctx.first_answer(raw, "target_new"),
             target_true=ctx.first_answer(raw, "ground_truth", optional=True),
-            paraphrases=ctx.string_list(raw, "rephrase_prompt", optional=True),
-            locality=_probes(ctx, raw.get("locality"), "locality", "completion"),
-            portability=_probes(ctx, raw.get("portability"), "portability", "question"), source=file, index=i))
+            paraphrases=[rephrase] if rephrase else [],
+            locality=_probes(ctx, raw, "locality", "completion"),
+            portability=_probes(ctx, raw, "portability", "question"), source=file, index=i))
     return out
 
 
@@ -246,22 +336,20 @@ def read_mquake(rows: list, file: str, start: int = 0) -> list[EditRecord]:
         ctx = _Ctx(file, i, raw, "case_id")
         rewrites = ctx.get(raw, "requested_rewrite", "requested_rewrite")
         if not isinstance(rewrites, list) or not rewrites:
-            ctx.fail("requested_rewrite", "expected a non-empty list of rewrites")
+            ctx.expect("requested_rewrite", "a non-empty list of rewrites", rewrites)
         answer = ctx.string(raw, "new_answer", optional=True)
         hops = [Probe(q, answer, "question") for q in ctx.string_list(raw, "questions", optional=True)]
+        case = ctx.case_id(raw, i)
         for j, rw in enumerate(rewrites):
             p = f"requested_rewrite[{j}]"
-            template = ctx.template(rw, "prompt", f"{p}.prompt")
-            subject = ctx.string(rw, "subject", f"{p}.subject")
-            true_obj = rw.get("target_true")
+            if not isinstance(rw, dict):
+                ctx.expect(p, "an object", rw)
+            subject, prompt, target_new, target_true = _rewrite(ctx, rw, p)
             question = ctx.string(rw, "question", f"{p}.question", optional=True)
             out.append(EditRecord(
-                id=f"{Path(file).stem}:{raw.get('case_id', i)}/{j}", subject=subject,
-                prompt=template.replace("{}", subject), prompt_kind="completion",
-                target_new=ctx.string(ctx.get(rw, "target_new", f"{p}.target_new"), "str", f"{p}.target_new.str"),
-                target_true=ctx.string(true_obj, "str", f"{p}.target_true.str") if true_obj else None,
-                paraphrases=[question] if question else [], multi_hop=hops if j == 0 else [],
-                source=file, index=i))
+                id=f"{Path(file).stem}:{case}/{j}", subject=subject, prompt=prompt, prompt_kind="completion",
+                target_new=target_new, target_true=target_true, paraphrases=[question] if question else [],
+                multi_hop=hops if j == 0 else [], source=file, index=i))
     return out
 
 
@@ -326,7 +414,7 @@ def read_file(path: str | Path, fmt: str = "auto", display_name: str | None = No
     name = display_name or str(path)
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no such file")
-    rows = load_json_list(path)
+    rows = load_json_list(path, name)
     if fmt == "auto":
         fmt = detect_format(rows, name)
     elif fmt not in READERS:
