@@ -83,7 +83,7 @@ VARIANTS: dict[str, Recipe] = {
 for _layer in (3, 6, 9, 12, 15, 18, 21, 27, 29):
     VARIANTS[f"layer{_layer}"] = dataclasses.replace(BASE, layer=_layer)
 # A larger Adam step reaches the margin in fewer steps: collection cost is steps x rows x layers above.
-for _name in ("base", "margin3", "margin6", "layer27", "layer29", "relation4_margin3", "qa", "budget40"):
+for _name in ("base", "margin3", "margin6", "layer27", "layer29", "relation4_margin3", "qa", "qa_margin3", "budget40"):
     VARIANTS[f"{_name}_lr0.2"] = dataclasses.replace(VARIANTS[_name], lr=0.2)
 
 

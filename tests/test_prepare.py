@@ -44,10 +44,16 @@ def test_prepare_stage_writes_a_complete_artifact(prepared_dir):
     assert manifest["config"]["data"]["seed"] == 0 and manifest["megedit_version"]
     prep = load_prepared(prepared_dir)
     assert len(prep.edits) == 8 and prep.spec.name == "smollm2"
+    answered = []
     for rec, pre in zip(prep.edits, prep.pre_edit):
-        assert pre["prompt"]["tokens"] and len(pre["paraphrases"]) == len(rec.paraphrases) >= 1
+        assert len(pre["paraphrases"]) == len(rec.paraphrases) >= 1
         assert len(pre["locality"]) == len(rec.locality) >= 1
-        assert all(p["tokens"] and isinstance(p["text"], str) for p in pre["locality"])
+        # Asked as a question, the base LM sometimes answers nothing at all (EOS first): an empty answer is a
+        # real pre-edit answer (locality then checks the edited LM still stops), but most prompts get words.
+        for p in [pre["prompt"], *pre["paraphrases"], *pre["locality"]]:
+            assert isinstance(p["tokens"], list) and isinstance(p["text"], str)
+            answered.append(bool(p["tokens"]))
+    assert sum(answered) > len(answered) / 2
     edit_subjects = {r.subject for r in prep.edits}
     assert not edit_subjects & {r.subject for r in prep.pseudo_edits}
     assert not edit_subjects & {r["subject"] for r in prep.pseudo_irrelevant}
