@@ -41,7 +41,7 @@ class CollectModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/collect", options: CollectOptions = CollectOptions(),
                  n_prefixes: int = 0, prefix_tokens: int = 10, prefix_seed: int = 0, relation_views: int = 0,
                  verify: bool = True, drop_failed: bool = True,
-                 transfer_n: int = 64, transfer_compare: bool = True, transfer_seed: int = 0,
+                 transfer_n: int = 256, transfer_compare: bool = True, transfer_seed: int = 0,
                  keep_shards: bool = False, check_weights: bool = True):
         """
         Args:

@@ -44,7 +44,7 @@ class CollectOptions:
     max_steps: int = 100  # per edit (>= 1); an edit that greedy decoding still gets wrong by then is failed
     capacity: int = 64  # edits optimised side by side (>= 1); only speed
     key_init: str = "last"  # last: last prompt token's MLP input / |.|^2; subject: the subject's last token; mean; random
-    stop_margin: float = 10.0  # stop once every target token beats the runner-up by this much (logits, >= 0)
+    stop_margin: float = 3.0  # stop once every target token beats the runner-up by this much (logits, >= 0)
     stop_on: str = "all"  # all: every view must pass; prompt: only the plain prompt
     stop_rule: str = "pass"  # pass: stop at the first check that passes; budget: always run max_steps, judge at the end
     betas: tuple[float, float] = (0.9, 0.999)
