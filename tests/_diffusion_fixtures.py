@@ -23,7 +23,21 @@ TINY_SPEC = {"name": "tiny-gated", "source": "random", "hidden_size": 8, "num_la
 SUBJECTS = ["Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Rome", "Cairo", "Delhi", "Quito", "Hanoi", "Dakar", "Seoul"]
 
 
-def make_prepare(out: Path, n_edits: int, n_irrelevant: int = 4) -> Path:
+def pseudo_mayor_edits(n: int) -> list[dict]:
+    """Pseudo edits of the edits' relation ("The mayor of {} is"): each lends one rephrasing that is an
+    edits' evaluation paraphrase behind a context (a leak) and one that is not."""
+    out = []
+    for j in range(n):
+        subject = f"Town {j}"
+        rec = EditRecord(id=f"pseudo:{j}", subject=subject, prompt=f"The mayor of {subject} is",
+                         prompt_kind="completion", target_new=f"Mayor{j}", target_true="Nobody",
+                         paraphrases=[f"It rained all day. {subject}'s mayor is",
+                                      f"Elections were held in May. The office of mayor of {subject} is held by"])
+        out.append(rec.to_dict())
+    return out
+
+
+def make_prepare(out: Path, n_edits: int, n_irrelevant: int = 4, n_pseudo: int = 0) -> Path:
     edits = []
     for i in range(n_edits):
         subject = f"{SUBJECTS[i % len(SUBJECTS)]} {i}"
@@ -35,7 +49,7 @@ def make_prepare(out: Path, n_edits: int, n_irrelevant: int = 4) -> Path:
                    "prompt_kind": "completion", "source": "syn"} for j in range(n_irrelevant)]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_jsonl(out / FILES["edits"], edits)
-    atomic_write_jsonl(out / FILES["pseudo_edits"], [])
+    atomic_write_jsonl(out / FILES["pseudo_edits"], pseudo_mayor_edits(n_pseudo))
     atomic_write_jsonl(out / FILES["pseudo_pairs"], [])
     atomic_write_jsonl(out / FILES["pseudo_irrelevant"], irrelevant)
     atomic_write_json(out / FILES["report"], {})
@@ -74,9 +88,9 @@ def make_collect(out: Path, prepare_dir: Path, lineage: dict, n: int, dim: int =
     return out
 
 
-def make_run(root: Path, n_edits: int = 6) -> dict[str, Path]:
+def make_run(root: Path, n_edits: int = 6, n_pseudo: int = 0) -> dict[str, Path]:
     """prepare/encoder/collect folders of one synthetic run under ``root``."""
-    prepare = make_prepare(root / "prepare", n_edits)
+    prepare = make_prepare(root / "prepare", n_edits, n_pseudo=n_pseudo)
     import json
 
     lineage = json.loads((prepare / "manifest.json").read_text())["lineage"]

@@ -177,3 +177,32 @@ def test_shifted_conditions_move_only_the_edits_and_stay_on_the_sphere():
                        for s in shifts)
     never = ShiftedConditions(cond, weights, shifts, n_shiftable=6, prob=0.0, scale=1.0)
     assert all(torch.equal(never[i][0], cond[i]) for i in range(6))
+
+
+def test_relation_views_condition_an_edit_on_its_subject_in_lent_rephrasings_never_an_evaluation_text(tmp_path):
+    from megedit.collect.views import LeakGuard, evaluation_texts
+    from megedit.diffusion.diffusion_datamodule import ShiftedConditions
+
+    run = make_run(tmp_path, n_edits=4, n_pseudo=3)
+    dm = _datamodule(run, relation_views=8, paraphrase_shifts=0, pseudo_generality=False)
+    dm.setup()
+    edits = dm.prepared.edits
+    guard = LeakGuard(evaluation_texts(edits))
+    assert len(dm.view_rows) == 4 and dm.view_cond.shape[0] == sum(len(r) for r in dm.view_rows)
+    for rec, texts in zip(edits, dm.view_texts):
+        # one rephrasing per lending pseudo edit survives; the one that is this edit's paraphrase behind
+        # a context ("It rained all day. <subject>'s mayor is") is dropped by the guard
+        assert texts == [f"Elections were held in May. The office of mayor of {rec.subject} is held by"]
+        assert not any(guard.leaks(t) for t in texts)
+    assert dm.view_coverage == {"per_record": 8, "view_prob": 0.5, "records": 4, "records_with_views": 4,
+                                "views": 4}
+    # the training set draws the view's embedding (or the prompt's), never moves the target
+    data = dm.train_dataloader().dataset
+    assert isinstance(data, ShiftedConditions)
+    data.view_prob = 1.0
+    for i in range(4):
+        c, w = data[i]
+        torch.testing.assert_close(c, dm.view_cond[dm.view_rows[i][0]])
+        assert torch.equal(w, dm.train_weights[i])
+    data.view_prob = 0.0
+    assert all(torch.equal(data[i][0], dm.train_cond[i]) for i in range(4))

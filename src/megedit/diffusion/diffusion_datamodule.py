@@ -8,6 +8,11 @@ With ``paraphrase_shifts`` an edit's condition is, at random (``shift_prob``), m
 displacement (paraphrase minus original, in embedding space) of a pseudo pair the encoder trained
 on, so the generator learns that a paraphrase's embedding means its edit's neuron, not only the
 prompt's own point (the familiarity router's ``paraphrase_shifts`` is the same idea).
+With ``relation_views`` an edit's condition is, at random (``view_prob``), the embedding of one of its
+*relation views* instead of its prompt: the edit's subject put into a rephrasing that another record of
+the same relation template lends (``megedit.collect.views``; never an evaluation text, checked by the same
+leak guard as collection). These are the displacements a paraphrase makes for this very edit, where the
+shifts above are another pair's.
 With ``pseudo_generality`` the collect stage's pseudo-edit neurons (its transfer diagnostic; records
 that are never edited) are learnt too, and validation generates neurons from their *paraphrases'*
 embeddings: the generated neurons' Generality against the collected ones', without any evaluation text.
@@ -52,20 +57,29 @@ def read_collected(collect_dir: str | Path) -> tuple[dict, torch.Tensor, torch.T
 
 
 class ShiftedConditions(Dataset):
-    """(condition, neuron) pairs whose first ``n_shiftable`` conditions are moved, with probability ``prob``,
-    by a random row of ``shifts`` (scaled by ``scale``) and re-normalised, fresh at every draw."""
+    """(condition, neuron) pairs whose conditions are varied afresh at every draw.
 
-    def __init__(self, cond: torch.Tensor, weights: torch.Tensor, shifts: torch.Tensor, n_shiftable: int,
-                 prob: float, scale: float):
+    Row ``i`` with views (``view_rows[i]``, indices into ``view_cond``) is conditioned, with probability
+    ``view_prob``, on one of them instead of its own embedding; then the first ``n_shiftable`` rows are
+    moved, with probability ``prob``, by a random row of ``shifts`` (scaled by ``scale``) and re-normalised.
+    """
+
+    def __init__(self, cond: torch.Tensor, weights: torch.Tensor, shifts: torch.Tensor | None, n_shiftable: int,
+                 prob: float, scale: float, view_cond: torch.Tensor | None = None,
+                 view_rows: list[list[int]] | None = None, view_prob: float = 0.0):
         self.cond, self.weights, self.shifts = cond, weights, shifts
         self.n_shiftable, self.prob, self.scale = n_shiftable, prob, scale
+        self.view_cond, self.view_rows, self.view_prob = view_cond, view_rows or [], view_prob
 
     def __len__(self) -> int:
         return len(self.cond)
 
     def __getitem__(self, i: int):
         cond = self.cond[i]
-        if i < self.n_shiftable and torch.rand(()) < self.prob:
+        views = self.view_rows[i] if i < len(self.view_rows) else ()
+        if views and torch.rand(()) < self.view_prob:
+            cond = self.view_cond[views[int(torch.randint(len(views), ()))]]
+        if self.shifts is not None and i < self.n_shiftable and torch.rand(()) < self.prob:
             shift = self.shifts[torch.randint(len(self.shifts), ())]
             cond = F.normalize(cond + self.scale * shift, dim=-1)
         return cond, self.weights[i]
@@ -76,7 +90,8 @@ class DiffusionDataModule(L.LightningDataModule):
                  only_successful: bool | None = None, zero_weight_aug: bool = False, n_zero: int | None = None,
                  val_edits: int = 128, val_batch_size: int = 64, seed: int = 0, embed_batch_size: int = 256,
                  num_workers: int = 0, paraphrase_shifts: int = 4096, shift_prob: float = 0.5,
-                 shift_scale: float = 1.0, pseudo_generality: bool = True):
+                 shift_scale: float = 1.0, pseudo_generality: bool = True, relation_views: int = 0,
+                 view_prob: float = 0.5):
         """
         Args:
             prepare_dir: the prepare artifact (edits, pseudo-irrelevant prompts, lineage).
@@ -98,6 +113,9 @@ class DiffusionDataModule(L.LightningDataModule):
             pseudo_generality: learn the collect run's pseudo-edit neurons as well (when it saved them) and
                 track, at each validation, generated against collected neurons on those pseudo edits'
                 paraphrases (``val/pseudo_gen_*``).
+            relation_views: up to this many relation views per edit (and per learnt pseudo edit) whose
+                embeddings stand in for the edit's own condition in training; 0: none.
+            view_prob: chance that a drawn pair with views is conditioned on one of them.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -152,6 +170,10 @@ class DiffusionDataModule(L.LightningDataModule):
             target.append(torch.zeros(len(irrelevant), weights.shape[1]))
             self.n_zero = len(irrelevant)
         self.shifts = self._shifts(encoder, edits)
+        train_records = [r for r, k in zip(edits, keep.tolist()) if k]
+        if self.pseudo is not None:
+            train_records += [r for r, ok in zip(self.pseudo["records"], self.pseudo["success"].tolist()) if ok]
+        self.view_cond, self.view_rows, self.view_texts = self._views(encoder, train_records)
         del encoder
         self.train_cond, self.train_weights = torch.cat(cond), torch.cat(target)
         self.n_train_edits = int(keep.sum())
@@ -181,6 +203,36 @@ class DiffusionDataModule(L.LightningDataModule):
                 "cond": encoder.embed([r.prompt for r in records], batch_size=bs),
                 "para_rows": [k for k, _ in para], "para_texts": [p for _, p in para],
                 "para_cond": encoder.embed([p for _, p in para], batch_size=bs)}
+
+    def _views(self, encoder, records: list) -> tuple[torch.Tensor | None, list[list[int]], list[list[str]]]:
+        """Embeddings of the training records' relation views: ``(cond [V, H], rows, texts)``, where
+        ``rows[i]`` indexes ``cond`` for training row ``i``. Views are lent by pseudo edits that are not
+        themselves learnt here, and never equal an edit's or a learnt pseudo edit's evaluation text."""
+        from megedit.collect.views import LeakGuard, evaluation_texts, relation_views
+
+        k = self.hparams.relation_views
+        if k <= 0:
+            return None, [], []
+        learnt = {r.id for r in records}
+        pool = [r for r in self.prepared.pseudo_edits if r.id not in learnt]
+        guard = LeakGuard(evaluation_texts(self.prepared.edits) + evaluation_texts(records))
+        texts = relation_views(records, pool, k, guard, seed=self.hparams.seed)
+        flat = [t for views in texts for t in views]
+        rows, start = [], 0
+        for views in texts:
+            rows.append(list(range(start, start + len(views))))
+            start += len(views)
+        cond = encoder.embed(flat, batch_size=self.hparams.embed_batch_size) if flat else None
+        covered = sum(bool(v) for v in texts)
+        print(f"diffusion: {len(flat)} relation views for {covered} of {len(records)} learnt records")
+        return cond, rows, texts
+
+    @property
+    def view_coverage(self) -> dict:
+        """How many learnt records have relation views, and how many views in all."""
+        return {"per_record": self.hparams.relation_views, "view_prob": self.hparams.view_prob,
+                "records": len(self.view_rows), "records_with_views": sum(bool(r) for r in self.view_rows),
+                "views": sum(len(r) for r in self.view_rows)}
 
     def _shifts(self, encoder, edits) -> torch.Tensor | None:
         """``[M, H]`` paraphrase displacements of pseudo pairs the encoder trained on, or None."""
@@ -219,11 +271,12 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        if self.shifts is None:
+        if self.shifts is None and self.view_cond is None:
             data = TensorDataset(self.train_cond, self.train_weights)
         else:  # only the edits' rows move; the zero-weight rows stay where the irrelevant prompts are
             data = ShiftedConditions(self.train_cond, self.train_weights, self.shifts, self.n_shiftable,
-                                     hp.shift_prob, hp.shift_scale)
+                                     hp.shift_prob, hp.shift_scale, self.view_cond, self.view_rows,
+                                     hp.view_prob)
         return DataLoader(data, batch_size=self.hparams.batch_size,
                           shuffle=True, drop_last=False, num_workers=self.hparams.num_workers)
 

@@ -312,6 +312,7 @@ class DiffusionModule(L.LightningModule):
         ema.save(out, extra={"trained_on": {"edits": dm.n_train_edits, "zero_vectors": dm.n_zero,
                                             "pseudo_edits": dm.n_shiftable - dm.n_train_edits,
                                             "paraphrase_shifts": 0 if dm.shifts is None else len(dm.shifts),
+                                            "relation_views": dm.view_coverage,
                                             "only_successful": dm.n_train_edits < len(dm.success)},
                              "checkpoint": best})
         report = {"generated_vs_collected": summary, "sampler": {"name": "ddim", "steps": hp.report_steps, "noise_scale": ema.noise_scale},
