@@ -69,7 +69,7 @@ CMD_collect     = stages/collect.py --data.prepare_dir $(RUN)/prepare --model.ou
 CMD_diffusion   = stages/diffusion.py --data.prepare_dir $(RUN)/prepare --data.encoder_dir $(RUN)/encoder \
                   --data.collect_dir $(RUN)/collect --model.out_dir $(RUN)/diffusion $(TB) \
                   $(call CFG,diffusion) $(DIFFUSION_ARGS)
-CMD_evaluate    = stages/evaluate.py --data.prepare_dir $(RUN)/prepare --data.run_dir $(RUN) \
+CMD_evaluate    = stages/evaluate.py --data.run_dir $(RUN) \
                   --model.out_dir $(RUN)/evaluate $(TB) $(call CFG,evaluate) $(EVALUATE_ARGS)
 
 DEPS_prepare     =
@@ -97,7 +97,7 @@ all: evaluate
 THRESHOLDS ?= 0.05 0.1 0.2 0.3 0.5
 sweep-threshold: $(RUN)/evaluate/manifest.json
 	for t in $(THRESHOLDS); do \
-	  $(PY) stages/evaluate.py --data.prepare_dir $(RUN)/prepare --data.run_dir $(RUN) --model.variants '[meg]' \
+	  $(PY) stages/evaluate.py --data.run_dir $(RUN) --model.variants '[meg]' \
 	    --model.router_threshold $$t --model.out_dir $(RUN)/evaluate-threshold-$$t $(TB) || exit 1; done
 	$(PY) -m megedit.cli report $(RUN)/evaluate $(foreach t,$(THRESHOLDS),$(RUN)/evaluate-threshold-$(t)) \
 	  --out $(RUN)/threshold-sweep

@@ -1,4 +1,4 @@
-"""Evaluate stage (LightningCLI): python stages/evaluate.py --data.prepare_dir RUN/prepare --data.run_dir RUN --model.out_dir RUN/evaluate"""
+"""Evaluate stage (LightningCLI): python stages/evaluate.py --data.run_dir RUN --model.out_dir RUN/evaluate"""
 
 from megedit.cli import stage_main
 

@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory, data_dir) -> Path:
                              "--data.batch_size", str(N_EDITS), "--trainer.max_epochs", "1500",
                              "--trainer.check_val_every_n_epoch", "1500", "--data.val_edits", str(N_EDITS),
                              "--model.report_steps", "20", "--data.paraphrase_shifts", "64", *tb, *QUIET])
-    stage_main("evaluate", ["--data.prepare_dir", str(run / "prepare"), "--data.run_dir", str(run), "--model.out_dir",
+    stage_main("evaluate", ["--data.run_dir", str(run), "--model.out_dir",
                             str(run / "evaluate"), "--model.steps", "20", "--model.ft_epochs", "3", *tb, *QUIET])
     return run
 

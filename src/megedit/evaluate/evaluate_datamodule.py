@@ -13,12 +13,11 @@ from megedit.prepare.artifact import load_prepared
 
 
 class EvaluateDataModule(L.LightningDataModule):
-    def __init__(self, prepare_dir: str = "runs/smollm2-counterfact-1024/prepare",
-                 run_dir: str = "runs/smollm2-counterfact-1024", batch_size: int = 32, limit: int | None = None):
+    def __init__(self, run_dir: str = "runs/smollm2-counterfact-1024", batch_size: int = 32, limit: int | None = None):
         """
         Args:
-            prepare_dir: the prepare artifact (edits, paraphrases, locality prompts, pre-edit answers).
-            run_dir: the run whose encoder/, familiarity/ and diffusion/ artifacts are evaluated.
+            run_dir: the run whose artifacts are evaluated; its ``prepare/`` holds the items (edits,
+                paraphrases, locality prompts, pre-edit answers), so a run is always scored on its own edits.
             batch_size: evaluation items per step.
             limit: evaluate only the first ``limit`` edits (quick looks; recorded in the results).
         """
@@ -29,10 +28,7 @@ class EvaluateDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.prepared is not None:
             return
-        self.prepared = load_prepared(self.hparams.prepare_dir)
-        if Path(self.hparams.prepare_dir).resolve() != (Path(self.hparams.run_dir) / "prepare").resolve():
-            raise ValueError(f"data.prepare_dir {self.hparams.prepare_dir} is not the prepare artifact of "
-                             f"data.run_dir {self.hparams.run_dir}; evaluate a run with its own edits")
+        self.prepared = load_prepared(Path(self.hparams.run_dir) / "prepare")
         edits = self.prepared.edits[: self.hparams.limit] if self.hparams.limit else self.prepared.edits
         items = []
         for i, (rec, pre) in enumerate(zip(edits, self.prepared.pre_edit)):
