@@ -50,8 +50,9 @@ def test_collect_stage_writes_verified_neurons(prepared_dir, tmp_path):
     from megedit.scoring import greedy_match
 
     out = tmp_path / "collect"
+    # the stage needs gradients inside predict and says so itself: a trainer asked for inference mode still works
     stage_main("collect", ["--data.prepare_dir", str(prepared_dir), "--model.out_dir", str(out), *FAST,
-                           "--model.transfer_n", "4"])
+                           "--model.transfer_n", "4", "--trainer.inference_mode", "true"])
     weights, success, manifest, rows = _check_artifact(out, prepared_dir)
     assert success.float().mean() >= 7 / 8, rows
     report = json.loads((out / "report.json").read_text())

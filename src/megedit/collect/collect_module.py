@@ -81,9 +81,9 @@ class CollectModule(L.LightningModule):
     def setup(self, stage: str | None = None) -> None:
         if self.lm is not None:
             return
-        if torch.is_inference_mode_enabled() or getattr(self.trainer, "inference_mode", False):
-            raise RuntimeError("collect needs gradients: run it with trainer.inference_mode: false "
-                               "(configs/stages/collect.yaml sets it)")
+        # The per-edit optimisation needs gradients inside predict: the loop runs under no_grad (which the
+        # engine lifts) instead of inference mode (which nothing inside can lift), whatever the trainer flag says.
+        self.trainer.predict_loop.inference_mode = False
         dm = self.trainer.datamodule
         dm.setup("predict")
         self.prepared = dm.prepared
