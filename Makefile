@@ -47,37 +47,16 @@ BASE    := $(RUNS)/$(MODEL)-$(DATASET)-$(N)
 RUN     ?= $(BASE)$(if $(EXP),-$(EXP))
 EXPDIR  := configs/experiments/$(EXP)
 exp_cfg  = $(if $(EXP),$(wildcard $(EXPDIR)/$(1).yaml))
-own_prepare     = $(call exp_cfg,prepare)
-own_encoder     = $(or $(call exp_cfg,encoder),$(own_prepare))
-own_familiarity = $(or $(call exp_cfg,familiarity),$(own_encoder))
-own_collect     = $(or $(call exp_cfg,collect),$(own_prepare))
-own_diffusion   = $(or $(call exp_cfg,diffusion),$(own_encoder),$(own_collect))
-own_evaluate    = yes
 TB       = --trainer.logger.init_args.save_dir $(RUN)/tb
 CFG      = $(if $(call exp_cfg,$(1)),--config $(call exp_cfg,$(1)))
-
-CMD_prepare     = stages/prepare.py --data.model $(MODEL) --data.dataset $(DATASET) --data.n_edits $(N) \
-                  --data.seed $(SEED) --model.out_dir $(RUN)/prepare $(call CFG,prepare) $(PREPARE_ARGS)
-CMD_encoder     = stages/encoder.py --data.prepare_dir $(RUN)/prepare --model.out_dir $(RUN)/encoder $(TB) \
-                  $(call CFG,encoder) $(ENCODER_ARGS)
-CMD_familiarity = stages/familiarity.py --data.prepare_dir $(RUN)/prepare --data.encoder_dir $(RUN)/encoder \
-                  --model.out_dir $(RUN)/familiarity $(TB) $(call CFG,familiarity) $(FAMILIARITY_ARGS)
 # A dataset may tune a stage: configs/stages/<stage>-<dataset>.yaml is read over the stage's defaults.
 DATASET_CFG = $(if $(wildcard configs/stages/$(1)-$(DATASET).yaml),--config configs/stages/$(1)-$(DATASET).yaml)
-CMD_collect     = stages/collect.py --data.prepare_dir $(RUN)/prepare --model.out_dir $(RUN)/collect \
-                  $(call DATASET_CFG,collect) $(call CFG,collect) $(COLLECT_ARGS)
-CMD_diffusion   = stages/diffusion.py --data.prepare_dir $(RUN)/prepare --data.encoder_dir $(RUN)/encoder \
-                  --data.collect_dir $(RUN)/collect --model.out_dir $(RUN)/diffusion $(TB) \
-                  $(call CFG,diffusion) $(DIFFUSION_ARGS)
-CMD_evaluate    = stages/evaluate.py --data.run_dir $(RUN) \
-                  --model.out_dir $(RUN)/evaluate $(TB) $(call CFG,evaluate) $(EVALUATE_ARGS)
 
-DEPS_prepare     =
-DEPS_encoder     = prepare
-DEPS_familiarity = prepare encoder
-DEPS_collect     = prepare
-DEPS_diffusion   = prepare encoder collect
-DEPS_evaluate    = prepare encoder familiarity collect diffusion
+# The stage graph (DEPS_*, IN_* input flags, own_*: does EXP recompute the stage, TB_*), generated from
+# src/megedit/graph.py by `megedit plan`.
+include stages/plan.mk
+CMD = stages/$(1).py $(IN_$(1)) --model.out_dir $(RUN)/$(1) $(TB_$(1)) $(call DATASET_CFG,$(1)) $(call CFG,$(1)) \
+      $(ARGS_$(1))
 
 define STAGE_RULE
 $(1): $(RUN)/$(1)/manifest.json
@@ -86,10 +65,10 @@ ifeq ($(if $(EXP),$(own_$(1)),yes),)
 	$$(MAKE) --no-print-directory $(BASE)/$(1)/manifest.json EXP= RUN=$(BASE)
 	mkdir -p $(RUN) && ln -sfn $(abspath $(BASE)/$(1)) $(RUN)/$(1)
 else
-	$(PY) $(CMD_$(1))
+	$(PY) $(call CMD,$(1))
 endif
 endef
-$(foreach s,prepare encoder familiarity collect diffusion evaluate,$(eval $(call STAGE_RULE,$(s))))
+$(foreach s,$(STAGES),$(eval $(call STAGE_RULE,$(s))))
 
 all: evaluate
 

@@ -26,6 +26,7 @@ from megedit.collect.transfer import measure_transfer, sample_pseudo
 from megedit.collect.views import LeakGuard, evaluation_texts, relation_views
 from megedit.components.neuron import DynamicNeuron
 from megedit.distributed import barrier, gather_objects
+from megedit.graph import upstream_dirs
 from megedit.loading import load_lm, state_dict_sha256
 from megedit.scoring import greedy_match
 
@@ -267,7 +268,7 @@ class CollectModule(L.LightningModule):
         outputs = list(FILES.values()) + ([PSEUDO_FILE] if (self.out_dir / PSEUDO_FILE).is_file() else [])
         write_manifest(self.out_dir, "collect", self.prepared.lineage,
                        config={"data": dict(dm.hparams), "model": dict(self.hparams)},
-                       outputs=outputs, upstream={"prepare": str(self.prepared.dir)},
+                       outputs=outputs, upstream=upstream_dirs("collect", dm.hparams),
                        extra={"n_edits": n, "neuron_dim": D, "model_spec": self.spec.to_dict(),
                               "prefixes": self.prefixes, "fingerprint": self.fingerprint})
         if not self.hparams.keep_shards:

@@ -16,6 +16,7 @@ from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
 from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, summarise
 from megedit.evaluate.report import write_reports
+from megedit.graph import upstream_dirs
 from megedit.scoring import greedy_tokens, target_ids, teacher_forced_ids
 
 VARIANTS = ("meg", "meg_no_router", "meg_retrieval", "ft")
@@ -221,11 +222,11 @@ class EvaluateModule(L.LightningModule):
         atomic_write_json(out / "results.json", summary)
         atomic_write_jsonl(out / "per_example.jsonl", rows)
         write_reports(out, summary)
-        run = Path(dm.hparams.run_dir)
+        # the collected neurons are read only by the retrieval variant
+        upstream = {n: d for n, d in upstream_dirs("evaluate", dm.hparams).items()
+                    if n != "collect" or "meg_retrieval" in self.variants}
         write_manifest(out, "evaluate", e.prepared.lineage, config={"model": dict(self.hparams), "data": dict(dm.hparams)},
-                       outputs=["results.json", "results.md", "results.png", "per_example.jsonl"],
-                       upstream={n: run / n for n in ("prepare", "encoder", "familiarity", "diffusion")
-                                 + (("collect",) if "meg_retrieval" in self.variants else ())})
+                       outputs=["results.json", "results.md", "results.png", "per_example.jsonl"], upstream=upstream)
         print((out / "results.md").read_text())
 
     def configure_optimizers(self):

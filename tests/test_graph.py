@@ -1,0 +1,62 @@
+"""The stage graph is the one source of the Makefile's rules and the stages' input arguments."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megedit.cli import STAGES, _load
+from megedit.graph import INPUTS, ORDER, RUN_READERS, closure, input_params, make_plan, upstream_dirs
+from megedit.paths import REPO_ROOT
+
+
+def test_the_committed_makefile_plan_is_the_generated_one():
+    assert (REPO_ROOT / "stages" / "plan.mk").read_text() == make_plan(), \
+        "stages/plan.mk is stale: run `megedit plan > stages/plan.mk`"
+
+
+def test_every_stage_is_in_the_graph_after_its_inputs():
+    assert set(ORDER) == set(STAGES)
+    for stage, inputs in INPUTS.items():
+        assert all(ORDER.index(i) < ORDER.index(stage) for i in inputs), stage
+    assert closure("evaluate") == ["prepare", "encoder", "familiarity", "collect", "diffusion"]
+    assert closure("familiarity") == ["prepare", "encoder"]
+
+
+@pytest.mark.parametrize("stage", [s for s in ORDER if INPUTS[s]])
+def test_each_datamodule_takes_exactly_its_graph_inputs(stage):
+    params = inspect.signature(_load(STAGES[stage].datamodule).__init__).parameters
+    dirs = {name for name in params if name.endswith("_dir")}
+    assert dirs == set(input_params(stage)), f"{stage}: datamodule takes {sorted(dirs)}"
+
+
+def test_upstream_dirs_follow_the_flags_or_the_run(tmp_path):
+    assert upstream_dirs("diffusion", {"prepare_dir": "a/p", "encoder_dir": "b/e", "collect_dir": "c/c"}) == \
+        {"prepare": Path("a/p"), "encoder": Path("b/e"), "collect": Path("c/c")}
+    assert RUN_READERS == {"evaluate"}
+    got = upstream_dirs("evaluate", {"run_dir": str(tmp_path)})
+    assert got == {name: tmp_path / name for name in INPUTS["evaluate"]}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_runs_each_stage_with_its_inputs_and_experiments_recompute_what_they_change(tmp_path):
+    def dry_run(*extra):
+        out = subprocess.run(["make", "-n", "all", f"RUNS={tmp_path}", "N=8", "VENV=.venv", *extra], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        return [line for line in out.splitlines() if "stages/" in line]
+
+    base = dry_run()
+    run = tmp_path / "smollm2-counterfact-8"
+    assert [line.split("stages/")[1].split(".py")[0] for line in base] == list(ORDER)
+    assert f"--data.prepare_dir {run}/prepare --data.encoder_dir {run}/encoder --data.collect_dir {run}/collect" \
+        in base[ORDER.index("diffusion")]
+    assert f"--data.run_dir {run} " in base[ORDER.index("evaluate")]
+    assert "--data.n_edits 8" in base[0] and "trainer.logger" not in base[0]
+    # an experiment that changes the generator recomputes the generator and the evaluation only
+    exp = dry_run("EXP=mlp-generator")
+    recomputed = {line.split("stages/")[1].split(".py")[0] for line in exp if f"{run}-mlp-generator/" in line}
+    assert recomputed == {"diffusion", "evaluate"}
