@@ -202,8 +202,37 @@ class CollectModule(L.LightningModule):
     # ------------------------------------------------------------------ merge + report
     def _merge(self, per_rank: list[dict]) -> None:
         dm = self.trainer.datamodule
-        n, D = dm.n_edits, self.spec.neuron_dim
-        weights = torch.zeros(n, D)
+        weights, success, records = self._read_shards()
+        from safetensors.torch import save_file
+        from megedit.artifacts import atomic_path
+
+        with atomic_path(self.out_dir / FILES["neurons"]) as tmp:
+            save_file({"weights": weights.contiguous(), "success": success}, str(tmp))
+        atomic_write_jsonl(self.out_dir / FILES["per_edit"], records)
+        report = self._report(per_rank, weights, success, records)
+        (self.out_dir / PSEUDO_FILE).unlink(missing_ok=True)  # a stale one from an earlier config
+        if self.hparams.transfer_n:
+            t0 = time.time()
+            report["transfer"] = self.transfer_diagnostic()
+            report["transfer"]["seconds"] = round(time.time() - t0, 1)
+        atomic_write_json(self.out_dir / FILES["report"], report)
+        outputs = list(FILES.values()) + ([PSEUDO_FILE] if (self.out_dir / PSEUDO_FILE).is_file() else [])
+        write_manifest(self.out_dir, "collect", self.prepared.lineage,
+                       config={"data": dict(dm.hparams), "model": dict(self.hparams)},
+                       outputs=outputs, upstream=upstream_dirs("collect", dm.hparams),
+                       extra={"n_edits": len(records), "neuron_dim": self.spec.neuron_dim,
+                              "model_spec": self.spec.to_dict(), "prefixes": self.prefixes,
+                              "fingerprint": self.fingerprint})
+        if not self.hparams.keep_shards:
+            shutil.rmtree(self.out_dir / SHARD_DIR, ignore_errors=True)
+        self._print_summary(report)
+
+    def _read_shards(self) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Every finished shard put together: ``(weights [N, D], success [N] uint8, per-edit records)``,
+        checked to hold each edit of this prepare run exactly where it belongs."""
+        dm = self.trainer.datamodule
+        n = dm.n_edits
+        weights = torch.zeros(n, self.spec.neuron_dim)
         success = torch.zeros(n, dtype=torch.uint8)
         seen = torch.zeros(n, dtype=torch.bool)
         records: list[dict | None] = [None] * n
@@ -225,19 +254,16 @@ class CollectModule(L.LightningModule):
             if rec["id"] != self.prepared.edits[i].id:
                 raise ArtifactError(f"collect: shard row {i} holds edit {rec['id']}, expected "
                                     f"{self.prepared.edits[i].id}; the shards belong to another prepare run")
+        return weights, success, records
 
-        from safetensors.torch import save_file
-        from megedit.artifacts import atomic_path
-
-        with atomic_path(self.out_dir / FILES["neurons"]) as tmp:
-            save_file({"weights": weights.contiguous(), "success": success}, str(tmp))
-        atomic_write_jsonl(self.out_dir / FILES["per_edit"], records)
-
+    def _report(self, per_rank: list[dict], weights: torch.Tensor, success: torch.Tensor, records: list[dict]) -> dict:
+        """Success, cost and memory of the whole run (every rank), before the transfer diagnostic."""
+        n = len(records)
         wall = time.time() - self._created  # model loading included
         collect_seconds = max(r["collect_seconds"] for r in per_rank)  # includes the greedy verification
         n_new = sum(r["edits_collected"] for r in per_rank)
         steps = [r["steps"] for r in records]
-        report = {
+        return {
             "n_edits": n, "success_rate": round(float(success.float().mean()), 4),
             "n_failed": int(n - int(success.sum())),
             "drop_failed": self.hparams.drop_failed,
@@ -259,20 +285,9 @@ class CollectModule(L.LightningModule):
                                "total": sum(len(v) for v in self.extra_views)},
             "weights_norm_mean": round(float(weights.norm(dim=1).mean()), 4),
         }
-        (self.out_dir / PSEUDO_FILE).unlink(missing_ok=True)  # a stale one from an earlier config
-        if self.hparams.transfer_n:
-            t0 = time.time()
-            report["transfer"] = self.transfer_diagnostic()
-            report["transfer"]["seconds"] = round(time.time() - t0, 1)
-        atomic_write_json(self.out_dir / FILES["report"], report)
-        outputs = list(FILES.values()) + ([PSEUDO_FILE] if (self.out_dir / PSEUDO_FILE).is_file() else [])
-        write_manifest(self.out_dir, "collect", self.prepared.lineage,
-                       config={"data": dict(dm.hparams), "model": dict(self.hparams)},
-                       outputs=outputs, upstream=upstream_dirs("collect", dm.hparams),
-                       extra={"n_edits": n, "neuron_dim": D, "model_spec": self.spec.to_dict(),
-                              "prefixes": self.prefixes, "fingerprint": self.fingerprint})
-        if not self.hparams.keep_shards:
-            shutil.rmtree(self.out_dir / SHARD_DIR, ignore_errors=True)
+
+    def _print_summary(self, report: dict) -> None:
+        n = report["n_edits"]
         tr = report.get("transfer", {})
         print(f"collect: {n} edits, success {report['success_rate']:.2%} ({report['n_failed']} failed), "
               f"{report['edits_per_second']} edits/s, mean {report['steps_mean']} steps; paraphrase transfer "
