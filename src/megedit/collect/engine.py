@@ -352,7 +352,23 @@ class NeuronCollector:
                 return 0
         if self._batch is None:
             self._build_batch()
-        b = self._batch
+        logits, slot_loss, grad = self._loss_and_grad(self._batch)
+        with torch.no_grad():
+            tests = self._slot_tests(self._batch, logits)
+            finished, active = self._retire_passed(slot_loss, *tests)
+            if self.opt.optimizer == "sgd":
+                self.W = torch.where(active[:, None], self.W - self.opt.lr * grad, self.W)
+            else:
+                self._adam(grad, active)
+            self.total_steps += 1
+        if finished:
+            self._batch = None
+            self._refill()
+        return finished
+
+    def _loss_and_grad(self, b: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Target-token logits, each slot's loss (mean over its views of the per-view token mean) and its
+        gradient with respect to the slots' neuron weights."""
         S = len(self.slots)
         W = self.W.clone().requires_grad_(True)
         with torch.enable_grad():
@@ -368,56 +384,55 @@ class NeuronCollector:
             views = torch.zeros(S, device=self.device).index_add(0, b["row_slot"], torch.ones_like(row_loss))
             slot_loss = torch.zeros(S, device=self.device).index_add(0, b["row_slot"], row_loss) / views.clamp_min(1)
             slot_loss.sum().backward()
-        with torch.no_grad():
-            target_logit = logits.gather(1, b["labels"][:, None]).squeeze(1)
-            others = logits.clone()
-            others.scatter_(1, b["labels"][:, None], float("-inf"))
-            margin = target_logit - others.max(1).values
-            # Two tests per token: on the prompt, beating the runner-up at all (greedy decoding emits the
-            # target: success; the other views only help it generalise), and, on the views ``stop_on`` names,
-            # beating it by the stop margin (the slack the generator's copies need: when to stop).
-            other_view = b["row_view"][b["token_row"]] != 0
-            tok_ok = (margin > 0) | other_view
-            tok_pass = margin > self.opt.stop_margin if self.opt.stop_margin > 0 else margin > 0
-            if self.opt.stop_on == "prompt":
-                tok_pass = tok_pass | other_view
-            token_slot = b["row_slot"][b["token_row"]]
-            slot_wrong = torch.zeros(S, device=self.device).index_add(0, token_slot, (~tok_ok).float())
-            slot_bad = torch.zeros(S, device=self.device).index_add(0, token_slot, (~tok_pass).float())
-            slot_margin = torch.full((S,), float("inf"), device=self.device).scatter_reduce(
-                0, b["row_slot"][b["token_row"]], margin, reduce="amin")
-            grad = W.grad
-            finished = 0
-            active = torch.zeros(S, dtype=torch.bool, device=self.device)
-            for s, c in enumerate(self.slots):
-                if c is None:
-                    continue
-                passed = bool(slot_bad[s] == 0)
-                # "budget": a fixed number of steps for every edit (the authors' recipe), judged after the last.
-                stop_early = passed and self.opt.stop_rule == "pass"
-                if stop_early or c.steps >= self.opt.max_steps:
-                    # Frozen at the weights that were just checked; this row gets no update.
-                    result = CollectResult(c.item.key, self.W[s].detach().cpu().clone(), bool(slot_wrong[s] == 0),
-                                           c.steps, float(slot_loss[s]), float(slot_margin[s]), passed)
-                    self.slots[s] = None
-                    self.cache_bytes -= sum(h.numel() * h.element_size() for h in c.hidden)
-                    finished += 1
-                    self.n_done += 1
-                    if self.on_result is not None:
-                        self.on_result(result, c.extra)
-                else:
-                    active[s] = True
-                    c.steps += 1
-            if self.opt.optimizer == "sgd":
-                self.W = torch.where(active[:, None], self.W - self.opt.lr * grad, self.W)
-            else:
-                self._adam(grad, active)
-            self.total_steps += 1
-        if finished:
-            self._batch = None
-            self._refill()
-        return finished
+        return logits.detach(), slot_loss.detach(), W.grad
 
+    def _slot_tests(self, b: dict, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per slot: tokens the prompt gets wrong, tokens short of the stop test, and the smallest margin."""
+        S = len(self.slots)
+        target_logit = logits.gather(1, b["labels"][:, None]).squeeze(1)
+        others = logits.clone()
+        others.scatter_(1, b["labels"][:, None], float("-inf"))
+        margin = target_logit - others.max(1).values
+        # Two tests per token: on the prompt, beating the runner-up at all (greedy decoding emits the
+        # target: success; the other views only help it generalise), and, on the views ``stop_on`` names,
+        # beating it by the stop margin (the slack the generator's copies need: when to stop).
+        other_view = b["row_view"][b["token_row"]] != 0
+        tok_ok = (margin > 0) | other_view
+        tok_pass = margin > self.opt.stop_margin if self.opt.stop_margin > 0 else margin > 0
+        if self.opt.stop_on == "prompt":
+            tok_pass = tok_pass | other_view
+        token_slot = b["row_slot"][b["token_row"]]
+        slot_wrong = torch.zeros(S, device=self.device).index_add(0, token_slot, (~tok_ok).float())
+        slot_bad = torch.zeros(S, device=self.device).index_add(0, token_slot, (~tok_pass).float())
+        slot_margin = torch.full((S,), float("inf"), device=self.device).scatter_reduce(
+            0, token_slot, margin, reduce="amin")
+        return slot_wrong, slot_bad, slot_margin
+
+    def _retire_passed(self, slot_loss, slot_wrong, slot_bad, slot_margin) -> tuple[int, torch.Tensor]:
+        """Hand out the result of every slot that is done (passed, or out of steps) and count a step for the
+        others; returns how many finished and which slots stay active."""
+        finished = 0
+        active = torch.zeros(len(self.slots), dtype=torch.bool, device=self.device)
+        for s, c in enumerate(self.slots):
+            if c is None:
+                continue
+            passed = bool(slot_bad[s] == 0)
+            # "budget": a fixed number of steps for every edit (the authors' recipe), judged after the last.
+            stop_early = passed and self.opt.stop_rule == "pass"
+            if stop_early or c.steps >= self.opt.max_steps:
+                # Frozen at the weights that were just checked; this row gets no update.
+                result = CollectResult(c.item.key, self.W[s].detach().cpu().clone(), bool(slot_wrong[s] == 0),
+                                       c.steps, float(slot_loss[s]), float(slot_margin[s]), passed)
+                self.slots[s] = None
+                self.cache_bytes -= sum(h.numel() * h.element_size() for h in c.hidden)
+                finished += 1
+                self.n_done += 1
+                if self.on_result is not None:
+                    self.on_result(result, c.extra)
+            else:
+                active[s] = True
+                c.steps += 1
+        return finished, active
     def _adam(self, grad: Tensor, active: Tensor) -> None:
         """Adam with a step count per row; rows not ``active`` keep weights and moments as they are."""
         b1, b2 = self.opt.betas
