@@ -33,7 +33,6 @@ Prints a table (ratios megedit / paper) and writes JSON (default bench/results/f
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -46,8 +45,8 @@ import yaml
 
 from megedit.artifacts import atomic_write_json
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
-from megedit.components.text_encoder import TextEncoder
 from megedit.data.locality_kinds import normalise
+from megedit.encoder.artifact import hard_negative_groups, heldout_groups, load_encoder
 from megedit.encoder.encoder_datamodule import group_pairs
 from megedit.data.locality_kinds import mentions_subject
 from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS, interleave, shift_pairs
@@ -216,8 +215,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     recipe = stage_recipe(override=args.config)
     prep = load_prepared(args.prepare)
-    split = json.loads((Path(args.encoder) / "heldout_groups.json").read_text())
-    encoder = TextEncoder.from_source(str(Path(args.encoder) / "encoder"))
+    heldout, hard_groups = heldout_groups(args.encoder), hard_negative_groups(args.encoder)
+    encoder = load_encoder(args.encoder)
     cache: dict[str, torch.Tensor] = {}
     embed_seconds = 0.0
 
@@ -235,7 +234,7 @@ def main(argv=None) -> dict:
     for n in args.n:
         # Per N, as the stage does: every pseudo text outside this N's memorised and scored sets may be a
         # training negative. The memorised set, positives and irrelevant prompts are prefixes / the same.
-        texts = select_texts(prep, set(split["groups"]), set(split.get("hard_negative_groups", [])), n,
+        texts = select_texts(prep, heldout, hard_groups, n,
                              args.max_positive_groups, recipe["seed"], recipe["paraphrase_shifts"])
         memorised, emb_pos = embed(texts["memorised"]), embed(texts["positives"])
         emb_irrelevant = embed(texts["scored_irrelevant"][: args.max_negatives])

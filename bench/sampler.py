@@ -57,9 +57,9 @@ def main(argv=None) -> dict:
 
     from megedit.artifacts import check_lineage, read_manifest
     from megedit.components.neuron import DynamicNeuron
-    from megedit.components.text_encoder import TextEncoder
     from megedit.diffusion.diffusion_datamodule import read_collected
     from megedit.diffusion.generator import load_generator
+    from megedit.encoder.artifact import load_encoder
     from megedit.loading import load_lm
     from megedit.prepare.artifact import load_prepared
     from megedit.scoring import greedy_generate, greedy_match, teacher_forced
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     spec = prepared.spec
     device = torch.device(args.device)
     gen = load_generator(out_dir, device=device)
-    encoder = TextEncoder.from_source(str(up["encoder"] / "encoder"))
+    encoder = load_encoder(up["encoder"])
 
     n = min(args.queries, len(prepared.edits))
     order = torch.randperm(len(prepared.edits), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()

@@ -19,3 +19,15 @@ class KillAtEpochEnd(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             raise SimulatedKill(f"simulated kill at the end of epoch {self.epoch}")
+
+
+class KillAtStep(Callback):
+    """Raise once optimiser step ``step`` has run, before a resume point of that step is written (the
+    trainer's callbacks run before the module's)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise SimulatedKill(f"simulated kill after step {self.step}")

@@ -103,3 +103,47 @@ def test_group_pair_batches_never_repeat_an_original():
         assert it["positive"] in g["positives"]
     ds.epoch = 1  # a new epoch draws other paraphrases of multi-paraphrase groups
     assert [ds[i]["positive"] for i in range(len(ds))] != [it["positive"] for it in items]
+
+
+def test_resumable_sampler_draws_what_random_sampler_draws_and_replays_a_pass():
+    """A fresh run shuffles exactly as ``DataLoader(shuffle=True)`` did; a resumed pass replays its order."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from megedit.encoder.encoder_datamodule import ResumableRandomSampler
+
+    data = list(range(37))
+    torch.manual_seed(7)
+    plain = [b.tolist() for _ in range(2) for b in DataLoader(data, batch_size=4, shuffle=True, drop_last=True)]
+    after_plain = torch.get_rng_state()
+    torch.manual_seed(7)
+    sampler = ResumableRandomSampler(data)
+    assert isinstance(sampler, RandomSampler)  # Lightning still swaps in a shuffled DistributedSampler under DDP
+    loader = DataLoader(data, batch_size=4, sampler=sampler, drop_last=True)
+    ours = [b.tolist() for b in loader]
+    seed = sampler.seed
+    ours += [b.tolist() for b in loader]
+    assert ours == plain and torch.equal(torch.get_rng_state(), after_plain)  # same order, same RNG use
+    # Replaying the first pass from its 4th batch: the same batches, and the sampler draws nothing.
+    sampler.resume(seed, 3 * 4)
+    assert [b.tolist() for b in loader] == plain[3:9] and sampler.seed == seed
+    state = torch.get_rng_state()
+    sampler.resume(seed, 3 * 4)
+    assert list(sampler) == sum(plain[3:9], []) + [i for i in range(37) if i not in sum(plain[:9], [])]
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_encoder_artifact_readers(tmp_path):
+    from megedit.artifacts import ArtifactError, write_manifest
+    from megedit.encoder.artifact import (HELDOUT, hard_negative_groups, heldout_groups, load_encoder,
+                                          write_heldout)
+
+    # An encoder that held nothing out wrote no heldout_groups.json.
+    assert heldout_groups(tmp_path) == set() and hard_negative_groups(tmp_path) == set()
+    write_heldout(tmp_path, ["g2", "g1"], 0, ["p1"])
+    assert (tmp_path / HELDOUT).is_file()
+    assert heldout_groups(tmp_path) == {"g1", "g2"} and hard_negative_groups(tmp_path) == {"p1"}
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        load_encoder(tmp_path)  # unfinished: refused
+    write_manifest(tmp_path, "familiarity", {}, {}, [])
+    with pytest.raises(ArtifactError, match="expected a 'encoder' artifact"):
+        load_encoder(tmp_path)

@@ -86,3 +86,17 @@ def test_only_the_first_process_moves_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "1")
     assert resumable_checkpoint(out, run_fingerprint({}, {})) is None
     assert (out / CHECKPOINT_DIR / LAST_CKPT).read_bytes() == b"other run"  # left for rank 0 to move
+
+
+def test_a_stage_may_fingerprint_its_budget_and_the_others_keep_their_fingerprints(tmp_path):
+    data = {"prepare_dir": str(_upstream(tmp_path, "{}"))}
+    settings = {"precision": "32-true", "max_steps": 80, "max_epochs": 1}
+    common = run_fingerprint({"lr": 1e-3}, data, settings)
+    assert run_fingerprint({"lr": 1e-3}, data, settings, trainer_keys=()) == common  # unchanged for other stages
+    # The encoder's learning rate decays to 0 at its budget's last step: another budget is another run.
+    enc = run_fingerprint({"lr": 1e-3}, data, settings, trainer_keys=("max_epochs", "max_steps"))
+    assert enc != common
+    assert run_fingerprint({"lr": 1e-3}, data, {**settings, "max_steps": 160}, ("max_epochs", "max_steps")) != enc
+    # How often the resume point is written changes no result.
+    assert run_fingerprint({"lr": 1e-3, "checkpoint_every_n_steps": 5}, data, settings, ("max_epochs", "max_steps")) \
+        == run_fingerprint({"lr": 1e-3, "checkpoint_every_n_steps": 50}, data, settings, ("max_epochs", "max_steps"))

@@ -21,11 +21,11 @@ import torch
 from megedit.artifacts import ArtifactError, check_lineage, check_upstream, read_manifest
 from megedit.components.neuron import DynamicNeuron
 from megedit.components.text_encoder import TextEncoder
+from megedit.graph import SERVED
 from megedit.loading import load_lm
 from megedit.prepare.artifact import Prepared, load_prepared
 from megedit.scoring import greedy_generate, teacher_forced, greedy_match
 
-STAGE_DIRS = ("prepare", "encoder", "familiarity", "collect", "diffusion")
 
 
 @dataclass
@@ -56,17 +56,18 @@ class EditedLM:
     def load(cls, run_dir: str | Path, device: str = "cpu", **options) -> "EditedLM":
         """Load a run directory (``prepare/ encoder/ familiarity/ diffusion/``), refusing mixed runs."""
         from megedit.diffusion.generator import load_generator
+        from megedit.encoder.artifact import load_encoder
         from megedit.familiarity.router import load_router
 
         run = Path(run_dir)
-        dirs = {name: run / name for name in ("prepare", "encoder", "familiarity", "diffusion")}
+        dirs = {name: run / name for name in SERVED}
         manifests = {name: read_manifest(d, stage=name) for name, d in dirs.items()}
         check_lineage(manifests)
         check_upstream(manifests["diffusion"], "encoder", dirs["encoder"], where=f"generator {dirs['diffusion']}")
         prepared = load_prepared(dirs["prepare"])
         lm, tokenizer = load_lm(prepared.spec)
         lm.to(device)
-        encoder = TextEncoder.from_source(str(dirs["encoder"] / "encoder")).to(device).eval()
+        encoder = load_encoder(dirs["encoder"], check=False).to(device).eval()  # manifest read above
         router = load_router(dirs["familiarity"], encoder_dir=dirs["encoder"], device=device)
         generator = load_generator(dirs["diffusion"], device=device)
         if generator.input_dim != prepared.spec.neuron_dim:

@@ -37,8 +37,9 @@ def run_stage(stage: str, module_cls, datamodule_cls, method: str, links: Sequen
     if method == "fit" and getattr(cli.model, "resumable", False):
         # A killed run resumes from its last checkpoint, but only one of the same config and inputs.
         trainer = cli.config.get("trainer") or {}
+        keys = tuple(getattr(cli.model, "fingerprinted_trainer_settings", ()))  # the stage's own, beside the common
         fingerprint = run_fingerprint(cli.model.hparams, cli.datamodule.hparams,
-                                      {k: trainer.get(k) for k in TRAINER_FINGERPRINTED})
+                                      {k: trainer.get(k) for k in (*TRAINER_FINGERPRINTED, *keys)}, keys)
         cli.model.resumed_from = resumable_checkpoint(cli.model.hparams.out_dir, fingerprint)
         extra["ckpt_path"] = cli.model.resumed_from
     getattr(cli.trainer, method)(cli.model, datamodule=cli.datamodule, **extra)

@@ -124,7 +124,7 @@ class DiffusionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.ready:
             return
-        from megedit.components.text_encoder import TextEncoder
+        from megedit.encoder.artifact import load_encoder
 
         hp = self.hparams
         prepare_dir, encoder_dir, collect_dir = Path(hp.prepare_dir), Path(hp.encoder_dir), Path(hp.collect_dir)
@@ -144,7 +144,7 @@ class DiffusionDataModule(L.LightningDataModule):
                                 f"needs {self.spec.neuron_dim}")
         self.edit_weights, self.success = weights, success
 
-        encoder = TextEncoder.from_source(str(encoder_dir / "encoder"))
+        encoder = load_encoder(encoder_dir, check=False)  # its manifest was read above
         self.edit_cond = encoder.embed([r.prompt for r in edits], batch_size=hp.embed_batch_size)
         if hp.only_successful is None:
             from megedit.collect.artifact import training_rows
@@ -236,16 +236,13 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def _shifts(self, encoder, edits) -> torch.Tensor | None:
         """``[M, H]`` paraphrase displacements of pseudo pairs the encoder trained on, or None."""
-        import json
-
-        from megedit.encoder.encoder_module import HELDOUT
+        from megedit.encoder.artifact import heldout_groups
         from megedit.familiarity.familiarity_datamodule import shift_pairs
 
         hp = self.hparams
         if hp.paraphrase_shifts <= 0:
             return None
-        heldout_file = Path(hp.encoder_dir) / HELDOUT  # an encoder that held nothing out writes none
-        heldout = set(json.loads(heldout_file.read_text())["groups"]) if heldout_file.is_file() else set()
+        heldout = heldout_groups(hp.encoder_dir)  # empty when the encoder held nothing out
         edit_texts = [t for r in edits for t in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
         originals, paraphrases = shift_pairs(self.prepared.pseudo_pairs, heldout, edit_texts,
                                              hp.paraphrase_shifts, hp.seed)

@@ -7,6 +7,10 @@ original and its paraphrases) are split whole into train and held-out, stratifie
 so the held-out recall measures transfer to unseen facts. The held-out group ids are saved
 with the encoder: the familiarity stage calibrates its threshold on them, which the encoder
 never trained on.
+
+A killed run resumes mid-epoch exactly where it was (``state_dict``): each training loader shuffles
+with a ``ResumableRandomSampler``, which draws its order as torch's ``RandomSampler`` does and
+remembers the seed, so the epoch's order is replayed from the batch after the last one trained on.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections import defaultdict
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from megedit.distributed import world
 from megedit.encoder.hard_negatives import HardNegativeTriples, build_sources
@@ -53,6 +57,35 @@ class IndexedTexts(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"index": i, "text": self.texts[i]}
+
+
+class ResumableRandomSampler(RandomSampler):
+    """torch's ``RandomSampler`` (a fresh permutation per pass, its seed drawn from the global torch RNG
+    when the pass starts), which remembers that seed and can replay a pass from an offset.
+
+    A fresh run draws exactly what ``DataLoader(shuffle=True)`` draws (same global RNG use, same order),
+    so adding it changed no result. ``resume(seed, skip)`` makes the next pass the permutation of
+    ``seed`` without its first ``skip`` indices, drawing nothing from the global RNG. Under DDP Lightning
+    replaces it with a ``DistributedSampler`` (it is a ``RandomSampler``: shuffled), as before.
+    """
+
+    def __init__(self, data_source):
+        super().__init__(data_source)
+        self.seed: int | None = None  # seed of the current pass's permutation (None before the first)
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, seed: int, skip: int) -> None:
+        self._resume = (seed, skip)
+
+    def __iter__(self):
+        if self._resume is not None:
+            (seed, skip), self._resume = self._resume, None
+        else:  # as RandomSampler.__iter__ without a generator
+            seed, skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
+        self.seed = seed
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()[skip:]
 
 
 def _collate_pairs(batch: list[dict]) -> dict:
@@ -125,6 +158,8 @@ class EncoderDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.prepared: Prepared | None = None
+        self._samplers: dict[str, ResumableRandomSampler] = {}  # by training loader
+        self._resume: dict | None = None  # a checkpoint's data position, until the loaders are built
 
     def setup(self, stage: str | None = None) -> None:
         if self.prepared is not None:
@@ -179,20 +214,59 @@ class EncoderDataModule(L.LightningDataModule):
                 targets.append(k)
         return prompts, queries, targets
 
-    def train_dataloader(self) -> DataLoader | CombinedLoader:
-        if self.trainer is not None:
-            self.train_set.epoch = self.trainer.current_epoch
-            if self.hard_set is not None:
-                self.hard_set.epoch = self.trainer.current_epoch
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """Where training is in the data, saved in every checkpoint: the epoch, the batches of it trained
+        on, and the seed of each loader's current pass (None where Lightning replaced the sampler: under DDP
+        a resumed epoch starts its data over)."""
+        if self.trainer is None or not self._samplers:
+            return {}
+        return {"epoch": self.trainer.current_epoch,
+                "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                "seeds": {name: sampler.seed for name, sampler in self._samplers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Restored before the trainer builds the loaders (train_dataloader below).
+        self._resume = state or None
+
+    def _loader(self, name: str, dataset: Dataset, batch_size: int, collate_fn, resume: dict | None) -> DataLoader:
+        sampler = ResumableRandomSampler(dataset)
         # drop_last: under DDP every rank must contribute the same number of originals to the gathered negatives.
-        batch_size = min(self.hparams.batch_size, len(self.train_set))
-        pairs = DataLoader(self.train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                           collate_fn=_collate_pairs, num_workers=self.hparams.num_workers)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn,
+                            num_workers=self.hparams.num_workers)
+        seed = (resume or {}).get("seeds", {}).get(name)
+        if seed is not None:
+            # The pass the checkpoint was in, from the batch after the last one trained on. A loader shorter
+            # than the epoch (CombinedLoader's max_size_cycle) starts a new pass whenever it runs out.
+            sampler.resume(seed, (resume["batches"] % len(loader)) * batch_size)
+        self._samplers[name] = sampler
+        return loader
+
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        resume, self._resume = self._resume, None
+        if resume:  # the trainer builds the loaders before it restores its loops: the epoch is the checkpoint's
+            epoch = resume["epoch"]
+            if any(seed is not None for seed in resume["seeds"].values()):
+                import warnings
+
+                from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+                # Lightning warns that a plain DataLoader starts a resumed epoch's data over; these replay it.
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the "
+                                        "epoch ended", category=PossibleUserWarning)
+        else:
+            epoch = self.trainer.current_epoch if self.trainer is not None else None
+        if epoch is not None:
+            self.train_set.epoch = epoch
+            if self.hard_set is not None:
+                self.hard_set.epoch = epoch
+        self._samplers = {}
+        pairs = self._loader("pairs", self.train_set, min(self.hparams.batch_size, len(self.train_set)),
+                             _collate_pairs, resume)
         if self.hard_set is None:
             return pairs
-        triples = DataLoader(self.hard_set, batch_size=min(self.hparams.hard_negative_batch_size, len(self.hard_set)),
-                             shuffle=True, drop_last=True, collate_fn=_collate_triples,
-                             num_workers=self.hparams.num_workers)
+        triples = self._loader("triples", self.hard_set,
+                               min(self.hparams.hard_negative_batch_size, len(self.hard_set)), _collate_triples, resume)
         # One triple batch per pair batch (the triple set's length is sized so), so neither loader cycles.
         return CombinedLoader({"pairs": pairs, "triples": triples}, mode="max_size_cycle")
 

@@ -2,41 +2,50 @@
 
 Objectives (paper Table 4): ``infonce`` (the method), ``mse`` (pull pairs together, no
 negatives) and ``frozen`` (no training: the base encoder is packaged as is, for the ablation).
-The stage writes ``encoder/`` (an HF folder ``AutoModel`` loads, plus ``pooling.json``),
-``heldout_groups.json`` (pseudo groups never trained on; the familiarity stage calibrates on
-them), ``report.json`` (retrieval on held-out pseudo pairs and on the edits' own paraphrases,
-tuned vs frozen) and the manifest.
+The stage writes the encoder artifact (``megedit.encoder.artifact``: the tuned ``encoder/``, the
+held-out groups, ``report.json`` with retrieval on held-out pseudo pairs and on the edits' own
+paraphrases, tuned vs frozen, and the manifest).
+
+A killed run resumes (re-run the same command): ``checkpoints/last.ckpt`` is refreshed every
+``checkpoint_every_n_steps`` steps in the middle of an epoch, with the RNG states and the data
+position (``EncoderDataModule.state_dict``), so the resumed run trains on the same batches with the
+same dropout masks as an uninterrupted one (one process; under DDP an interrupted epoch starts its
+data over).
 """
 
 from __future__ import annotations
 
-import math
+import random
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 
 from megedit.artifacts import atomic_write_json, read_manifest, write_manifest
 from megedit.components.contrastive import (info_nce, info_nce_with_hard_negatives, mse_alignment, pairwise_auc,
                                            retrieval_metrics)
 from megedit.components.text_encoder import TextEncoder
-from megedit.distributed import barrier, gather_objects, world
 from megedit.data.locality_kinds import locality_kind
+from megedit.distributed import barrier, gather_objects, world
+from megedit.encoder.artifact import HELDOUT, REPORT, save_encoder, write_heldout
 from megedit.encoder.hard_negatives import first_triple_per_anchor
-
-REPORT = "report.json"
-HELDOUT = "heldout_groups.json"
-ENCODER_SUBDIR = "encoder"
+from megedit.resume import CHECKPOINT_DIR, StepResumePoint
 
 
 class EncoderModule(L.LightningModule):
+    resumable = True  # the stage CLI resumes checkpoints/last.ckpt of the same run (megedit.resume)
+    # The learning rate decays to 0 at the budget's last step: a run with another budget is another run.
+    fingerprinted_trainer_settings = ("max_epochs", "max_steps", "limit_train_batches", "devices", "num_nodes")
+
     def __init__(self, prepare_dir: str, out_dir: str = "runs/encoder", encoder: str | None = None,
                  objective: Literal["infonce", "mse", "frozen"] = "infonce", pooling: Literal["cls", "mean"] = "cls",
                  temperature: float = 0.05, lr: float = 3e-5, weight_decay: float = 0.01, warmup_fraction: float = 0.1,
                  max_length: int = 64, gather_negatives: bool = True, eval_batch_size: int = 256,
-                 hard_negative_weight: float = 1.0):
+                 hard_negative_weight: float = 1.0, checkpoint_every_n_steps: int = 20):
         """
         Args:
             prepare_dir: the prepare artifact (linked from ``data.prepare_dir``); gives the registry encoder.
@@ -54,6 +63,9 @@ class EncoderModule(L.LightningModule):
             eval_batch_size: texts per batch when embedding for the report.
             hard_negative_weight: weight of the hard-negative triple loss (``data.hard_negatives``)
                 added to eq. 5; 0 trains eq. 5 alone. Each rank uses its own triples.
+            checkpoint_every_n_steps: how often ``out_dir/checkpoints/last.ckpt``, the resume point after a
+                kill, is refreshed (in optimiser steps, never on an epoch's last batch; 0: never). Removed
+                once the encoder is written; it changes no result.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -64,6 +76,8 @@ class EncoderModule(L.LightningModule):
         self.encoder = self._load_base()
         self._val_store: dict[int, torch.Tensor] = {}
         self._started = time.time()
+        self.resumed_from: str | None = None  # set by the stage CLI
+        self._rng_to_restore: dict | None = None
 
     def _load_base(self) -> TextEncoder:
         enc = TextEncoder.from_source(self.encoder_source)
@@ -84,6 +98,36 @@ class EncoderModule(L.LightningModule):
             dm.hard_set = None
         if self.hparams.objective == "frozen":
             self.trainer.limit_train_batches = 0  # the fit loop is skipped; on_fit_end still packages the encoder
+
+    def configure_callbacks(self):
+        return [StepResumePoint(self.hparams.out_dir, self.hparams.checkpoint_every_n_steps)]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The RNG streams (dropout; the next pass's shuffle seed) as they are after this step, so a resumed run
+        # draws what the uninterrupted one draws next. Plain types: the checkpoint loads with weights_only.
+        np_state = np.random.get_state()
+        checkpoint["megedit_rng"] = {
+            "world_size": world()[1], "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Restored at the first resumed step (on_train_batch_start): building the loaders draws from the RNG first.
+        rng = checkpoint.get("megedit_rng")
+        if rng is not None and rng["world_size"] == 1 and world()[1] == 1:
+            self._rng_to_restore = rng
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
     def on_fit_start(self) -> None:
         self.encoder.train()  # from_pretrained returns eval mode; dropout is part of the fine-tuning recipe
@@ -172,6 +216,8 @@ class EncoderModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.global_rank == 0:
             self._write()
+            # The checkpoints only serve a resume; the encoder artifact is complete now.
+            shutil.rmtree(Path(self.hparams.out_dir) / CHECKPOINT_DIR, ignore_errors=True)
         barrier()
 
     def _retrieval(self, encoder: TextEncoder, dm) -> dict:
@@ -217,7 +263,7 @@ class EncoderModule(L.LightningModule):
             "hard_negatives": dm.hard_negative_counts | {"weight": hp.hard_negative_weight,
                                                          "used": dm.hard_set is not None},
             "epochs": self.current_epoch if hp.objective != "frozen" else 0,
-            "steps": int(self.global_step),
+            "steps": int(self.global_step), "resumed_from": self.resumed_from,
             "tuned": tuned, "frozen": frozen,
             "edit_paraphrase_recall@1_gain": (tuned["edit_paraphrases"]["recall@1"] or 0)
             - (frozen["edit_paraphrases"]["recall@1"] or 0),
@@ -225,11 +271,9 @@ class EncoderModule(L.LightningModule):
             "wall_seconds": round(time.time() - self._started, 1),
             "world_size": world()[1],
         }
-        self.encoder.save(out / ENCODER_SUBDIR)
-        atomic_write_json(out / HELDOUT, {"groups": sorted(dm.val_ids), "seed": dm.hparams.seed,
-                                          "hard_negative_groups": dm.hard_negative_groups})
+        enc_files = save_encoder(out, self.encoder)
+        write_heldout(out, dm.val_ids, dm.hparams.seed, dm.hard_negative_groups)
         atomic_write_json(out / REPORT, report)
-        enc_files = sorted(str(p.relative_to(out)) for p in (out / ENCODER_SUBDIR).rglob("*") if p.is_file())
         write_manifest(out, "encoder", dm.prepared.lineage,
                        config={"data": dict(dm.hparams), "model": dict(hp),
                                "trainer": {"max_epochs": self.trainer.max_epochs, "max_steps": self.trainer.max_steps,

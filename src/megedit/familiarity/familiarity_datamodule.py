@@ -24,7 +24,6 @@ The edits' evaluation paraphrases and locality prompts are embedded only for the
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -33,12 +32,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from megedit.artifacts import ArtifactError, check_lineage, read_manifest, sha256_file
+from megedit.artifacts import MANIFEST, ArtifactError, check_lineage, read_manifest, sha256_file
 from megedit.components.text_encoder import TextEncoder
 from megedit.data.locality_kinds import locality_kind, mentions_subject, normalise
 from megedit.distributed import gather_objects, world
+from megedit.encoder.artifact import hard_negative_groups, heldout_groups, load_encoder
 from megedit.encoder.encoder_datamodule import group_pairs
-from megedit.encoder.encoder_module import ENCODER_SUBDIR, HELDOUT
 from megedit.encoder.hard_negatives import SLOT, other_relations, relation_templates
 from megedit.prepare.artifact import load_prepared
 
@@ -141,7 +140,7 @@ class FamiliarityDataModule(L.LightningDataModule):
         from megedit.artifacts import check_upstream
 
         check_upstream(self.encoder_manifest, "prepare", hp.prepare_dir, where=f"encoder artifact {hp.encoder_dir}")
-        self.encoder_manifest_sha256 = sha256_file(Path(hp.encoder_dir) / "manifest.json")
+        self.encoder_manifest_sha256 = sha256_file(Path(hp.encoder_dir) / MANIFEST)
 
     @property
     def n_train_negatives(self) -> int:
@@ -178,11 +177,10 @@ class FamiliarityDataModule(L.LightningDataModule):
                 random.Random(hp.seed).shuffle(pool)
                 texts["train_negatives"] = pool[: self.n_train_negatives]
             return texts
-        split = json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())
-        heldout = set(split["groups"])
+        heldout = heldout_groups(hp.encoder_dir)
         # Same-subject locality prompts of the pseudo edits the encoder drew hard negatives from: it may have
         # trained on them, so they are not honest calibration data.
-        hard_groups = set(split.get("hard_negative_groups", []))
+        hard_groups = hard_negative_groups(hp.encoder_dir)
         encoder_trained = {p.prompt for r in prep.pseudo_edits if r.id in hard_groups for p in r.locality
                            if mentions_subject(r.subject, p.prompt)}
         rng = random.Random(hp.seed)
@@ -283,7 +281,7 @@ class FamiliarityDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.paraphrase_shifts <= 0:
             return [], []
-        heldout = set(json.loads((Path(hp.encoder_dir) / HELDOUT).read_text())["groups"])
+        heldout = heldout_groups(hp.encoder_dir)
         scored = ("edit_prompts", "edit_paraphrases", "locality", "calib_positives", "calib_negatives")
         return shift_pairs(self.prepared.pseudo_pairs, heldout, [t for name in scored for t in texts.get(name, [])],
                            hp.paraphrase_shifts, hp.seed)
@@ -296,7 +294,7 @@ class FamiliarityDataModule(L.LightningDataModule):
         texts = self._texts()
         texts.update(zip(("shift_originals", "shift_paraphrases"), self._shift_pairs(texts)))
         self.texts = texts
-        encoder = TextEncoder.from_source(str(Path(hp.encoder_dir) / ENCODER_SUBDIR))
+        encoder = load_encoder(hp.encoder_dir, check=False)  # _check_inputs read its manifest
         flat = [t for v in texts.values() for t in v]
         all_emb = embed_sharded(encoder, flat, hp.embed_batch_size, progress=True)
         self.emb, start = {}, 0
