@@ -24,6 +24,7 @@ from megedit.artifacts import atomic_write_json, write_manifest
 from megedit.distributed import barrier, gather_objects
 from megedit.diffusion.generator import CONFIG_FILE, WEIGHTS_FILE, WeightGenerator
 from megedit.resume import CHECKPOINT_DIR, LAST_CKPT, resume_point_callback
+from megedit.graph import upstream_dirs
 
 REPORT_FILE = "report.json"
 
@@ -329,8 +330,7 @@ class DiffusionModule(L.LightningModule):
         config = {"model": dict(hp), "data": dict(dm.hparams)}
         write_manifest(out, "diffusion", dm.prepared.lineage, config=config,
                        outputs=[WEIGHTS_FILE, CONFIG_FILE, REPORT_FILE],
-                       upstream={"prepare": dm.hparams.prepare_dir, "encoder": dm.hparams.encoder_dir,
-                                 "collect": dm.hparams.collect_dir})
+                       upstream=upstream_dirs("diffusion", dm.hparams))
         rel = (f", reliability TF {summary['reliability_tf']:.3f} / AG {summary['reliability_ag']:.3f} "
                f"(collected {summary['reliability_collected_tf']:.3f} / {summary['reliability_collected_ag']:.3f})"
                if "reliability_tf" in summary else "")

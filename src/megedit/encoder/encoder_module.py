@@ -34,6 +34,7 @@ from megedit.distributed import barrier, gather_objects, world
 from megedit.encoder.artifact import HELDOUT, REPORT, save_encoder, write_heldout
 from megedit.encoder.hard_negatives import first_triple_per_anchor
 from megedit.resume import CHECKPOINT_DIR, StepResumePoint
+from megedit.graph import upstream_dirs
 
 
 class EncoderModule(L.LightningModule):
@@ -278,7 +279,7 @@ class EncoderModule(L.LightningModule):
                        config={"data": dict(dm.hparams), "model": dict(hp),
                                "trainer": {"max_epochs": self.trainer.max_epochs, "max_steps": self.trainer.max_steps,
                                            "world_size": world()[1]}},
-                       outputs=[*enc_files, HELDOUT, REPORT], upstream={"prepare": dm.hparams.prepare_dir},
+                       outputs=[*enc_files, HELDOUT, REPORT], upstream=upstream_dirs("encoder", dm.hparams),
                        extra={"encoder": {"source": self.encoder_source, "pooling": hp.pooling,
                                           "max_length": hp.max_length, "dim": self.encoder.dim,
                                           "objective": hp.objective}})

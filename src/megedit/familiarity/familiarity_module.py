@@ -32,6 +32,7 @@ from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
 from megedit.familiarity.router import CONFIG, ENTROPIES, WEIGHTS, auroc, choose_threshold
 from megedit.familiarity.threshold import rate, routing_curve
 from megedit.resume import CHECKPOINT_DIR, resume_point_callback
+from megedit.graph import upstream_dirs
 
 REPORT = "routing_report.json"
 HIST = "entropy_hist.png"
@@ -377,7 +378,7 @@ class FamiliarityModule(L.LightningModule):
                                "trainer": {"max_epochs": self.trainer.max_epochs,
                                            "world_size": self.trainer.world_size}},
                        outputs=[WEIGHTS, CONFIG, REPORT, HIST, CURVE, ENTROPIES],
-                       upstream={"prepare": dm.hparams.prepare_dir, "encoder": dm.hparams.encoder_dir})
+                       upstream=upstream_dirs("familiarity", dm.hparams))
         r, a = report["rates"], report["auroc"]
         print(f"familiarity: threshold {threshold:.4f} ({source}); edit prompts familiar "
               f"{r['edit_prompts_familiar']:.3f}, paraphrases familiar {r['edit_paraphrases_familiar']:.3f}, "
