@@ -46,3 +46,18 @@ def test_lineage_and_upstream_checks(tmp_path):
     check_upstream(m, "encoder", up_a, "familiarity")
     with pytest.raises(ArtifactError, match="was built from the 'encoder' artifact at"):
         check_upstream(m, "encoder", up_b, "familiarity")
+
+
+def test_manifest_records_what_the_stage_cost(tmp_path):
+    import time
+
+    from megedit import artifacts
+
+    artifacts.mark_stage_start()
+    time.sleep(0.2)
+    (tmp_path / "a.txt").write_text("x")
+    res = artifacts.write_manifest(tmp_path, "prepare", {"m": 1}, config={}, outputs=["a.txt"])["resources"]
+    assert 0.2 <= res["wall_seconds"] < 60  # since the mark, not since the test process started
+    assert res["peak_rss_mib_process"] > 10 and res["cpu_seconds_process"] > 0
+    assert res["cpu_count"] >= 1 and len(res["load_average_1_5_15"]) == 3
+    assert json.loads((tmp_path / "manifest.json").read_text())["resources"] == res

@@ -22,6 +22,37 @@ from typing import Any, Iterator
 import megedit
 
 MANIFEST = "manifest.json"
+_stage_started: float | None = None  # set by the stage CLI, so a manifest knows what its stage cost
+
+
+def mark_stage_start() -> None:
+    """Start the clock of the stage this process runs (``write_manifest`` records what it has cost since)."""
+    global _stage_started
+    import time
+
+    _stage_started = time.time()
+
+
+def stage_resources() -> dict:
+    """What the stage has cost so far: wall and CPU seconds since it started (the process's start when no
+    stage was marked), the process's peak resident memory, its torch threads, and the machine's load."""
+    import resource
+    import sys
+    import time
+
+    if _stage_started is not None:
+        started = _stage_started
+    else:
+        import psutil
+
+        started = psutil.Process().create_time()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    torch = sys.modules.get("torch")
+    return {"wall_seconds": round(time.time() - started, 1),
+            "cpu_seconds_process": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_mib_process": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
+            "torch_threads": torch.get_num_threads() if torch is not None else None,
+            "cpu_count": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
 class ArtifactError(RuntimeError):
@@ -96,7 +127,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def write_manifest(out_dir: str | Path, stage: str, lineage: dict, config: dict, outputs: list[str],
                    input_files: dict[str, str | Path] | None = None,
                    upstream: dict[str, str | Path] | None = None, extra: dict | None = None) -> dict:
-    """Write ``manifest.json`` last, so its presence means the stage finished."""
+    """Write ``manifest.json`` last, so its presence means the stage finished. It also records what the
+    stage cost (``resources``: wall seconds since the stage started, the process's CPU seconds and peak
+    memory, the machine's load), read by ``bench/pipeline.py``; under DDP these are rank 0's."""
     out_dir = Path(out_dir)
     manifest = {
         "stage": stage,
@@ -111,6 +144,7 @@ def write_manifest(out_dir: str | Path, stage: str, lineage: dict, config: dict,
                          for name, d in (upstream or {}).items()},
         },
         "outputs": {name: sha256_file(out_dir / name) for name in outputs},
+        "resources": stage_resources(),
     }
     if extra:
         manifest.update(extra)

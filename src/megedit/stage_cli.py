@@ -12,6 +12,7 @@ from typing import Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
+from megedit.artifacts import mark_stage_start
 from megedit.paths import CONFIG_DIR
 from megedit.resume import TRAINER_FINGERPRINTED, resumable_checkpoint, run_fingerprint
 
@@ -28,6 +29,7 @@ class StageCLI(LightningCLI):
 
 def run_stage(stage: str, module_cls, datamodule_cls, method: str, links: Sequence[tuple[str, str]] = (),
               args: Sequence[str] | None = None) -> StageCLI:
+    mark_stage_start()
     cli = StageCLI(
         module_cls, datamodule_cls, links=links, run=False, args=args,
         save_config_callback=None,  # the stage's manifest records the resolved config instead
