@@ -18,7 +18,8 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
-STAGES = ("prepare", "encoder", "familiarity", "collect", "diffusion", "evaluate")
+from megedit.graph import ORDER as STAGES
+
 OUT_DIR = Path(__file__).resolve().parent / "results" / "runs"
 
 
