@@ -1,6 +1,6 @@
 """Deduplication policy and the seeded, subject-disjoint split into edits and pseudo sets.
 
-Policy (documented in the README): the paper keeps one instance per subject, so the first
+Policy (documented in docs/prepare.md): the paper keeps one instance per subject, so the first
 record of each subject (in file order, files in the order the dataset config lists them)
 is kept and every later one is dropped with a reason:
 - ``conflicting_edit``: same subject and prompt as a kept record, different ``target_new``;

@@ -67,7 +67,7 @@ class DiffusionModule(L.LightningModule):
             val_sampler, val_steps: how validation samples (``ddim`` or ``ancestral``, respaced steps).
             noise_scale: sampling temperature saved as the generator's default and used by validation and
                 the report: the scale of the initial noise (0: DDIM from the origin, deterministic; 1: a
-                standard sample). 0 doubled the N=1024 generator's reliability (see README).
+                standard sample). 0 doubled the N=1024 generator's reliability (docs/results.md).
             reliability: score generated neurons on the LM during validation (needs the LM in memory).
             report_edits: edits scored in the final report; None: all of them.
             report_steps: DDIM steps of the final report (50: the inference default).
