@@ -131,3 +131,31 @@ def test_bad_weights_are_refused(tiny_llama):
         model(_ids(batch=3))
     neuron.clear()
     model(_ids(batch=3))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_scale_value_scales_only_the_value_and_scales_the_neurons_output(fixture, request):
+    from megedit.components.neuron import scale_value
+
+    model, spec = request.getfixturevalue(fixture)
+    torch.manual_seed(0)
+    w = torch.randn(3, spec.neuron_dim)
+    scaled = scale_value(w, spec, 2.0)
+    (k, b, v), (k2, b2, v2) = split_neuron(w, spec), split_neuron(scaled, spec)
+    assert torch.equal(k, k2) and (b is None or torch.equal(b, b2)) and torch.equal(v2, 2 * v)
+    assert scale_value(w, spec, 1.0) is w
+    # the neuron adds act(h.k) v: doubling v doubles what it adds to the MLP output
+    ids = torch.randint(0, model.config.vocab_size, (3, 5))
+    mlp = edit_mlp(model, spec)
+    outs = []
+    neuron = DynamicNeuron(model, spec)  # its hook first, so the probe below sees the neuron's addition
+    hook = mlp.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
+    with torch.no_grad():
+        model(ids)
+        for weights in (w, scaled):
+            with neuron.attached(weights):
+                model(ids)
+    hook.remove()
+    base, one, two = outs[0], outs[1], outs[2]
+    assert (one - base).abs().max() > 1e-4
+    torch.testing.assert_close(two - base, 2 * (one - base), atol=1e-5, rtol=1e-4)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import json
+
 import pytest
 import torch
 
@@ -170,3 +172,13 @@ def test_training_fits_conditioned_vectors():
     assert after.mean() < 0.4 * before
     # each sample is closest to its own target, not to another edit's
     assert torch.equal(torch.cdist(out, targets).argmin(1), torch.arange(4))
+
+
+def test_value_scale_is_saved_with_the_generator_and_old_generators_load_at_one(tmp_path):
+    gen = WeightGenerator("mlp-tiny", input_dim=6, cond_dim=2, value_scale=1.5)
+    gen.save(tmp_path / "new")
+    assert load_generator(tmp_path / "new").value_scale == 1.5
+    cfg = json.loads((tmp_path / "new" / "generator.json").read_text())
+    del cfg["schedule"]["default_value_scale"]  # a generator saved before the option
+    (tmp_path / "new" / "generator.json").write_text(json.dumps(cfg))
+    assert load_generator(tmp_path / "new").value_scale == 1.0

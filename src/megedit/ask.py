@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--noise-scale", type=float, default=None,
                    help="sampling temperature (initial-noise scale, 0..1); default: the generator's own")
+    p.add_argument("--value-scale", type=float, default=None,
+                   help="factor on the generated neurons' value vectors; default: the generator's own")
     p.add_argument("--json", action="store_true", help="one JSON object per question instead of text")
     return p
 
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     from megedit.edited_model import EditedLM
 
     lm = EditedLM.load(args.run, use_router=not args.no_router, steps=args.steps,
-                       noise_scale=args.noise_scale)
+                       noise_scale=args.noise_scale, value_scale=args.value_scale)
     routing = lm.route(questions)
     answers = lm.generate(questions, kind=args.kind, max_new_tokens=args.max_new_tokens, routing=routing)
     nearest = lm.nearest_edits(routing.embeddings)

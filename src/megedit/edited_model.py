@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from megedit.artifacts import ArtifactError, check_lineage, check_upstream, read_manifest
-from megedit.components.neuron import DynamicNeuron
+from megedit.components.neuron import DynamicNeuron, scale_value
 from megedit.components.text_encoder import TextEncoder
 from megedit.graph import SERVED
 from megedit.loading import load_lm
@@ -42,13 +42,14 @@ class Routing:
 class EditedLM:
     def __init__(self, prepared: Prepared, lm, tokenizer, encoder: TextEncoder, router, generator,
                  use_router: bool = True, steps: int = 50, sampler: str = "ddim", seed: int = 0,
-                 sample_batch_size: int = 64, noise_scale: float | None = None):
+                 sample_batch_size: int = 64, noise_scale: float | None = None, value_scale: float | None = None):
         self.prepared, self.spec = prepared, prepared.spec
         self.lm, self.tokenizer, self.encoder, self.router, self.generator = lm, tokenizer, encoder, router, generator
         self.neuron = DynamicNeuron(lm, self.spec)
         self.use_router, self.steps, self.sampler, self.seed = use_router, steps, sampler, seed
         self.sample_batch_size = sample_batch_size
         self.noise_scale = noise_scale  # None: the generator's own default (generator.json)
+        self.value_scale = generator.value_scale if value_scale is None else float(value_scale)  # likewise
         self._edit_embeddings: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ loading
@@ -92,12 +93,17 @@ class EditedLM:
         weights = torch.zeros(len(queries), self.spec.neuron_dim)
         idx = familiar.nonzero().flatten()
         if len(idx):
-            weights[idx] = self.generator.sample(emb[idx], steps=self.steps, sampler=self.sampler, seed=self.seed,
-                                                 batch_size=self.sample_batch_size,
-                                                 noise_scale=self.noise_scale).cpu()
+            weights[idx] = self.generate_neurons(emb[idx])
         t3 = time.perf_counter()
         return Routing(emb, entropy, familiar, weights,
                        {"encoder": t1 - t0, "router": t2 - t1, "sampler": t3 - t2})
+
+    @torch.no_grad()
+    def generate_neurons(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The neurons the generator makes for these query embeddings, value-scaled, on the CPU."""
+        weights = self.generator.sample(embeddings, steps=self.steps, sampler=self.sampler, seed=self.seed,
+                                        batch_size=self.sample_batch_size, noise_scale=self.noise_scale).cpu()
+        return scale_value(weights, self.spec, self.value_scale)
 
     def lm_prompts(self, queries: Sequence[str], kind: str = "question") -> list[str]:
         return [self.spec.format_prompt(q, kind) for q in queries]

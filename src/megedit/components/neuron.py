@@ -47,6 +47,15 @@ def join_neuron(key: Tensor, value: Tensor, bias: Tensor | None, spec: ModelSpec
     return torch.cat(parts, dim=-1)
 
 
+def scale_value(weights: Tensor, spec: ModelSpec, factor: float) -> Tensor:
+    """The neurons with their value vectors times ``factor`` (keys and bias unchanged): the neuron fires
+    where it did, and writes ``factor`` times as much into the residual stream."""
+    if factor == 1.0:
+        return weights
+    key, bias, value = split_neuron(weights, spec)
+    return join_neuron(key, value * factor, bias, spec)
+
+
 class DynamicNeuron:
     """Attach per-row neurons to ``(model, spec)``; ``set_weights(None)`` makes the hook a no-op.
 

@@ -50,7 +50,8 @@ class DiffusionModule(L.LightningModule):
                  ema_decay: float = 0.995, val_sampler: str = "ddim", val_steps: int = 50, noise_scale: float = 0.0,
                  reliability: bool = True,
                  report_edits: int | None = None, report_steps: int = 50, seed: int = 0,
-                 torch_threads: int | None = 1, checkpoint_every_n_epochs: int = 5):
+                 torch_threads: int | None = 1, checkpoint_every_n_epochs: int = 5,
+                 value_scales: list[float] = [1.0, 1.25, 1.5, 2.0, 2.5]):
         """
         Args:
             out_dir: the artifact folder (generator, report, manifest; Lightning checkpoints under ``checkpoints/``).
@@ -76,6 +77,12 @@ class DiffusionModule(L.LightningModule):
                 matrices are tiny: on shared or busy cores 1 thread is often several times faster.
             checkpoint_every_n_epochs: how often ``checkpoints/last.ckpt`` (the resume point after a kill) is
                 refreshed; the best checkpoint is chosen at each validation.
+            value_scales: candidate factors on the generated neurons' value vectors. After training, each is
+                scored on the pseudo edits (their prompts and paraphrases, never an evaluation text) and the
+                best (harmonic mean of the two exact-match rates; the smallest on a tie) is saved as the
+                generator's default: a mode-seeking sample of a generator that has not fully memorised its
+                neurons is pulled toward the mean neuron and writes too weakly to change the answer.
+                ``[1.0]``: no scaling.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -182,7 +189,7 @@ class DiffusionModule(L.LightningModule):
                reliability: bool, seed: int = 0) -> dict[int, dict]:
         dm = self.trainer.datamodule
         cond = dm.edit_cond[indices].to(self.device)
-        generated = generator.sample(cond, steps=steps, sampler=sampler, seed=seed).float()
+        generated = self._generate(generator, cond, steps, sampler, seed)
         collected = dm.edit_weights[indices].to(self.device)
         l2 = (generated - collected).norm(dim=1).cpu()
         rel = (l2 / collected.norm(dim=1).clamp_min(1e-12).cpu())
@@ -199,6 +206,45 @@ class DiffusionModule(L.LightningModule):
                                collected_ag=float(self._collected_rel[i][1]))
         return rows
 
+    def _generate(self, generator: WeightGenerator, cond: torch.Tensor, steps: int, sampler: str = "ddim",
+                  seed: int = 0) -> torch.Tensor:
+        """Neurons as the edited model would use them: sampled, then value-scaled by the generator's factor."""
+        from megedit.components.neuron import scale_value
+
+        generated = generator.sample(cond, steps=steps, sampler=sampler, seed=seed).float()
+        return scale_value(generated, self.trainer.datamodule.spec, generator.value_scale)
+
+    def _calibrate_value_scale(self, generator: WeightGenerator, steps: int) -> dict:
+        """Exact match of the pseudo edits' prompts and paraphrases at each candidate value scale; the best is
+        set as ``generator.value_scale``. Returns the table (empty without pseudo edits or candidates)."""
+        from megedit.components.neuron import scale_value
+        from megedit.scoring import greedy_match
+
+        dm = self.trainer.datamodule
+        pseudo, scales = getattr(dm, "pseudo", None), sorted(self.hparams.value_scales)
+        if pseudo is None or not pseudo["para_texts"] or len(scales) < 2:
+            generator.value_scale = scales[0] if len(scales) == 1 else 1.0
+            return {}
+        model, tokenizer, neuron = self._lm_bundle()
+        rows = pseudo["success"].nonzero().flatten().tolist()
+        records = pseudo["records"]
+        prompts = [dm.spec.format_prompt(records[k].prompt, records[k].prompt_kind) for k in rows]
+        prompts += [dm.spec.format_prompt(t, records[k].prompt_kind)
+                    for k, t in zip(pseudo["para_rows"], pseudo["para_texts"])]
+        targets = [records[k].target_new for k in [*rows, *pseudo["para_rows"]]]
+        cond = torch.cat([pseudo["cond"][rows], pseudo["para_cond"]]).to(self.device)
+        generated = generator.sample(cond, steps=steps, sampler="ddim", seed=0).float()
+        table = []
+        for factor in scales:
+            ok = greedy_match(model, tokenizer, neuron, prompts, targets, scale_value(generated, dm.spec, factor))
+            rel, gen = float(ok[: len(rows)].float().mean()), float(ok[len(rows):].float().mean())
+            table.append({"value_scale": factor, "pseudo_prompt_ag": rel, "pseudo_paraphrase_ag": gen,
+                          "harmonic_mean": 2 * rel * gen / (rel + gen) if rel + gen > 0 else 0.0})
+        best = max(table, key=lambda r: (r["harmonic_mean"], -r["value_scale"]))
+        generator.value_scale = best["value_scale"]
+        return {"chosen": best["value_scale"], "n_prompts": len(rows), "n_paraphrases": len(pseudo["para_texts"]),
+                "table": table}
+
     def _pseudo_generality(self, generator: WeightGenerator, sampler: str, steps: int) -> dict:
         """Greedy exact match on the pseudo edits' paraphrases: neurons generated from each paraphrase's own
         embedding against the pseudo edit's collected neuron (what retrieval would attach)."""
@@ -212,8 +258,7 @@ class DiffusionModule(L.LightningModule):
         records, rows = pseudo["records"], pseudo["para_rows"]
         prompts = [dm.spec.format_prompt(t, records[k].prompt_kind) for k, t in zip(rows, pseudo["para_texts"])]
         targets = [records[k].target_new for k in rows]
-        generated = generator.sample(pseudo["para_cond"].to(self.device), steps=steps, sampler=sampler,
-                                     seed=0).float()
+        generated = self._generate(generator, pseudo["para_cond"].to(self.device), steps, sampler)
         gen = float(greedy_match(model, tokenizer, neuron, prompts, targets, generated).float().mean())
         if self._pseudo_collected is None:  # constant: the collected neurons do not train
             self._pseudo_collected = float(greedy_match(model, tokenizer, neuron, prompts, targets,
@@ -302,6 +347,9 @@ class DiffusionModule(L.LightningModule):
         out.mkdir(parents=True, exist_ok=True)
         ema, best = self._best_ema()
         train_seconds = time.time() - self._started
+        t_cal = time.time()
+        calibration = self._calibrate_value_scale(ema, hp.report_steps) if hp.reliability else {}
+        calibration_seconds = round(time.time() - t_cal, 1)
         n = len(dm.prepared.edits)
         indices = list(range(n)) if hp.report_edits is None else list(range(min(n, hp.report_edits)))
         t0 = time.time()
@@ -316,7 +364,10 @@ class DiffusionModule(L.LightningModule):
                                             "relation_views": dm.view_coverage,
                                             "only_successful": dm.n_train_edits < len(dm.success)},
                              "checkpoint": best})
-        report = {"generated_vs_collected": summary, "sampler": {"name": "ddim", "steps": hp.report_steps, "noise_scale": ema.noise_scale},
+        report = {"generated_vs_collected": summary,
+                  "sampler": {"name": "ddim", "steps": hp.report_steps, "noise_scale": ema.noise_scale,
+                              "value_scale": ema.value_scale},
+                  "value_scale_calibration": {**calibration, "seconds": calibration_seconds},
                   "collected_success_rate": float(dm.success.float().mean()),
                   "pseudo_generality": (self._pseudo_generality(ema, "ddim", hp.report_steps)
                                         if hp.reliability else {}),

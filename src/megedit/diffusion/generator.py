@@ -62,7 +62,7 @@ class WeightGenerator(nn.Module):
     def __init__(self, preset: str | dict | DenoiserPreset, input_dim: int, cond_dim: int,
                  schedule: str = "linear", num_train_timesteps: int = 1000, normalisation: str = "scale",
                  scale: float = 100.0, timestep_spacing: str = "trailing", prefer_timm: bool = True,
-                 noise_scale: float = 1.0):
+                 noise_scale: float = 1.0, value_scale: float = 1.0):
         super().__init__()
         if not 0.0 <= noise_scale <= 1.0:
             raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
@@ -73,6 +73,9 @@ class WeightGenerator(nn.Module):
         self.schedule, self.num_train_timesteps = schedule, int(num_train_timesteps)
         self.normalisation, self.scale, self.timestep_spacing = normalisation, float(scale), timestep_spacing
         self.noise_scale = float(noise_scale)  # the default sampling temperature (see ``sample``)
+        # The factor a generated neuron's value vector is scaled by before use (``EditedLM``): chosen by the
+        # diffusion stage on pseudo edits, since a mode-seeking sample of an under-fit generator is too weak.
+        self.value_scale = float(value_scale)
         self.net = build_denoiser(self.preset, self.input_dim, self.cond_dim, prefer_timm)
         self.scheduler = make_training_scheduler(schedule, num_train_timesteps)
         # normalised = (w - shift) / div; saved with the weights so samples come back in weight units.
@@ -171,7 +174,8 @@ class WeightGenerator(nn.Module):
             "cond_dim": self.cond_dim,
             "schedule": {"name": self.schedule, "num_train_timesteps": self.num_train_timesteps,
                          "prediction_type": "v_prediction", "timestep_spacing": self.timestep_spacing,
-                         "default_sampler": "ddim", "default_steps": 50, "default_noise_scale": self.noise_scale},
+                         "default_sampler": "ddim", "default_steps": 50, "default_noise_scale": self.noise_scale,
+                         "default_value_scale": self.value_scale},
             "normalisation": {"mode": self.normalisation, "scale": self.scale,
                               "shift": self.norm_shift.tolist(), "div": self.norm_div.tolist()},
         }
@@ -192,7 +196,8 @@ class WeightGenerator(nn.Module):
         return cls(cfg["preset"], cfg["input_dim"], cfg["cond_dim"], schedule=sched["name"],
                    num_train_timesteps=sched["num_train_timesteps"], normalisation=norm["mode"],
                    scale=norm["scale"], timestep_spacing=sched.get("timestep_spacing", "trailing"),
-                   prefer_timm=prefer_timm, noise_scale=sched.get("default_noise_scale", 1.0))
+                   prefer_timm=prefer_timm, noise_scale=sched.get("default_noise_scale", 1.0),
+                   value_scale=sched.get("default_value_scale", 1.0))
 
 
 def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> WeightGenerator:

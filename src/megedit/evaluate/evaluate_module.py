@@ -33,7 +33,8 @@ class EvaluateModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
                  variants: list[str] = ["meg", "meg_no_router", "meg_retrieval", "ft"], steps: int = 50, sampler: str = "ddim",
                  seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 3, ft_lr: float = 2e-3,
-                 ft_batch_size: int = 32, router_threshold: float | None = None, noise_scale: float | None = None):
+                 ft_batch_size: int = 32, router_threshold: float | None = None, noise_scale: float | None = None,
+                 value_scale: float | None = None):
         """
         Args:
             out_dir: where results go.
@@ -48,6 +49,7 @@ class EvaluateModule(L.LightningModule):
             ft_epochs, ft_lr, ft_batch_size: FT baseline (Adam on the edit layer's MLP only).
             router_threshold: override the familiarity artifact's entropy threshold (threshold sweeps, Table 16).
             noise_scale: override the generator's sampling temperature (initial-noise scale; None: as saved).
+            value_scale: override the factor on generated neurons' value vectors (None: as the generator saved it).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -69,7 +71,8 @@ class EvaluateModule(L.LightningModule):
         dm = self.trainer.datamodule
         dm.setup("test")
         self.edited = EditedLM.load(dm.hparams.run_dir, steps=self.hparams.steps, sampler=self.hparams.sampler,
-                                    seed=self.hparams.seed, use_router=True, noise_scale=self.hparams.noise_scale)
+                                    seed=self.hparams.seed, use_router=True, noise_scale=self.hparams.noise_scale,
+                                    value_scale=self.hparams.value_scale)
         if self.hparams.router_threshold is not None:
             self.edited.router.threshold = float(self.hparams.router_threshold)
         self.ft_state = None
@@ -152,8 +155,7 @@ class EvaluateModule(L.LightningModule):
             weights = routing.weights.clone()
             rest = (~routing.familiar).nonzero().flatten()
             if len(rest):
-                weights[rest] = e.generator.sample(routing.embeddings[rest], steps=e.steps, sampler=e.sampler,
-                                                   seed=e.seed, noise_scale=e.noise_scale).cpu()
+                weights[rest] = e.generate_neurons(routing.embeddings[rest])
             runs["meg_no_router"] = (weights, torch.ones(len(items), dtype=torch.bool))
         if "meg_retrieval" in self.variants:
             weights = torch.zeros_like(routing.weights)
@@ -209,6 +211,7 @@ class EvaluateModule(L.LightningModule):
             "score": "harmonic mean of the six metrics",
             "sampler": self.hparams.sampler, "steps": self.hparams.steps, "seed": self.hparams.seed,
             "noise_scale": e.generator.noise_scale if e.noise_scale is None else e.noise_scale,
+            "value_scale": e.value_scale,
             "router_threshold": float(e.router.threshold), "n_edits": n_edits,
             "items": {g: sum(1 for it in dm.items if it["group"] == g) for g in ("reliability", "generality", "locality")},
         }
