@@ -20,27 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    if n == 0:
-        return [float("nan"), float("nan")]
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(centre - half, 4), round(centre + half, 4)]
-
-
-def scale_value(weights: torch.Tensor, spec, factor: float) -> torch.Tensor:
-    from megedit.components.neuron import join_neuron, split_neuron
-
-    key, bias, value = split_neuron(weights, spec)
-    return join_neuron(key, value * factor, bias, spec)
+from neuron_recipe import rate  # the rate with its n and 95% Wilson interval
 
 
 def items(prepared, collect_dir: Path, n_eval: int, seed: int, with_eval: bool) -> dict[str, dict]:
@@ -77,12 +61,12 @@ def _expand(recs) -> dict:
 
 
 def rates(ok: torch.Tensor, groups: list[str]) -> dict:
-    out = {}
-    for g in ("prompt", "paraphrase"):
-        mask = torch.tensor([x == g for x in groups])
-        k, n = int(ok[mask].sum()), int(mask.sum())
-        out[g] = {"rate": round(k / n, 4) if n else None, "n": n, "ci95": wilson(k, n)}
-    return out
+    return {g: rate([bool(o) for o, x in zip(ok, groups) if x == g]) for g in ("prompt", "paraphrase")}
+
+
+def _hm(row: dict) -> float:
+    p, q = row["prompt"]["rate"], row["paraphrase"]["rate"]
+    return 2 * p * q / (p + q) if p + q > 0 else 0.0
 
 
 def main(argv=None) -> dict:
@@ -99,8 +83,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     from megedit.artifacts import read_manifest
-    from megedit.components.neuron import DynamicNeuron
-    from megedit.diffusion.generator import load_generator
+    from megedit.components.neuron import DynamicNeuron, scale_value
+    from megedit.diffusion.generator import choose_value_scale, load_generator
     from megedit.encoder.artifact import load_encoder
     from megedit.loading import load_lm
     from megedit.prepare.artifact import load_prepared
@@ -127,7 +111,9 @@ def main(argv=None) -> dict:
             for factor in args.value_scales:
                 ok = greedy_match(lm, tok, neuron, prompts, s["targets"], scale_value(generated, spec, factor))
                 rows.append({"neuron": "generated", "steps": steps, "value_scale": factor, **rates(ok, s["groups"])})
-        result["sets"][name] = {"n_records": s["n_records"], "seconds": round(time.time() - t0, 1), "rows": rows}
+        table = [{"value_scale": r["value_scale"], "harmonic_mean": _hm(r)} for r in rows if r["steps"] == args.steps[0]]
+        result["sets"][name] = {"n_records": s["n_records"], "seconds": round(time.time() - t0, 1), "rows": rows,
+                                "stage_rule_picks": choose_value_scale(table) if table else None}
         print(f"\n{name} ({s['n_records']} records)\n| neuron | steps | value scale | prompt | paraphrase |\n|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['neuron']} | {r['steps'] or '-'} | {r['value_scale']} | {r['prompt']['rate']} "

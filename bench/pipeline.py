@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from megedit.graph import INPUTS, ORDER  # noqa: E402
+from megedit.graph import INPUTS, ORDER
 
 
 def _created(manifest: dict) -> dt.datetime:

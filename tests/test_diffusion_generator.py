@@ -182,3 +182,11 @@ def test_value_scale_is_saved_with_the_generator_and_old_generators_load_at_one(
     del cfg["schedule"]["default_value_scale"]  # a generator saved before the option
     (tmp_path / "new" / "generator.json").write_text(json.dumps(cfg))
     assert load_generator(tmp_path / "new").value_scale == 1.0
+
+
+def test_value_scale_rule_takes_the_best_harmonic_mean_and_the_smallest_on_a_tie():
+    from megedit.diffusion.generator import choose_value_scale
+
+    table = [{"value_scale": 1.0, "harmonic_mean": 0.80}, {"value_scale": 2.0, "harmonic_mean": 0.90},
+             {"value_scale": 1.5, "harmonic_mean": 0.90}, {"value_scale": 2.5, "harmonic_mean": 0.85}]
+    assert choose_value_scale(table) == 1.5

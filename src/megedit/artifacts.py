@@ -33,6 +33,19 @@ def mark_stage_start() -> None:
     _stage_started = time.time()
 
 
+def _process_start() -> float:
+    """When this process started (epoch seconds), from /proc; now where /proc is missing."""
+    import time
+
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return time.time()
+
+
 def stage_resources() -> dict:
     """What the stage has cost so far: wall and CPU seconds since it started (the process's start when no
     stage was marked), the process's peak resident memory, its torch threads, and the machine's load."""
@@ -40,12 +53,7 @@ def stage_resources() -> dict:
     import sys
     import time
 
-    if _stage_started is not None:
-        started = _stage_started
-    else:
-        import psutil
-
-        started = psutil.Process().create_time()
+    started = _stage_started if _stage_started is not None else _process_start()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     torch = sys.modules.get("torch")
     return {"wall_seconds": round(time.time() - started, 1),

@@ -215,34 +215,27 @@ class DiffusionModule(L.LightningModule):
         return scale_value(generated, self.trainer.datamodule.spec, generator.value_scale)
 
     def _calibrate_value_scale(self, generator: WeightGenerator, steps: int) -> dict:
-        """Exact match of the pseudo edits' prompts and paraphrases at each candidate value scale; the best is
-        set as ``generator.value_scale``. Returns the table (empty without pseudo edits or candidates)."""
-        from megedit.components.neuron import scale_value
-        from megedit.scoring import greedy_match
+        """Sets ``generator.value_scale``: the one candidate, or the best of several on the pseudo edits'
+        prompts and paraphrases (``score_value_scales``; needs ``reliability`` and pseudo edits, else 1).
+        Returns the table it chose from (empty when there was no choice to make)."""
+        from megedit.diffusion.generator import choose_value_scale, score_value_scales
 
         dm = self.trainer.datamodule
-        pseudo, scales = getattr(dm, "pseudo", None), sorted(self.hparams.value_scales)
-        if pseudo is None or not pseudo["para_texts"] or len(scales) < 2:
+        pseudo, scales = getattr(dm, "pseudo", None), list(self.hparams.value_scales)
+        if len(scales) == 1 or not self.hparams.reliability or pseudo is None or not pseudo["para_texts"]:
             generator.value_scale = scales[0] if len(scales) == 1 else 1.0
             return {}
-        model, tokenizer, neuron = self._lm_bundle()
         rows = pseudo["success"].nonzero().flatten().tolist()
         records = pseudo["records"]
-        prompts = [dm.spec.format_prompt(records[k].prompt, records[k].prompt_kind) for k in rows]
-        prompts += [dm.spec.format_prompt(t, records[k].prompt_kind)
-                    for k, t in zip(pseudo["para_rows"], pseudo["para_texts"])]
-        targets = [records[k].target_new for k in [*rows, *pseudo["para_rows"]]]
+        queries = [(records[k].prompt, k) for k in rows] + list(zip(pseudo["para_texts"], pseudo["para_rows"]))
+        prompts = [dm.spec.format_prompt(text, records[k].prompt_kind) for text, k in queries]
+        targets = [records[k].target_new for _, k in queries]
         cond = torch.cat([pseudo["cond"][rows], pseudo["para_cond"]]).to(self.device)
         generated = generator.sample(cond, steps=steps, sampler="ddim", seed=0).float()
-        table = []
-        for factor in scales:
-            ok = greedy_match(model, tokenizer, neuron, prompts, targets, scale_value(generated, dm.spec, factor))
-            rel, gen = float(ok[: len(rows)].float().mean()), float(ok[len(rows):].float().mean())
-            table.append({"value_scale": factor, "pseudo_prompt_ag": rel, "pseudo_paraphrase_ag": gen,
-                          "harmonic_mean": 2 * rel * gen / (rel + gen) if rel + gen > 0 else 0.0})
-        best = max(table, key=lambda r: (r["harmonic_mean"], -r["value_scale"]))
-        generator.value_scale = best["value_scale"]
-        return {"chosen": best["value_scale"], "n_prompts": len(rows), "n_paraphrases": len(pseudo["para_texts"]),
+        model, tokenizer, neuron = self._lm_bundle()
+        table = score_value_scales(model, tokenizer, neuron, dm.spec, prompts, targets, generated, len(rows), scales)
+        generator.value_scale = choose_value_scale(table)
+        return {"chosen": generator.value_scale, "n_prompts": len(rows), "n_paraphrases": len(pseudo["para_texts"]),
                 "table": table}
 
     def _pseudo_generality(self, generator: WeightGenerator, sampler: str, steps: int) -> dict:
@@ -348,7 +341,7 @@ class DiffusionModule(L.LightningModule):
         ema, best = self._best_ema()
         train_seconds = time.time() - self._started
         t_cal = time.time()
-        calibration = self._calibrate_value_scale(ema, hp.report_steps) if hp.reliability else {}
+        calibration = self._calibrate_value_scale(ema, hp.report_steps)
         calibration_seconds = round(time.time() - t_cal, 1)
         n = len(dm.prepared.edits)
         indices = list(range(n)) if hp.report_edits is None else list(range(min(n, hp.report_edits)))

@@ -200,6 +200,27 @@ class WeightGenerator(nn.Module):
                    value_scale=sched.get("default_value_scale", 1.0))
 
 
+def score_value_scales(model, tokenizer, neuron, spec, prompts: list[str], targets: list[str],
+                       generated: torch.Tensor, n_prompts: int, scales: list[float]) -> list[dict]:
+    """Greedy exact match of ``generated`` neurons at each value scale: the first ``n_prompts`` queries are
+    the edits' own prompts, the rest paraphrases. One row per scale with both rates and their harmonic mean."""
+    from megedit.components.neuron import scale_value
+    from megedit.scoring import greedy_match
+
+    table = []
+    for factor in sorted(scales):
+        ok = greedy_match(model, tokenizer, neuron, prompts, targets, scale_value(generated, spec, factor)).float()
+        rel, gen = float(ok[:n_prompts].mean()), float(ok[n_prompts:].mean())
+        table.append({"value_scale": factor, "prompt_ag": rel, "paraphrase_ag": gen,
+                      "harmonic_mean": 2 * rel * gen / (rel + gen) if rel + gen > 0 else 0.0})
+    return table
+
+
+def choose_value_scale(table: list[dict]) -> float:
+    """The scale with the best harmonic mean of prompt and paraphrase exact match; the smallest on a tie."""
+    return max(table, key=lambda r: (r["harmonic_mean"], -r["value_scale"]))["value_scale"]
+
+
 def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> WeightGenerator:
     """The trained generator in ``folder`` (a diffusion artifact: ``generator.safetensors`` + ``generator.json``)."""
     from safetensors.torch import load_file
