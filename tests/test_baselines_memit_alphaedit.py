@@ -356,3 +356,17 @@ def test_editing_and_swapping_restore_the_lm_bit_for_bit(tok, corpus, tmp_path, 
     with pytest.raises(ValueError, match="does not fit"):
         with swapped_weights(lm, {name: w.T for name, w in res.weights.items()}):
             pass
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptj", "gpt2"])
+def test_z_from_the_kept_logits_equals_z_from_all_logits(arch, tok, monkeypatch, one_thread):
+    """The z optimisation asks the LM head only for the target and KL positions (``logits_to_keep``): the
+    same target values as from every position's logits, with the KL term on."""
+    from megedit.baselines import memit
+
+    lm, spec = _setup(arch, tok, kl_factor=0.5)
+    kept, _ = compute_targets(lm, tok, spec, spec.memit, REQUESTS, [""], progress=False)
+    monkeypatch.setattr(memit, "_logits_from", lambda lm, ids, mask, pos, first: (
+        lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits, 0))
+    full, _ = compute_targets(lm, tok, spec, spec.memit, REQUESTS, [""], progress=False)
+    assert torch.allclose(kept, full, atol=1e-5, rtol=1e-4)

@@ -94,3 +94,33 @@ def test_ft_baseline_changes_only_the_edit_layer_and_restores_it(tiny_llama):
         changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(k.startswith(f"model.layers.{spec.edit_layer}.mlp.") for k in changed)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_ft_stops_at_its_reliability_target_and_names_its_weights(tiny_llama):
+    from megedit.baselines.ft import finetune_mlp, named_mlp_weights, swapped_mlp
+    from megedit.baselines.memit import swapped_weights
+
+    model, spec = tiny_llama
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [3 + (ord(c) % 100) for c in text]}
+
+    budget = finetune_mlp(model, Tok(), spec, ["ab", "cd"], ["x", "y"], epochs=3, lr=1e-2, batch_size=2,
+                          target_reliability=None, progress=False)
+    assert budget["epochs"] == 3 and budget["reliability"] == [] and not budget["reached"]
+    # A target of 0 is met after the first epoch, whatever was learnt; 1.01 never is.
+    met = finetune_mlp(model, Tok(), spec, ["ab", "cd"], ["x", "y"], epochs=5, lr=1e-2, batch_size=2,
+                       target_reliability=0.0, progress=False)
+    assert met["epochs"] == 1 and met["reached"] and len(met["reliability"]) == 1
+    never = finetune_mlp(model, Tok(), spec, ["ab", "cd"], ["x", "y"], epochs=4, lr=1e-2, batch_size=2,
+                         target_reliability=1.01, progress=False)
+    assert never["epochs"] == 4 and not never["reached"] and all(0 <= r <= 1 for r in never["reliability"])
+    named = named_mlp_weights(model, spec, never["state"])
+    assert named and all(k.startswith(f"model.layers.{spec.edit_layer}.mlp.") for k in named)
+    with swapped_mlp(model, spec, never["state"]):
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+    with swapped_weights(model, named):
+        assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())

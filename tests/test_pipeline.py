@@ -42,7 +42,9 @@ def run_dir(tmp_path_factory, data_dir) -> Path:
                              "--trainer.check_val_every_n_epoch", "1500", "--data.val_edits", str(N_EDITS),
                              "--model.report_steps", "20", "--data.paraphrase_shifts", "64", *tb, *QUIET])
     stage_main("evaluate", ["--data.run_dir", str(run), "--model.out_dir",
-                            str(run / "evaluate"), "--model.steps", "20", "--model.ft_epochs", "3", *tb, *QUIET])
+                            str(run / "evaluate"), "--model.steps", "20", "--model.variants",
+                            "[meg, meg_no_router, meg_retrieval, ft, memit, alphaedit]", "--model.peer_stats_texts", "16",
+                            *tb, *QUIET])
     return run
 
 
@@ -87,7 +89,7 @@ def test_generator_learns_pseudo_neurons_and_reports_their_generality(run_dir):
 def test_evaluate_writes_every_output_with_its_protocol(run_dir):
     out = run_dir / "evaluate"
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["results"]) == {"meg", "meg_no_router", "meg_retrieval", "ft"}
+    assert set(summary["results"]) == {"meg", "meg_no_router", "meg_retrieval", "ft", "memit", "alphaedit"}
     meta = summary["metric_meta"]
     assert meta["ag_protocol"] == "target_length" and meta["n_edits"] == N_EDITS and meta["steps"] == 20
     for variant, r in summary["results"].items():
@@ -100,7 +102,18 @@ def test_evaluate_writes_every_output_with_its_protocol(run_dir):
     unrouted = 100.0 - meg["routing_familiar"]["loc"]
     assert meg["loc_tf"] >= unrouted - 1e-6
     assert meg["rel_tf"] > 50.0, meg
-    assert ft["routing_familiar"] == {"rel": 0.0, "gen": 0.0, "loc": 0.0}
+    for peer in ("ft", "memit", "alphaedit"):  # the peers edit the weights: nothing is routed
+        assert summary["results"][peer]["routing_familiar"] == {"rel": 0.0, "gen": 0.0, "loc": 0.0}
+        assert summary["method_seconds"][peer]["edit"] > 0 and summary["method_seconds"][peer]["evaluate"] > 0
+    assert set(summary["method_seconds"]["meg_stages"]) == {"encoder", "familiarity", "collect", "diffusion"}
+    # FT trains until it has learnt the edits (or its budget), and says which.
+    acc = summary["peers"]["ft"]
+    assert acc["reached_target"] == (acc["reliability"][-1] >= 0.95) and acc["epochs"] == len(acc["losses"]) <= 30
+    assert acc["reached_target"] or acc["epochs"] == 30
+    # MEMIT and AlphaEdit wrote the edits (the unedited LM gets none of these targets) on their layers only.
+    assert summary["results"]["memit"]["rel_tf"] > 25.0 and summary["results"]["alphaedit"]["rel_tf"] > 25.0
+    assert summary["peers"]["memit"]["shared_z_seconds"] == summary["peers"]["alphaedit"]["shared_z_seconds"]
+    assert "| MEMIT |" in (out / "results.md").read_text() and "FT: Adam on layer" in (out / "results.md").read_text()
     # An edit prompt's nearest edit is itself, so a routed edit prompt gets its own verified neuron.
     retrieval = summary["results"]["meg_retrieval"]
     assert retrieval["routing_familiar"] == meg["routing_familiar"]
@@ -108,7 +121,7 @@ def test_evaluate_writes_every_output_with_its_protocol(run_dir):
     if collect_report["success_rate"] == 1.0:
         assert retrieval["rel_ag"] >= retrieval["routing_familiar"]["rel"] - 1e-6, retrieval
     rows = [json.loads(line) for line in (out / "per_example.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * sum(meta["items"].values())
+    assert len(rows) == 6 * sum(meta["items"].values())
     # Every locality prompt has its kind, and the per-kind counts add up to the Locality items.
     assert {r["locality_kind"] for r in rows if r["group"] == "locality"} <= {"other", "same_subject", "restates_edit"}
     assert sum(k["n"] for k in meg["locality"]["by_kind"].values()) == meta["items"]["locality"]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from megedit.baselines.layer_stats import KeyStats
-from megedit.baselines.memit import EditRequest, EditResult, Solver, _hparams, run_batch_edit, second_moments
+from megedit.baselines.memit import EditRequest, EditResult, EditTargets, Solver, _hparams, run_batch_edit, second_moments
 from megedit.registry import MemitSpec, ModelSpec
 
 
@@ -49,7 +49,7 @@ def alphaedit_weights(lm, tokenizer, spec: ModelSpec, requests: Sequence[EditReq
                       stats_overrides: Mapping | None = None, prior_kkt: Mapping[int, Tensor] | None = None,
                       return_kkt: bool = False, data_dir: str | os.PathLike | None = None,
                       weights_sha256: str | None = None, z_batch_size: int = 8, batch_size: int = 32,
-                      progress: bool = True) -> EditResult:
+                      progress: bool = True, targets: EditTargets | None = None) -> EditResult:
     """AlphaEdit's edited weights for all ``requests`` at once; the LM is left unchanged.
 
     Same arguments as ``memit_weights`` (``hparams.nullspace_threshold`` and ``hparams.alphaedit_l2`` are
@@ -67,7 +67,7 @@ def alphaedit_weights(lm, tokenizer, spec: ModelSpec, requests: Sequence[EditReq
     weights, diag, after = run_batch_edit(lm, tokenizer, spec, hp, requests,
                                           alphaedit_solver(projectors, hp.alphaedit_l2, prior_kkt),
                                           z_batch_size=z_batch_size, batch_size=batch_size, final_keys=return_kkt,
-                                          progress=progress, method="AlphaEdit")
+                                          progress=progress, method="AlphaEdit", targets=targets)
     diag["null_space_dim"] = dims
     kkt = None
     if return_kkt:

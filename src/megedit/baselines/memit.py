@@ -23,6 +23,7 @@ every step except the solve.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -211,6 +212,16 @@ def compute_targets(lm, tokenizer, spec: ModelSpec, hp: MemitSpec, requests: Seq
     return torch.cat(zs), report
 
 
+def _logits_from(lm, ids, mask, positions, first: int) -> tuple[Tensor, int]:
+    """``(logits, offset)``: the logits of positions ``first`` onward where the model takes ``logits_to_keep``
+    (transformers' causal LMs), else all of them with offset 0."""
+    if "logits_to_keep" in inspect.signature(lm.forward).parameters:
+        keep = ids.shape[1] - first
+        return lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                  logits_to_keep=keep).logits, first
+    return lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits, 0
+
+
 def _optimise_group(lm, tokenizer, spec, hp, layer, group, prefixes, device):
     stats = {"subject_not_found": 0}
     rows, first_row = [], []
@@ -264,14 +275,16 @@ def _optimise_group(lm, tokenizer, spec, hp, layer, group, prefixes, device):
     steps = torch.zeros(g, dtype=torch.long)
     nll_each = torch.zeros(g, device=device)
     kl_init = None
+    # Only the target and KL positions need logits: the LM head (a vocabulary-sized matmul) skips the others.
+    first = int(min(tp.min(), kl_t.min()) if kl_rows else tp.min())
     try:
         for it in range(hp.v_num_grad_steps):
-            logits = lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-            logp = torch.log_softmax(logits[tr, tp].float(), dim=-1).gather(1, tt[:, None]).squeeze(1)
+            logits, offset = _logits_from(lm, ids, mask, positions, first)
+            logp = torch.log_softmax(logits[tr, tp - offset].float(), dim=-1).gather(1, tt[:, None]).squeeze(1)
             nll_each = torch.zeros(g, device=device).index_add(0, t_owner, -logp * tw)
             loss = nll_each
             if kl_rows:
-                kl_logp = torch.log_softmax(logits[kl_r, kl_t].float(), dim=-1)
+                kl_logp = torch.log_softmax(logits[kl_r, kl_t - offset].float(), dim=-1)
                 if kl_init is None:
                     kl_init = kl_logp.detach()
                 kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(current || unedited)
@@ -301,6 +314,24 @@ def _optimise_group(lm, tokenizer, spec, hp, layer, group, prefixes, device):
                "subject_not_found": stats["subject_not_found"]}
 
 
+@dataclass
+class EditTargets:
+    """What MEMIT and AlphaEdit share before their solves: the context prefixes and each edit's target value
+    ``z`` at the last edited layer (computing it is most of their cost, so a caller running both passes one)."""
+    prefixes: list[str]
+    z: Tensor  # [N, d]
+    report: dict
+
+
+def edit_targets(lm, tokenizer, spec: ModelSpec, requests: Sequence[EditRequest], *, hparams: MemitSpec | None = None,
+                 z_batch_size: int = 8, progress: bool = True) -> EditTargets:
+    hp = _hparams(spec, hparams)
+    with torch.inference_mode(False), torch.enable_grad():
+        prefixes = context_prefixes(lm, tokenizer, hp.context_prefixes, hp.context_prefix_tokens)
+        zs, report = compute_targets(lm, tokenizer, spec, hp, requests, prefixes, z_batch_size, progress)
+    return EditTargets(prefixes, zs, report)
+
+
 # ---------------------------------------------------------------------------------------------- layers
 Solver = Callable[[int, int, Tensor, Tensor], Tensor]  # (index, layer, K [N,D], R [N,d]) -> ΔW [d, D] (float64)
 
@@ -315,7 +346,8 @@ def _weight_param(lm, spec, layer):
 
 def run_batch_edit(lm, tokenizer, spec: ModelSpec, hp: MemitSpec, requests: Sequence[EditRequest], solver: Solver,
                    *, z_batch_size: int = 8, batch_size: int = 32, final_keys: bool = False,
-                   progress: bool = True, method: str = "MEMIT") -> tuple[dict[str, Tensor], dict, dict[int, Tensor]]:
+                   progress: bool = True, method: str = "MEMIT", targets: EditTargets | None = None,
+                   ) -> tuple[dict[str, Tensor], dict, dict[int, Tensor]]:
     """Steps shared by MEMIT and AlphaEdit. The LM is edited layer by layer (each layer's keys and residual are
     read with the earlier layers already edited), the edited weights are copied out, and the LM is restored
     exactly. Returns ``(weights, diagnostics, keys after all edits per layer if final_keys)``."""
@@ -323,9 +355,11 @@ def run_batch_edit(lm, tokenizer, spec: ModelSpec, hp: MemitSpec, requests: Sequ
         raise ValueError(f"{method}: no edit requests")
     t0 = time.time()
     layers = list(hp.layers)
-    with torch.inference_mode(False), torch.enable_grad():
-        prefixes = context_prefixes(lm, tokenizer, hp.context_prefixes, hp.context_prefix_tokens)
-        zs, zrep = compute_targets(lm, tokenizer, spec, hp, requests, prefixes, z_batch_size, progress)
+    if targets is None:
+        targets = edit_targets(lm, tokenizer, spec, requests, hparams=hp, z_batch_size=z_batch_size, progress=progress)
+    elif targets.z.shape[0] != len(requests):
+        raise ValueError(f"{method}: {targets.z.shape[0]} target values for {len(requests)} edit requests")
+    prefixes, zs, zrep = targets.prefixes, targets.z, targets.report
     params = {layer: _weight_param(lm, spec, layer) for layer in layers}
     original = {layer: p.detach().clone() for layer, (_, p, _) in params.items()}
     diag = {"method": method, "n_edits": len(requests), "layers": layers, "context_prefixes": prefixes,
@@ -399,19 +433,20 @@ def memit_weights(lm, tokenizer, spec: ModelSpec, requests: Sequence[EditRequest
                   hparams: MemitSpec | None = None, stats: KeyStats | Mapping[int, Tensor] | None = None,
                   stats_overrides: Mapping | None = None, data_dir: str | os.PathLike | None = None,
                   weights_sha256: str | None = None, z_batch_size: int = 8, batch_size: int = 32,
-                  progress: bool = True) -> EditResult:
+                  progress: bool = True, targets: EditTargets | None = None) -> EditResult:
     """MEMIT's edited weights for all ``requests`` at once; the LM is left unchanged.
 
     ``hparams`` defaults to the model's ``memit:`` section; ``stats`` (E[kkᵀ] per edited layer) is read from
     or written to the ``layer_stats`` cache when not given (``stats_overrides`` replace ``StatsOptions``
-    fields, ``weights_sha256`` saves hashing the weights again when the caller knows it).
+    fields, ``weights_sha256`` saves hashing the weights again when the caller knows it, ``targets`` reuses
+    ``edit_targets`` computed for the same requests and settings).
     """
     hp = _hparams(spec, hparams)
     mom2 = second_moments(lm, tokenizer, spec, hp, stats, data_dir=data_dir, weights_sha256=weights_sha256,
                           progress=progress, stats_overrides=stats_overrides)
     weights, diag, _ = run_batch_edit(lm, tokenizer, spec, hp, requests, memit_solver(mom2, hp.mom2_weight),
                                       z_batch_size=z_batch_size, batch_size=batch_size, progress=progress,
-                                      method="MEMIT")
+                                      method="MEMIT", targets=targets)
     return EditResult(weights=weights, diagnostics=diag)
 
 

@@ -44,5 +44,10 @@ class EvaluateDataModule(L.LightningDataModule):
             item["key"] = k
         self.items = items
 
+    def edit_indices(self) -> list[int]:
+        """The edits this evaluation serves (all, or the first ``limit``): what the peers edit."""
+        self.setup("test")
+        return sorted({it["edit"] for it in self.items})
+
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.items, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)

@@ -1,9 +1,10 @@
-"""Evaluates MeG (with and without the familiarity router) and the FT baseline on one run, with
-the same items and metrics, and writes results.json / results.md / results.png / per_example.jsonl."""
+"""Evaluates MeG (with and without the familiarity router) and its peers (FT, MEMIT, AlphaEdit) on one run,
+with the same items and metrics, and writes results.json / results.md / results.png / per_example.jsonl."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -11,15 +12,17 @@ import lightning as L
 import torch
 
 from megedit.artifacts import atomic_write_json, atomic_write_jsonl, write_manifest
-from megedit.baselines.ft import finetune_mlp, swapped_mlp
+from megedit.baselines.memit import swapped_weights
 from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
 from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, summarise
+from megedit.evaluate.peers import PEERS, PeerEdit, edit_all
 from megedit.evaluate.report import write_reports
 from megedit.graph import upstream_dirs
 from megedit.scoring import greedy_tokens, target_ids, teacher_forced_ids
 
-VARIANTS = ("meg", "meg_no_router", "meg_retrieval", "ft")
+VARIANTS = ("meg", "meg_no_router", "meg_retrieval", *PEERS)
+MEG_STAGES = ("encoder", "familiarity", "collect", "diffusion")  # what MeG's edit costs (prepare is shared)
 AG_PROTOCOLS = {
     "target_length": "greedy decoding of exactly the target's token count; correct iff every token matches "
                      "(locality: the first L pre-edit tokens, L = token count of the locality answer, else of the "
@@ -31,9 +34,11 @@ AG_PROTOCOLS = {
 
 class EvaluateModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
-                 variants: list[str] = ["meg", "meg_no_router", "meg_retrieval", "ft"], steps: int = 50, sampler: str = "ddim",
-                 seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 3, ft_lr: float = 2e-3,
-                 ft_batch_size: int = 32, router_threshold: float | None = None, noise_scale: float | None = None,
+                 variants: list[str] = ["meg", "meg_retrieval", "ft", "memit", "alphaedit"], steps: int = 50,
+                 sampler: str = "ddim", seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 30,
+                 ft_lr: float = 2e-3, ft_batch_size: int = 32, ft_target_reliability: float | None = 0.95,
+                 peer_max_edits: int | None = 1024, peer_stats_texts: int | None = None,
+                 router_threshold: float | None = None, noise_scale: float | None = None,
                  value_scale: float | None = None):
         """
         Args:
@@ -42,11 +47,18 @@ class EvaluateModule(L.LightningModule):
                 generated neuron; paper Table 5 "w/o FN"), ``meg_retrieval`` (same routing, but a familiar query gets
                 the *collected* neuron of its nearest edit by encoder cosine instead of a generated one: what a
                 perfect generator would reach, so the gap to ``meg`` is the generator's share of the loss) and
-                ``ft`` (fine-tune the edit layer's MLP on all edits).
+                the peers, which write all edits into the LM's weights: ``ft`` (fine-tune the edit layer's MLP),
+                ``memit`` and ``alphaedit`` (``megedit.baselines``, settings from the model's ``memit:`` section).
             steps, sampler: generator sampling (DDIM 50 steps by default; ``ancestral`` as the official code).
             seed: sampling seed.
             ag_protocol: ``target_length`` (default) or ``official`` (see AG_PROTOCOLS; recorded in metric_meta).
-            ft_epochs, ft_lr, ft_batch_size: FT baseline (Adam on the edit layer's MLP only).
+            ft_epochs, ft_lr, ft_batch_size, ft_target_reliability: FT baseline (Adam on the edit layer's MLP
+                only): it trains until the edits' reliability reaches the target (None: never stops early) or
+                for ft_epochs epochs, and results.json says which.
+            peer_max_edits: the peers run only where the run has at most this many edits (None: always);
+                larger runs skip them with a message (MEMIT's solve and FT grow with N; the paper compares at
+                N <= 10k on a GPU).
+            peer_stats_texts: Wikipedia texts for MEMIT / AlphaEdit's E[kk^T] (None: the model's mom2_n_texts).
             router_threshold: override the familiarity artifact's entropy threshold (threshold sweeps, Table 16).
             noise_scale: override the generator's sampling temperature (initial-noise scale; None: as saved).
             value_scale: override the factor on generated neurons' value vectors (None: as the generator saved it).
@@ -62,7 +74,10 @@ class EvaluateModule(L.LightningModule):
         self.metrics = make_metrics(self.variants)
         self.edited: EditedLM | None = None
         self._rows: list[dict] = []
-        self._timing = {"route": 0.0, "lm": 0.0, "ft_train": 0.0}
+        self._timing = {"route": 0.0, "lm": 0.0}
+        self._eval_seconds = {v: 0.0 for v in self.variants}
+        self.peers: dict[str, PeerEdit] = {}
+        self.skipped: dict[str, str] = {}
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
@@ -75,7 +90,7 @@ class EvaluateModule(L.LightningModule):
                                     value_scale=self.hparams.value_scale)
         if self.hparams.router_threshold is not None:
             self.edited.router.threshold = float(self.hparams.router_threshold)
-        self.ft_state = None
+        self._skip_peers(len(dm.edit_indices()))
         self.collected = None
         if "meg_retrieval" in self.variants:
             from megedit.collect.artifact import load_collected
@@ -86,20 +101,26 @@ class EvaluateModule(L.LightningModule):
                 raise ValueError(f"{collect_dir}: {self.collected.shape[0]} neurons for "
                                  f"{len(self.edited.prepared.edits)} edits")
 
+    def _skip_peers(self, n_edits: int) -> None:
+        limit = self.hparams.peer_max_edits
+        if limit is None or n_edits <= limit:
+            return
+        for v in [v for v in self.variants if v in PEERS]:
+            self.skipped[v] = f"{n_edits} edits > peer_max_edits {limit}"
+            print(f"evaluate: {v} skipped ({self.skipped[v]}; --model.peer_max_edits null runs it)")
+            self.variants.remove(v)
+
     def on_test_start(self) -> None:
         self._started = time.time()
-        if "ft" in self.variants:
-            e = self.edited
-            edits = [e.prepared.edits[i] for i in sorted({it["edit"] for it in self.trainer.datamodule.items})]
-            t0 = time.time()
-            with torch.inference_mode(False), torch.enable_grad():  # the test loop runs under inference mode
-                res = finetune_mlp(e.lm, e.tokenizer, e.spec,
-                                   [e.spec.format_prompt(r.prompt, r.prompt_kind) for r in edits],
-                                   [r.target_new for r in edits], epochs=self.hparams.ft_epochs, lr=self.hparams.ft_lr,
-                                   batch_size=self.hparams.ft_batch_size, seed=self.hparams.seed,
-                                   progress=self.global_rank == 0)
-            self.ft_state, self.ft_losses = res["state"], res["losses"]
-            self._timing["ft_train"] = time.time() - t0
+        e = self.edited
+        edits = [e.prepared.edits[i] for i in self.trainer.datamodule.edit_indices()]
+        overrides = {"n_texts": self.hparams.peer_stats_texts} if self.hparams.peer_stats_texts else None
+        self.peers = edit_all(
+            [v for v in self.variants if v in PEERS], e.lm, e.tokenizer, e.spec, edits, ft_epochs=self.hparams.ft_epochs,
+            ft_lr=self.hparams.ft_lr, ft_batch_size=self.hparams.ft_batch_size,
+            ft_target_reliability=self.hparams.ft_target_reliability, seed=self.hparams.seed,
+            weights_sha256=e.prepared.lineage.get("model_weights_sha256"), stats_overrides=overrides,
+            progress=self.global_rank == 0)
 
     # ------------------------------------------------------------------ scoring
     def _targets(self, items) -> list[list[int]]:
@@ -164,14 +185,16 @@ class EvaluateModule(L.LightningModule):
                 nearest = torch.tensor([n["index"] for n in e.nearest_edits(routing.embeddings[fam])])
                 weights[fam] = self.collected[nearest].to(weights.dtype)
             runs["meg_retrieval"] = (weights if len(fam) else None, routing.familiar)
-        if "ft" in self.variants:
-            runs["ft"] = (None, torch.zeros(len(items), dtype=torch.bool))
+        for v in self.peers:  # the peers' edits live in the LM's weights: no neuron, no router
+            runs[v] = (None, torch.zeros(len(items), dtype=torch.bool))
         t1 = time.time()
         for variant, (weights, familiar) in runs.items():
-            ctx = swapped_mlp(e.lm, e.spec, self.ft_state) if variant == "ft" else contextlib.nullcontext()
+            t_variant = time.time()
+            ctx = swapped_weights(e.lm, self.peers[variant].weights) if variant in self.peers else contextlib.nullcontext()
             with ctx:
                 tf = self._tf(prompts, targets, weights)
                 ag, gen = self._ag(prompts, items, targets, weights)
+            self._eval_seconds[variant] += time.time() - t_variant
             for i, it in enumerate(items):
                 g = SHORT[it["group"]]
                 self.metrics[f"{variant}__{g}_tf"].update(tf[i])
@@ -180,7 +203,7 @@ class EvaluateModule(L.LightningModule):
                 self._rows.append({"key": it["key"], "variant": variant, "edit": it["edit"], "group": it["group"],
                                    "pos": it["pos"], "query": it["query"], "kind": it["kind"], "target": it["target"],
                                    "locality_kind": it.get("locality_kind"), "familiar": bool(familiar[i]),
-                                   "entropy": None if variant == "ft" else round(float(routing.entropy[i]), 4),
+                                   "entropy": None if variant in PEERS else round(float(routing.entropy[i]), 4),
                                    "tf": round(float(tf[i]), 4), "ag": bool(ag[i]),
                                    "answer": e.tokenizer.decode(gen[i], skip_special_tokens=True)})
         self._timing["lm"] += time.time() - t1
@@ -220,8 +243,11 @@ class EvaluateModule(L.LightningModule):
         summary = {"lineage": e.prepared.lineage, "metric_meta": meta, "results": results,
                    "timings_seconds": {k: round(v, 1) for k, v in self._timing.items()} |
                    {"total": round(time.time() - self._started, 1)}}
-        if "ft" in self.variants:
-            summary["ft"] = {"epochs": self.hparams.ft_epochs, "lr": self.hparams.ft_lr, "losses": self.ft_losses}
+        summary["method_seconds"] = self._method_seconds(dm)
+        if self.peers:
+            summary["peers"] = {v: p.account for v, p in self.peers.items()}
+        if self.skipped:
+            summary["skipped"] = self.skipped
         atomic_write_json(out / "results.json", summary)
         atomic_write_jsonl(out / "per_example.jsonl", rows)
         write_reports(out, summary)
@@ -231,6 +257,22 @@ class EvaluateModule(L.LightningModule):
         write_manifest(out, "evaluate", e.prepared.lineage, config={"model": dict(self.hparams), "data": dict(dm.hparams)},
                        outputs=["results.json", "results.md", "results.png", "per_example.jsonl"], upstream=upstream)
         print((out / "results.md").read_text())
+
+    def _method_seconds(self, dm) -> dict:
+        """Per variant: the wall seconds its edit took (MeG: its four stages, from their manifests; a peer: its
+        edit in this stage) and those of scoring it here (this process's share under DDP)."""
+        stages = {}
+        for name in MEG_STAGES:
+            manifest = Path(dm.hparams.run_dir) / name / "manifest.json"
+            if manifest.is_file():
+                stages[name] = json.loads(manifest.read_text()).get("resources", {}).get("wall_seconds")
+        meg_edit = round(sum(stages.values()), 1) if stages and None not in stages.values() else None
+        out = {}
+        for v in self.variants:
+            edit = self.peers[v].seconds if v in self.peers else meg_edit
+            out[v] = {"edit": edit, "evaluate": round(self._eval_seconds[v], 1)}
+        out["meg_stages"] = stages
+        return out
 
     def configure_optimizers(self):
         return None

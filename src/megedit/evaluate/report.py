@@ -8,23 +8,52 @@ from megedit.artifacts import atomic_path, atomic_write_text
 from megedit.evaluate.metrics import metric_names
 
 LABELS = {"meg": "MeG", "meg_no_router": "MeG w/o FN", "meg_retrieval": "MeG, collected neuron of nearest edit",
-          "ft": "FT"}
+          "ft": "FT", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
 
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def _secs(v) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
+def _peer_notes(summary: dict) -> list[str]:
+    """One line per peer saying what it did (FT: epochs and whether it reached its reliability target)."""
+    notes = []
+    for variant, acc in summary.get("peers", {}).items():
+        if variant == "ft":
+            goal = acc.get("target_reliability")
+            reached = "reached" if acc.get("reached_target") else "did not reach"
+            last = acc["reliability"][-1] if acc.get("reliability") else None
+            notes.append(f"FT: {acc.get('trained')}, lr {acc.get('lr')}, {acc.get('epochs')} of {acc.get('epoch_budget')} "
+                         f"epochs; " + (f"{reached} its target reliability {goal} (last {last})." if goal else
+                                         "no reliability target."))
+        else:
+            notes.append(f"{LABELS.get(variant, variant)}: layers {acc.get('layers')}, {acc.get('n_edits')} edits "
+                         f"at once, {acc.get('time_s')} s.")
+    for variant, why in summary.get("skipped", {}).items():
+        notes.append(f"{LABELS.get(variant, variant)}: skipped ({why}).")
+    return ["", *notes] if notes else []
+
+
 def results_table(summary: dict) -> str:
     lin, meta = summary["lineage"], summary["metric_meta"]
     lines = [f"# {lin['model']} / {lin['dataset']} / N={meta['n_edits']}", "",
-             "| Method | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score | routed familiar (rel/gen/loc %) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| Method | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score | routed familiar (rel/gen/loc %) "
+             "| edit / scoring s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    seconds = summary.get("method_seconds", {})
     for variant, r in summary["results"].items():
         fam = r["routing_familiar"]
+        routed = "none (weights edited)" if variant in summary.get("peers", {}) else \
+            f"{_fmt(fam['rel'])} / {_fmt(fam['gen'])} / {_fmt(fam['loc'])}"
+        sec = seconds.get(variant, {})
         lines.append(f"| {LABELS.get(variant, variant)} | {_fmt(r['rel_ag'])} | {_fmt(r['rel_tf'])} | "
                      f"{_fmt(r['gen_ag'])} | {_fmt(r['gen_tf'])} | {_fmt(r['loc_ag'])} | {_fmt(r['loc_tf'])} | "
-                     f"**{_fmt(r['score'])}** | {_fmt(fam['rel'])} / {_fmt(fam['gen'])} / {_fmt(fam['loc'])} |")
+                     f"**{_fmt(r['score'])}** | {routed} | {_secs(sec.get('edit'))} / {_secs(sec.get('evaluate'))} |")
+    lines += _peer_notes(summary)
     lines += locality_table(summary)
     lines += ["", f"AG protocol: `{meta['ag_protocol']}`: {meta['ag']}.", f"TF: {meta['tf']}.",
               f"Locality reference: {meta['locality_reference']}. Score: {meta['score']}.",
