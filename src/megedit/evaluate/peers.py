@@ -17,6 +17,7 @@ import torch
 from megedit.baselines.alphaedit import alphaedit_weights
 from megedit.baselines.ft import finetune_mlp, named_mlp_weights
 from megedit.baselines.memit import EditTargets, edit_targets, memit_weights, requests_from_records
+from megedit.registry import MemitSpec, RegistryError, load_model_spec
 
 PEERS = ("ft", "memit", "alphaedit")
 
@@ -33,9 +34,10 @@ def edit_all(methods: Sequence[str], lm, tokenizer, spec, records: Sequence, **o
     optimisation, most of their cost), computed once; each method's ``seconds`` still counts it, as it would
     cost alone, and its account says how long the shared part took."""
     shared = None
+    options.setdefault("hparams", memit_settings(spec))
     if "memit" in methods and "alphaedit" in methods:
         t0 = time.time()
-        shared = edit_targets(lm, tokenizer, spec, requests_from_records(records, spec),
+        shared = edit_targets(lm, tokenizer, spec, requests_from_records(records, spec), hparams=options["hparams"],
                               progress=options.get("progress", True))
         shared_seconds = round(time.time() - t0, 1)
     out = {}
@@ -51,10 +53,12 @@ def edit_all(methods: Sequence[str], lm, tokenizer, spec, records: Sequence, **o
 def edit_weights(method: str, lm, tokenizer, spec, records: Sequence, *, ft_epochs: int, ft_lr: float,
                  ft_batch_size: int, ft_target_reliability: float | None, seed: int, data_dir=None,
                  weights_sha256: str | None = None, stats_overrides: dict | None = None,
-                 targets: EditTargets | None = None, progress: bool = True) -> PeerEdit:
+                 targets: EditTargets | None = None, hparams: MemitSpec | None = None,
+                 progress: bool = True) -> PeerEdit:
     """Edit ``lm`` (left unchanged) with ``method`` on ``records`` (prepare's ``EditRecord``s).
     ``stats_overrides`` replace fields of MEMIT / AlphaEdit's statistics options (``layer_stats.StatsOptions``);
-    ``targets`` are MEMIT / AlphaEdit's precomputed target values for these records (``memit.edit_targets``)."""
+    ``targets`` are MEMIT / AlphaEdit's precomputed target values for these records (``memit.edit_targets``);
+    ``hparams`` their settings (default: ``memit_settings(spec)``)."""
     if method not in PEERS:
         raise ValueError(f"unknown peer method {method!r}; choose from {list(PEERS)}")
     t0 = time.time()
@@ -70,14 +74,34 @@ def edit_weights(method: str, lm, tokenizer, spec, records: Sequence, *, ft_epoc
                        "reached_target": res["reached"], "losses": res["losses"], "reliability": res["reliability"]}
         else:
             editor = memit_weights if method == "memit" else alphaedit_weights
-            res = editor(lm, tokenizer, spec, requests_from_records(records, spec), data_dir=data_dir,
+            hparams = hparams or memit_settings(spec)
+            res = editor(lm, tokenizer, spec, requests_from_records(records, spec), hparams=hparams, data_dir=data_dir,
                          weights_sha256=weights_sha256, stats_overrides=stats_overrides, targets=targets,
                          progress=progress)
-            weights, account = res.weights, _compact(res.diagnostics)
+            weights, account = res.weights, _compact(res.diagnostics) | {"settings": hparams.to_dict()}
     return PeerEdit(weights={k: v.detach() for k, v in weights.items()}, account=account,
                     seconds=round(time.time() - t0, 1))
 
 
+def memit_settings(spec) -> MemitSpec:
+    """MEMIT / AlphaEdit settings: the model's registry file as it is now (they are the evaluate stage's, not
+    the run's; a run prepared before the ``memit:`` sections existed records none), else the run's spec."""
+    try:
+        current = load_model_spec(spec.name).memit
+    except RegistryError:
+        current = None
+    if current is None and spec.memit is None:
+        raise ValueError(f"model {spec.name}: no MEMIT settings; add a 'memit:' section to "
+                         f"configs/models/{spec.name}.yaml (docs/baselines.md)")
+    return current or spec.memit
+
+
 def _compact(diagnostics: dict) -> dict:
-    """MEMIT / AlphaEdit diagnostics without the per-edit lists (they belong in no results table)."""
-    return {k: v for k, v in diagnostics.items() if not (isinstance(v, list) and len(v) > 16)}
+    """MEMIT / AlphaEdit diagnostics with each per-edit list (z_nll, z_steps, delta_ratio) as its mean."""
+    out = {}
+    for key, value in diagnostics.items():
+        if isinstance(value, list) and len(value) > 16 and all(isinstance(v, (int, float)) for v in value):
+            out[f"{key}_mean"] = round(sum(value) / len(value), 4)
+        else:
+            out[key] = value
+    return out
