@@ -190,3 +190,30 @@ def test_value_scale_rule_takes_the_best_harmonic_mean_and_the_smallest_on_a_tie
     table = [{"value_scale": 1.0, "harmonic_mean": 0.80}, {"value_scale": 2.0, "harmonic_mean": 0.90},
              {"value_scale": 1.5, "harmonic_mean": 0.90}, {"value_scale": 2.5, "harmonic_mean": 0.85}]
     assert choose_value_scale(table) == 1.5
+
+
+def test_value_emphasis_weighs_the_value_and_keeps_the_loss_scale():
+    from megedit.components.neuron import value_emphasis
+    from megedit.registry import load_model_spec
+
+    spec = load_model_spec("smollm2")
+    w = value_emphasis(spec, 4.0)
+    d = spec.hidden_size
+    assert w.shape == (spec.neuron_dim,) and torch.isclose(w.mean(), torch.tensor(1.0))
+    assert torch.allclose(w[-d:] / w[0], torch.full((d,), 4.0)) and torch.equal(value_emphasis(spec, 1.0),
+                                                                                torch.ones(spec.neuron_dim))
+
+
+def test_weighted_training_loss_is_the_plain_loss_under_uniform_weights():
+    from megedit.diffusion.generator import WeightGenerator
+
+    torch.manual_seed(0)
+    gen = WeightGenerator("dit-tiny", 200, 8)
+    x0, cond = torch.randn(4, 200), torch.randn(4, 8)
+    plain = gen.training_loss(x0, cond, generator=torch.Generator().manual_seed(1))
+    uniform = gen.training_loss(x0, cond, generator=torch.Generator().manual_seed(1), element_weights=torch.ones(200))
+    assert torch.allclose(plain, uniform)
+    heavy = torch.ones(200)
+    heavy[100:] = 3.0
+    weighted = gen.training_loss(x0, cond, generator=torch.Generator().manual_seed(1), element_weights=heavy / heavy.mean())
+    assert not torch.allclose(plain, weighted)

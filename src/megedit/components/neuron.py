@@ -47,6 +47,16 @@ def join_neuron(key: Tensor, value: Tensor, bias: Tensor | None, spec: ModelSpec
     return torch.cat(parts, dim=-1)
 
 
+def value_emphasis(spec: ModelSpec, value_weight: float) -> Tensor:
+    """Per-element weights ``[D]`` of a neuron, mean 1: ``value_weight`` times as much on the value as on the
+    key (and bias). A generator's loss weighted so learns the value, which decides what the edit writes, more
+    precisely than the key, which only decides where it fires."""
+    d = spec.hidden_size
+    weights = torch.ones(spec.neuron_dim)
+    weights[spec.neuron_dim - d:] = float(value_weight)
+    return weights / weights.mean()
+
+
 def scale_value(weights: Tensor, spec: ModelSpec, factor: float) -> Tensor:
     """The neurons with their value vectors times ``factor`` (keys and bias unchanged): the neuron fires
     where it did, and writes ``factor`` times as much into the residual stream."""

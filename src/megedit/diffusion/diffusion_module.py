@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from megedit.artifacts import atomic_write_json, write_manifest
+from megedit.components.neuron import value_emphasis
 from megedit.distributed import barrier, gather_objects
 from megedit.diffusion.generator import CONFIG_FILE, WEIGHTS_FILE, WeightGenerator
 from megedit.resume import CHECKPOINT_DIR, LAST_CKPT, resume_point_callback
@@ -51,7 +52,7 @@ class DiffusionModule(L.LightningModule):
                  reliability: bool = True,
                  report_edits: int | None = None, report_steps: int = 50, seed: int = 0,
                  torch_threads: int | None = 1, checkpoint_every_n_epochs: int = 5,
-                 value_scales: list[float] = [1.0, 1.25, 1.5, 2.0, 2.5]):
+                 value_scales: list[float] = [1.0, 1.25, 1.5, 2.0, 2.5], value_loss_weight: float = 1.0):
         """
         Args:
             out_dir: the artifact folder (generator, report, manifest; Lightning checkpoints under ``checkpoints/``).
@@ -83,6 +84,10 @@ class DiffusionModule(L.LightningModule):
                 generator's default: a mode-seeking sample of a generator that has not fully memorised its
                 neurons is pulled toward the mean neuron and writes too weakly to change the answer.
                 ``[1.0]``: no scaling.
+            value_loss_weight: weight of the value's elements in the denoising loss against the key's (1: the
+                paper's plain MSE). The value decides what an edit writes and the key where it fires; a
+                generated key with the collected value keeps ~98% of the collected neuron's exact match, a
+                collected key with the generated value does not (bench/query_key.py).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -92,6 +97,7 @@ class DiffusionModule(L.LightningModule):
         self._collected_rel: dict[int, tuple[float, bool]] = {}
         self._pseudo_collected: float | None = None  # collected neurons' AG on the pseudo paraphrases
         self._lm = None  # (model, tokenizer, neuron); a plain attribute so it is never in the state dict
+        self._element_weights: torch.Tensor | None = None  # the loss's per-element weights (value_loss_weight)
         self._started = time.time()
 
     # ------------------------------------------------------------------ building
@@ -116,6 +122,11 @@ class DiffusionModule(L.LightningModule):
         torch.manual_seed(self.hparams.seed)  # identical initial weights on every rank
         self.generator = self._build(dm.neuron_dim, dm.cond_dim)
         self.generator.fit_normalisation(dm.normalisation_weights)
+        if self.hparams.value_loss_weight <= 0:
+            raise ValueError(f"model.value_loss_weight must be > 0, got {self.hparams.value_loss_weight}")
+        # a buffer-free attribute: moved to the batch's device when used, never saved in a checkpoint
+        self._element_weights = (None if self.hparams.value_loss_weight == 1.0
+                                 else value_emphasis(dm.spec, self.hparams.value_loss_weight))
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
 
     def teardown(self, stage: str) -> None:
@@ -148,7 +159,8 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         cond, weights = batch
-        loss = self.generator.training_loss(self.generator.normalise(weights), cond)
+        ew = None if self._element_weights is None else self._element_weights.to(weights.device)
+        loss = self.generator.training_loss(self.generator.normalise(weights), cond, element_weights=ew)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 

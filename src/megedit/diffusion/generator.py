@@ -109,10 +109,12 @@ class WeightGenerator(nn.Module):
         return self.net(x_t, t, cond)
 
     def training_loss(self, x0: torch.Tensor, cond: torch.Tensor, denoiser: nn.Module | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None,
+                      element_weights: torch.Tensor | None = None) -> torch.Tensor:
         """v-prediction MSE on *normalised* weights ``x0`` at uniformly drawn steps.
 
         ``denoiser`` lets the caller pass a DDP-wrapped ``self`` so gradients are synchronised.
+        ``element_weights`` ``[D]`` (mean 1) weighs each element's squared error, e.g. the value over the key.
         """
         b = x0.shape[0]
         t = torch.randint(0, self.num_train_timesteps, (b,), device=x0.device, generator=generator)
@@ -120,7 +122,9 @@ class WeightGenerator(nn.Module):
         x_t = self.scheduler.add_noise(x0, noise, t)
         target = self.scheduler.get_velocity(x0, noise, t)
         pred = (denoiser or self)(x_t, t, cond)
-        return F.mse_loss(pred.float(), target.float())
+        if element_weights is None:
+            return F.mse_loss(pred.float(), target.float())
+        return ((pred.float() - target.float()).pow(2) * element_weights).mean()
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
