@@ -29,7 +29,8 @@ def collect(paths) -> list[dict]:
         for variant, r in s["results"].items():
             rows.append({"run": str(f.parent), "model": lin["model"], "dataset": lin["dataset"], "n": meta["n_edits"],
                          "variant": variant, "protocol": f"{meta['protocol']}/{meta['ag_protocol']}",
-                         "threshold": meta.get("router_threshold"), **{k: r[k] for k in metric_names() + ["score"]}})
+                         "threshold": meta.get("router_threshold"), **{k: r[k] for k in metric_names() + ["score"]},
+                         "edit_seconds": s.get("method_seconds", {}).get(variant, {}).get("edit")})
     return rows
 
 
@@ -40,13 +41,15 @@ def table(rows) -> str:
         by_protocol[r["protocol"]].append(r)
     for protocol, items in by_protocol.items():
         out += [f"## protocol `{protocol}`", "",
-                "| run | model | dataset | N | method | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| run | model | dataset | N | method | Rel AG | Rel TF | Gen AG | Gen TF | Loc AG | Loc TF | Score "
+                "| edit wall s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(items, key=lambda r: (r["model"], r["dataset"], r["n"], r["variant"], r["run"])):
             vals = " | ".join("n/a" if r[k] is None else f"{r[k]:.2f}" for k in
                               ["rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf", "score"])
+            edit = "n/a" if r.get("edit_seconds") is None else f"{r['edit_seconds']:.0f}"
             out.append(f"| {r['run']} | {r['model']} | {r['dataset']} | {r['n']} | "
-                       f"{LABELS.get(r['variant'], r['variant'])} | {vals} |")
+                       f"{LABELS.get(r['variant'], r['variant'])} | {vals} | {edit} |")
         out.append("")
     return "\n".join(out)
 
