@@ -18,6 +18,10 @@ FAMILIARITY_ARGS ?=
 COLLECT_ARGS     ?=
 DIFFUSION_ARGS   ?=
 EVALUATE_ARGS    ?=
+# The evaluate stage scores the peers (FT, MEMIT, AlphaEdit) beside MeG on runs of at most 1024 edits;
+# PEERS=no skips them (they cost more than MeG's evaluation on a CPU).
+PEERS   ?= yes
+EVALUATE_ARGS += $(if $(filter no,$(PEERS)),--model.peer_max_edits 0)
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
