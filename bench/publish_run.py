@@ -62,8 +62,10 @@ def diffusion_summary(run: Path) -> dict:
             "preset": config.get("model", {}).get("preset")}
 
 
-def publish(run: Path, command: str, machine: str, out_dir: Path = OUT_DIR) -> list[Path]:
-    evaluate = run / "evaluate"
+def publish(run: Path, command: str, machine: str, out_dir: Path = OUT_DIR, evaluate_dir: str = "evaluate",
+            name: str | None = None, commit: str | None = None) -> list[Path]:
+    evaluate = run / evaluate_dir
+    name = name or run.name
     if not (evaluate / "results.json").is_file():
         raise SystemExit(f"{evaluate}: no results.json; has the evaluate stage finished?")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,14 +73,14 @@ def publish(run: Path, command: str, machine: str, out_dir: Path = OUT_DIR) -> l
     for suffix in ("json", "md", "png"):
         src = evaluate / f"results.{suffix}"
         if src.is_file():
-            dst = out_dir / f"{run.name}.{suffix}"
+            dst = out_dir / f"{name}.{suffix}"
             shutil.copyfile(src, dst)
             written.append(dst)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
-    stages = {"run": run.name, "commit": commit, "command": command, "machine": machine,
+    commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                      cwd=Path(__file__).resolve().parent).stdout.strip()
+    stages = {"run": run.name, "evaluate_dir": evaluate_dir, "commit": commit, "command": command, "machine": machine,
               "stages": stage_times(run), "collect": collect_summary(run), "diffusion": diffusion_summary(run)}
-    dst = out_dir / f"{run.name}.stages.json"
+    dst = out_dir / f"{name}.stages.json"
     dst.write_text(json.dumps(stages, indent=1) + "\n")
     return written + [dst]
 
@@ -89,8 +91,11 @@ def main(argv=None) -> None:
     parser.add_argument("--command", required=True, help="the exact command that made the run")
     parser.add_argument("--machine", required=True, help="machine and load while it ran")
     parser.add_argument("--out_dir", type=Path, default=OUT_DIR)
+    parser.add_argument("--evaluate", default="evaluate", help="the run's evaluate folder to publish")
+    parser.add_argument("--name", default=None, help="output name (default: the run folder's name)")
+    parser.add_argument("--commit", default=None, help="the commit that made the run (default: HEAD here)")
     args = parser.parse_args(argv)
-    for path in publish(args.run, args.command, args.machine, args.out_dir):
+    for path in publish(args.run, args.command, args.machine, args.out_dir, args.evaluate, args.name, args.commit):
         print(f"wrote {path}")
 
 
