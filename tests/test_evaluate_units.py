@@ -124,3 +124,41 @@ def test_ft_stops_at_its_reliability_target_and_names_its_weights(tiny_llama):
         want = {k: v.clone() for k, v in model.state_dict().items()}
     with swapped_weights(model, named):
         assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())
+
+
+def test_teacher_forced_exact_match_is_greedy_exact_match(tiny_llama):
+    """The evaluate stage scores AG (target_length) from its teacher-forced pass: greedy decoding of the
+    target's length reproduces the target iff every target token is the argmax after the target's own
+    prefix. Checked against real generation, with neurons attached, on targets that are the greedy answer
+    itself, that differ from it at one token, and that are random."""
+    from megedit.components.neuron import DynamicNeuron
+    from megedit.scoring import greedy_tokens, teacher_forced_ids
+
+    model, spec = tiny_llama
+    model.generation_config.pad_token_id = 0
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [3 + (ord(c) % 100) for c in text]}
+
+    prompts = [f"q{i} {'ab' * (i % 3)} x" for i in range(12)]
+    neuron = DynamicNeuron(model, spec)
+    weights = torch.randn(len(prompts), spec.neuron_dim) * 0.5
+    greedy = greedy_tokens(model, Tok(), neuron, prompts, weights, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    targets = []
+    for i, out in enumerate(greedy):
+        if i % 3 == 0:
+            targets.append(out)  # the answer itself
+        elif i % 3 == 1:
+            targets.append(out[:2] + [(out[2] + 7) % 128 + 2] + out[3:])  # wrong third token
+        else:
+            targets.append(torch.randint(2, 128, (3,), generator=g).tolist())
+    forced = teacher_forced_ids(model, Tok(), neuron, prompts, targets, weights, batch_size=5)
+    generated = greedy_tokens(model, Tok(), neuron, prompts, weights, [len(t) for t in targets], 4)
+    assert forced["exact"].tolist() == [gen == t for gen, t in zip(generated, targets)]
+    assert forced["exact"][::3].all() and not forced["exact"][1::3].any()
+    for gen, t, prefix in zip(generated, targets, forced["greedy"]):
+        assert gen[:len(prefix)] == prefix  # greedy's own tokens up to its first wrong one

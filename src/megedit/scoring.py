@@ -107,11 +107,17 @@ def teacher_forced(model, tokenizer, neuron, prompts: Sequence[str], targets: Se
 @torch.no_grad()
 def teacher_forced_ids(model, tokenizer, neuron, prompts: Sequence[str], targets: Sequence[Sequence[int]],
                        weights: Tensor | None = None, batch_size: int = 32) -> dict:
-    """``teacher_forced`` on targets given as token ids (e.g. a pre-edit answer, which is tokens, not text)."""
+    """``teacher_forced`` on targets given as token ids (e.g. a pre-edit answer, which is tokens, not text).
+
+    ``exact`` is also greedy exact match of the target's length: greedy decoding reproduces the target iff
+    each target token is the argmax given the target's own prefix, which is what teacher forcing computes
+    (so the evaluate stage needs no generation for its ``target_length`` protocol). ``greedy`` holds each
+    row's greedy tokens up to its first wrong one (``_greedy_prefix``)."""
     _check(prompts, weights)
     n = len(prompts)
     acc = torch.zeros(n)
     exact = torch.zeros(n, dtype=torch.bool)
+    greedy: list[list[int] | None] = [None] * n
     order = sorted(range(n), key=lambda i: len(prompts[i]) + len(targets[i]))
     device = next(model.parameters()).device
     for idx in _batches(n, batch_size, order):
@@ -126,7 +132,20 @@ def teacher_forced_ids(model, tokenizer, neuron, prompts: Sequence[str], targets
         lengths = batch["target_lengths"]
         acc[idx] = (n_hit.float() / lengths.float())
         exact[idx] = n_hit == lengths
-    return {"token_acc": acc, "exact": exact}
+        mask = batch["target_mask"][:, 1:]
+        for row, i in enumerate(idx):
+            greedy[i] = _greedy_prefix(pred[row][mask[row]].tolist(), list(targets[i]))
+    return {"token_acc": acc, "exact": exact, "greedy": greedy}
+
+
+def _greedy_prefix(argmax: list[int], target: list[int]) -> list[int]:
+    """What greedy decoding of the target's length produces, as far as teacher forcing determines it: the same
+    tokens while they equal the target (the prefixes agree, so the argmaxes do), up to and including the
+    first wrong one; after that greedy decoding conditions on its own token, which is not computed here."""
+    for k, (got, want) in enumerate(zip(argmax, target)):
+        if got != want:
+            return argmax[:k + 1]
+    return argmax
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ MEG_STAGES = ("encoder", "familiarity", "collect", "diffusion")  # what MeG's ed
 AG_PROTOCOLS = {
     "target_length": "greedy decoding of exactly the target's token count; correct iff every token matches "
                      "(locality: the first L pre-edit tokens, L = token count of the locality answer, else of the "
-                     "edit target)",
+                     "edit target); decided in the teacher-forced pass, which gives the same answer: greedy decoding "
+                     "reproduces the target iff each target token is the argmax after the target's own prefix",
     "official": "up to 20 new tokens, decoded, lower-cased and stripped; reliability/generality correct iff the "
                 "answer starts with the target, locality correct iff it equals the pre-edit answer",
 }
@@ -135,18 +136,16 @@ class EvaluateModule(L.LightningModule):
                 out.append(pre[: max(1, min(len(want), len(pre)))] if pre else [tok.eos_token_id])
         return out
 
-    def _tf(self, prompts, targets, weights) -> torch.Tensor:
-        """Token accuracy of argmax under teacher forcing on explicit target token ids (one batch)."""
+    def _tf(self, prompts, targets, weights) -> dict:
+        """Teacher forcing on explicit target token ids (one batch): token accuracy, exact match, greedy tokens."""
         e = self.edited
-        return teacher_forced_ids(e.lm, e.tokenizer, e.neuron, prompts, targets, weights,
-                                  batch_size=len(prompts))["token_acc"]
+        return teacher_forced_ids(e.lm, e.tokenizer, e.neuron, prompts, targets, weights, batch_size=len(prompts))
 
-    def _ag(self, prompts, items, targets, weights) -> tuple[torch.Tensor, list[list[int]]]:
+    def _ag(self, prompts, items, targets, weights, tf: dict) -> tuple[torch.Tensor, list[list[int]]]:
         e = self.edited
         if self.hparams.ag_protocol == "target_length":
-            gen = greedy_tokens(e.lm, e.tokenizer, e.neuron, prompts, weights, [len(t) for t in targets],
-                                len(prompts))
-            return torch.tensor([g == t for g, t in zip(gen, targets)], dtype=torch.float), gen
+            # greedy exact match of the target's length is teacher forcing's exact match (scoring.teacher_forced_ids)
+            return tf["exact"].float(), tf["greedy"]
         gen = greedy_tokens(e.lm, e.tokenizer, e.neuron, prompts, weights, 20, len(prompts))
         eos = e.tokenizer.eos_token_id
         gen = [g[: g.index(eos)] if eos in g else g for g in gen]
@@ -192,8 +191,9 @@ class EvaluateModule(L.LightningModule):
             t_variant = time.time()
             ctx = swapped_weights(e.lm, self.peers[variant].weights) if variant in self.peers else contextlib.nullcontext()
             with ctx:
-                tf = self._tf(prompts, targets, weights)
-                ag, gen = self._ag(prompts, items, targets, weights)
+                forced = self._tf(prompts, targets, weights)
+                tf = forced["token_acc"]
+                ag, gen = self._ag(prompts, items, targets, weights, forced)
             self._eval_seconds[variant] += time.time() - t_variant
             for i, it in enumerate(items):
                 g = SHORT[it["group"]]
