@@ -370,3 +370,27 @@ def test_z_from_the_kept_logits_equals_z_from_all_logits(arch, tok, monkeypatch,
         lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits, 0))
     full, _ = compute_targets(lm, tok, spec, spec.memit, REQUESTS, [""], progress=False)
     assert torch.allclose(kept, full, atol=1e-5, rtol=1e-4)
+
+
+def test_z_cache_serves_each_edit_once_and_only_for_the_same_context(tok, tmp_path, monkeypatch, one_thread):
+    """Target values are cached per edit: a second call computes nothing, a larger batch computes only its new
+    edits, and another setting (or model) is a different cache."""
+    from dataclasses import replace
+
+    from megedit.baselines import memit
+
+    monkeypatch.setenv("MEGEDIT_CACHE", str(tmp_path))
+    lm, spec = _setup("llama", tok)
+    calls = []
+    real = memit.compute_targets
+    monkeypatch.setattr(memit, "compute_targets", lambda *a, **k: calls.append(len(a[4])) or real(*a, **k))
+    first = memit.edit_targets(lm, tok, spec, REQUESTS[:2], progress=False)
+    again = memit.edit_targets(lm, tok, spec, REQUESTS[:2], progress=False)
+    assert calls == [2] and torch.equal(first.z, again.z) and again.report["z_cached"] == 2
+    more = memit.edit_targets(lm, tok, spec, REQUESTS, progress=False)
+    assert calls == [2, len(REQUESTS) - 2] and torch.equal(more.z[:2], first.z)
+    uncached = memit.edit_targets(lm, tok, spec, REQUESTS, progress=False, cache=False)
+    assert torch.allclose(uncached.z, more.z, atol=1e-6)
+    other = replace(spec.memit, v_lr=spec.memit.v_lr / 2)
+    memit.edit_targets(lm, tok, spec, REQUESTS[:2], hparams=other, progress=False)
+    assert calls[-1] == 2 and len(list((tmp_path / "memit_z" / spec.name).iterdir())) == 2

@@ -67,7 +67,8 @@ def alphaedit_weights(lm, tokenizer, spec: ModelSpec, requests: Sequence[EditReq
     weights, diag, after = run_batch_edit(lm, tokenizer, spec, hp, requests,
                                           alphaedit_solver(projectors, hp.alphaedit_l2, prior_kkt),
                                           z_batch_size=z_batch_size, batch_size=batch_size, final_keys=return_kkt,
-                                          progress=progress, method="AlphaEdit", targets=targets)
+                                          progress=progress, method="AlphaEdit", targets=targets,
+                                          weights_sha256=weights_sha256)
     diag["null_space_dim"] = dims
     kkt = None
     if return_kkt:

@@ -34,7 +34,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from megedit.baselines.layer_stats import KeyStats, key_module, key_module_path, key_second_moments, options_from_spec
-from megedit.loading import decoder_layers
+from megedit.baselines.z_cache import PER_EDIT, ZCache, split_report
+from megedit.loading import decoder_layers, state_dict_sha256
 from megedit.registry import MemitSpec, ModelSpec
 from megedit.scoring import left_pad, positions_from_mask, target_ids
 
@@ -324,12 +325,44 @@ class EditTargets:
 
 
 def edit_targets(lm, tokenizer, spec: ModelSpec, requests: Sequence[EditRequest], *, hparams: MemitSpec | None = None,
-                 z_batch_size: int = 8, progress: bool = True) -> EditTargets:
+                 z_batch_size: int = 8, progress: bool = True, cache: bool = True,
+                 weights_sha256: str | None = None) -> EditTargets:
+    """The target values of ``requests``. With ``cache`` each edit's ``z`` is read from / written to
+    ``z_cache.ZCache`` (``weights_sha256``: the model's ``state_dict_sha256``, hashed when not given), so a
+    killed run resumes and a larger batch reuses a smaller one's edits."""
     hp = _hparams(spec, hparams)
     with torch.inference_mode(False), torch.enable_grad():
         prefixes = context_prefixes(lm, tokenizer, hp.context_prefixes, hp.context_prefix_tokens)
-        zs, report = compute_targets(lm, tokenizer, spec, hp, requests, prefixes, z_batch_size, progress)
+        if not cache:
+            zs, report = compute_targets(lm, tokenizer, spec, hp, requests, prefixes, z_batch_size, progress)
+            return EditTargets(prefixes, zs, report)
+        store = ZCache(spec.name, weights_sha256 or state_dict_sha256(lm), hp, prefixes)
+        zs, report = _cached_targets(lm, tokenizer, spec, hp, requests, prefixes, z_batch_size, progress, store)
     return EditTargets(prefixes, zs, report)
+
+
+def _cached_targets(lm, tokenizer, spec, hp, requests, prefixes, z_batch_size, progress, store: ZCache):
+    """``compute_targets`` for the edits ``store`` lacks, in chunks written as they finish; the rest read."""
+    ids = [ZCache.edit_id(r.prompt, r.subject, r.target) for r in requests]
+    found = {i: store.get(ids[i]) for i in range(len(requests))}
+    todo = [i for i, hit in found.items() if hit is None]
+    if progress and len(todo) < len(requests):
+        print(f"MEMIT z: {len(requests) - len(todo)} of {len(requests)} edits from the cache {store.dir}")
+    chunk = max(z_batch_size, 8 * z_batch_size)  # what a kill can lose
+    subject_not_found = 0
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        z, rep = compute_targets(lm, tokenizer, spec, hp, [requests[i] for i in part], prefixes, z_batch_size,
+                                 progress)
+        subject_not_found += rep["subject_not_found"]
+        for k, (i, diag) in enumerate(zip(part, split_report(rep, len(part)))):
+            store.put(ids[i], z[k], diag)
+            found[i] = (z[k], diag)
+    zs = torch.stack([found[i][0].double() for i in range(len(requests))])
+    report = {k: [found[i][1][k] for i in range(len(requests))] for k in PER_EDIT}
+    report["subject_not_found"] = subject_not_found  # of the edits computed in this call
+    report["z_cached"] = len(requests) - len(todo)
+    return zs, report
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -347,7 +380,7 @@ def _weight_param(lm, spec, layer):
 def run_batch_edit(lm, tokenizer, spec: ModelSpec, hp: MemitSpec, requests: Sequence[EditRequest], solver: Solver,
                    *, z_batch_size: int = 8, batch_size: int = 32, final_keys: bool = False,
                    progress: bool = True, method: str = "MEMIT", targets: EditTargets | None = None,
-                   ) -> tuple[dict[str, Tensor], dict, dict[int, Tensor]]:
+                   weights_sha256: str | None = None) -> tuple[dict[str, Tensor], dict, dict[int, Tensor]]:
     """Steps shared by MEMIT and AlphaEdit. The LM is edited layer by layer (each layer's keys and residual are
     read with the earlier layers already edited), the edited weights are copied out, and the LM is restored
     exactly. Returns ``(weights, diagnostics, keys after all edits per layer if final_keys)``."""
@@ -356,7 +389,8 @@ def run_batch_edit(lm, tokenizer, spec: ModelSpec, hp: MemitSpec, requests: Sequ
     t0 = time.time()
     layers = list(hp.layers)
     if targets is None:
-        targets = edit_targets(lm, tokenizer, spec, requests, hparams=hp, z_batch_size=z_batch_size, progress=progress)
+        targets = edit_targets(lm, tokenizer, spec, requests, hparams=hp, z_batch_size=z_batch_size, progress=progress,
+                               weights_sha256=weights_sha256)
     elif targets.z.shape[0] != len(requests):
         raise ValueError(f"{method}: {targets.z.shape[0]} target values for {len(requests)} edit requests")
     prefixes, zs, zrep = targets.prefixes, targets.z, targets.report
@@ -446,7 +480,7 @@ def memit_weights(lm, tokenizer, spec: ModelSpec, requests: Sequence[EditRequest
                           progress=progress, stats_overrides=stats_overrides)
     weights, diag, _ = run_batch_edit(lm, tokenizer, spec, hp, requests, memit_solver(mom2, hp.mom2_weight),
                                       z_batch_size=z_batch_size, batch_size=batch_size, progress=progress,
-                                      method="MEMIT", targets=targets)
+                                      method="MEMIT", targets=targets, weights_sha256=weights_sha256)
     return EditResult(weights=weights, diagnostics=diag)
 
 

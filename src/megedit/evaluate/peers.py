@@ -38,7 +38,7 @@ def edit_all(methods: Sequence[str], lm, tokenizer, spec, records: Sequence, **o
     if "memit" in methods and "alphaedit" in methods:
         t0 = time.time()
         shared = edit_targets(lm, tokenizer, spec, requests_from_records(records, spec), hparams=options["hparams"],
-                              progress=options.get("progress", True))
+                              progress=options.get("progress", True), weights_sha256=options.get("weights_sha256"))
         shared_seconds = round(time.time() - t0, 1)
     out = {}
     for method in methods:
