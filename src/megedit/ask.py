@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="question / completion: wrap in the model's question / completion template")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--no-router", action="store_true", help="attach a generated neuron to every query")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps (5, 10 and 50 give the same neurons; docs/experiments.md)")
     p.add_argument("--noise-scale", type=float, default=None,
                    help="sampling temperature (initial-noise scale, 0..1); default: the generator's own")
     p.add_argument("--value-scale", type=float, default=None,

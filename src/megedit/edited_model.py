@@ -41,7 +41,7 @@ class Routing:
 
 class EditedLM:
     def __init__(self, prepared: Prepared, lm, tokenizer, encoder: TextEncoder, router, generator,
-                 use_router: bool = True, steps: int = 50, sampler: str = "ddim", seed: int = 0,
+                 use_router: bool = True, steps: int = 10, sampler: str = "ddim", seed: int = 0,
                  sample_batch_size: int = 64, noise_scale: float | None = None, value_scale: float | None = None):
         self.prepared, self.spec = prepared, prepared.spec
         self.lm, self.tokenizer, self.encoder, self.router, self.generator = lm, tokenizer, encoder, router, generator
