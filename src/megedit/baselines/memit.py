@@ -223,8 +223,37 @@ def _logits_from(lm, ids, mask, positions, first: int) -> tuple[Tensor, int]:
     return lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits, 0
 
 
-def _optimise_group(lm, tokenizer, spec, hp, layer, group, prefixes, device):
-    stats = {"subject_not_found": 0}
+@dataclass
+class _ZBatch:
+    """One group's rows for the z optimisation, padded once, with the indices the loss and the hook need.
+
+    Rows: per edit, one per context prefix (the prompt followed by the target tokens) and, with a KL term,
+    one "{subject} is a" row. ``at_r``/``at_t`` address each row's subject token (where delta is added);
+    ``tr``/``tp``/``tt``/``tw`` each target token (row, logit position, token id, weight in its edit's mean NLL).
+    """
+    ids: Tensor
+    mask: Tensor
+    positions: Tensor
+    at_r: Tensor
+    at_t: Tensor
+    owner: Tensor  # [rows] edit index
+    first_row: list[int]  # per edit, its first (un-prefixed) row: where the unedited |h| is read
+    tr: Tensor
+    tp: Tensor
+    tt: Tensor
+    tw: Tensor
+    kl_r: Tensor  # rows of the KL prompts (empty without a KL term)
+    kl_t: Tensor
+
+    @property
+    def first_logit(self) -> int:
+        """The earliest position whose logits the loss reads: the LM head can skip every one before it."""
+        return int(min(self.tp.min(), self.kl_t.min()) if len(self.kl_r) else self.tp.min())
+
+
+def _z_rows(tokenizer, group: Sequence[EditRequest], prefixes: Sequence[str], with_kl: bool,
+            stats: dict) -> tuple[list[_Row], list[int]]:
+    """The rows of a group (prefixed prompts with their targets, then the KL prompt) and each edit's first row."""
     rows, first_row = [], []
     for i, r in enumerate(group):
         tgt = target_ids(tokenizer, r.target)
@@ -233,79 +262,119 @@ def _optimise_group(lm, tokenizer, spec, hp, layer, group, prefixes, device):
             row = _prompt_row(tokenizer, p + r.prompt, r.subject, len(p), i, stats)
             row.targets = tgt
             rows.append(row)
-        if hp.kl_factor > 0:
+        if with_kl:
             row = _prompt_row(tokenizer, f"{r.subject} is a", r.subject, 0, i, stats)
             row.kl = True
             rows.append(row)
-    g = len(group)
-    ids, mask, positions, shift = _padded(rows, tokenizer, device)
-    at_r = torch.arange(len(rows), device=device)
-    at_t = torch.tensor([s + r.pos for s, r in zip(shift, rows)], device=device)
-    owner = torch.tensor([r.owner for r in rows], device=device)
-    # Where each target token is predicted: (row, position of the logit, token id, weight in its edit's mean).
-    n_rw = len(prefixes)
+    return rows, first_row
+
+
+def target_positions(rows: Sequence[_Row], shift: Sequence[int],
+                     n_prefixes: int) -> tuple[list[int], list[int], list[int], list[float]]:
+    """Where each target token is predicted: its row, the position of the logit that predicts it (one before
+    the token, after left padding by ``shift``), its id, and its weight, so that an edit's loss is the mean
+    over its prompts of each prompt's mean token NLL (MEMIT's loss)."""
     tr, tp, tt, tw = [], [], [], []
     for j, (s, r) in enumerate(zip(shift, rows)):
         for k, tok in enumerate(r.targets):
             tr.append(j)
             tp.append(s + len(r.ids) + k - 1)
             tt.append(tok)
-            tw.append(1.0 / (len(r.targets) * n_rw))
-    tr, tp, tt = (torch.tensor(x, device=device) for x in (tr, tp, tt))
-    tw = torch.tensor(tw, device=device)
-    t_owner = owner[tr]
-    kl_rows = [j for j, r in enumerate(rows) if r.kl]
-    kl_r = torch.tensor(kl_rows, device=device, dtype=torch.long)
-    kl_t = at_t[kl_r] if kl_rows else kl_r
+            tw.append(1.0 / (len(r.targets) * n_prefixes))
+    return tr, tp, tt, tw
 
-    d = spec.hidden_size
-    delta = torch.zeros(g, d, device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    state = {"init": None}
 
+def _z_batch(tokenizer, group, prefixes, with_kl: bool, device, stats: dict) -> _ZBatch:
+    rows, first_row = _z_rows(tokenizer, group, prefixes, with_kl, stats)
+    ids, mask, positions, shift = _padded(rows, tokenizer, device)
+    at_t = torch.tensor([s + r.pos for s, r in zip(shift, rows)], device=device)
+    tr, tp, tt, tw = target_positions(rows, shift, len(prefixes))
+    kl_r = torch.tensor([j for j, r in enumerate(rows) if r.kl], device=device, dtype=torch.long)
+    return _ZBatch(ids=ids, mask=mask, positions=positions, at_r=torch.arange(len(rows), device=device), at_t=at_t,
+                   owner=torch.tensor([r.owner for r in rows], device=device), first_row=first_row,
+                   tr=torch.tensor(tr, device=device), tp=torch.tensor(tp, device=device),
+                   tt=torch.tensor(tt, device=device), tw=torch.tensor(tw, device=device),
+                   kl_r=kl_r, kl_t=at_t[kl_r] if len(kl_r) else kl_r)
+
+
+def _delta_hook(batch: _ZBatch, delta: Tensor, state: dict):
+    """A forward hook on block ``L`` that adds each edit's delta at the subject token of each of its rows, and
+    records the unedited output at each edit's first row on the first call (the scale of the decay and clamp)."""
     def add_delta(_m, _a, output):
         h = output[0] if isinstance(output, tuple) else output
         if state["init"] is None:
-            state["init"] = h[at_r[first_row], at_t[first_row]].detach().float()
-        h = h.index_put((at_r, at_t), h[at_r, at_t] + delta[owner].to(h.dtype))
+            state["init"] = h[batch.at_r[batch.first_row], batch.at_t[batch.first_row]].detach().float()
+        h = h.index_put((batch.at_r, batch.at_t), h[batch.at_r, batch.at_t] + delta[batch.owner].to(h.dtype))
         return (h, *output[1:]) if isinstance(output, tuple) else h
+    return add_delta
 
-    block = decoder_layers(lm, spec)[layer]
-    handle = block.register_forward_hook(add_delta)
-    active = torch.ones(g, dtype=torch.bool, device=device)
+
+def _target_nll(logits: Tensor, offset: int, batch: _ZBatch, n_edits: int) -> Tensor:
+    """Each edit's weighted target NLL, ``[n_edits]``."""
+    logp = torch.log_softmax(logits[batch.tr, batch.tp - offset].float(), dim=-1).gather(1, batch.tt[:, None])
+    return torch.zeros(n_edits, device=logits.device).index_add(0, batch.owner[batch.tr], -logp.squeeze(1) * batch.tw)
+
+
+def kl_per_edit(logp: Tensor, logp_init: Tensor, owner: Tensor, n_edits: int) -> Tensor:
+    """KL(current || unedited) of each KL row's next-token distribution, summed per edit, ``[n_edits]``."""
+    kl = (logp.exp() * (logp - logp_init)).sum(-1)
+    return torch.zeros(n_edits, device=logp.device).index_add(0, owner, kl)
+
+
+def clamp_scale(norm: Tensor, max_norm: Tensor) -> Tensor:
+    """The factor that brings each norm down to ``max_norm`` where it is above it, 1 elsewhere."""
+    return torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+
+
+def _step(opt, loss: Tensor, active: Tensor, delta: Tensor, max_norm: Tensor) -> None:
+    """One Adam step on the active edits' deltas, then the norm clamp. A finished edit keeps its delta: Adam's
+    momentum would move it even with a zero gradient."""
+    opt.zero_grad(set_to_none=True)
+    loss[active].sum().backward()
+    before = delta.detach().clone()
+    opt.step()
+    with torch.no_grad():
+        delta[~active] = before[~active]
+        delta.mul_(clamp_scale(delta.norm(dim=-1), max_norm)[:, None])
+
+
+def _descend(lm, hp: MemitSpec, batch: _ZBatch, delta: Tensor, state: dict) -> tuple[Tensor, Tensor]:
+    """Optimise ``delta`` (the delta hook is on); each edit stops once its loss is below ``STOP_LOSS``.
+    Returns each edit's last target NLL and its number of steps."""
+    g = delta.shape[0]
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    active = torch.ones(g, dtype=torch.bool, device=delta.device)
     steps = torch.zeros(g, dtype=torch.long)
-    nll_each = torch.zeros(g, device=device)
+    nll_each = torch.zeros(g, device=delta.device)
     kl_init = None
-    # Only the target and KL positions need logits: the LM head (a vocabulary-sized matmul) skips the others.
-    first = int(min(tp.min(), kl_t.min()) if kl_rows else tp.min())
+    first = batch.first_logit  # only the target and KL positions need logits (the LM head is vocabulary-sized)
+    for it in range(hp.v_num_grad_steps):
+        logits, offset = _logits_from(lm, batch.ids, batch.mask, batch.positions, first)
+        nll_each = _target_nll(logits, offset, batch, g)
+        loss = nll_each
+        if len(batch.kl_r):
+            kl_logp = torch.log_softmax(logits[batch.kl_r, batch.kl_t - offset].float(), dim=-1)
+            kl_init = kl_logp.detach() if kl_init is None else kl_init  # the first pass is the unedited LM
+            loss = loss + hp.kl_factor * kl_per_edit(kl_logp, kl_init, batch.owner[batch.kl_r], g)
+        init_norm = state["init"].norm(dim=-1)
+        loss = loss + hp.v_weight_decay * delta.norm(dim=-1) / init_norm ** 2
+        active &= ~(loss.detach() < STOP_LOSS)
+        if not bool(active.any()) or it == hp.v_num_grad_steps - 1:
+            break
+        steps[active.cpu()] += 1
+        _step(opt, loss, active, delta, hp.clamp_norm_factor * init_norm)
+    return nll_each, steps
+
+
+def _optimise_group(lm, tokenizer, spec, hp, layer, group, prefixes, device):
+    """Target values ``z = h + delta`` of one group of edits, optimised side by side, and their diagnostics."""
+    stats = {"subject_not_found": 0}
+    batch = _z_batch(tokenizer, group, prefixes, hp.kl_factor > 0, device, stats)
+    delta = torch.zeros(len(group), spec.hidden_size, device=device, requires_grad=True)
+    state = {"init": None}
+    handle = decoder_layers(lm, spec)[layer].register_forward_hook(_delta_hook(batch, delta, state))
     try:
-        for it in range(hp.v_num_grad_steps):
-            logits, offset = _logits_from(lm, ids, mask, positions, first)
-            logp = torch.log_softmax(logits[tr, tp - offset].float(), dim=-1).gather(1, tt[:, None]).squeeze(1)
-            nll_each = torch.zeros(g, device=device).index_add(0, t_owner, -logp * tw)
-            loss = nll_each
-            if kl_rows:
-                kl_logp = torch.log_softmax(logits[kl_r, kl_t - offset].float(), dim=-1)
-                if kl_init is None:
-                    kl_init = kl_logp.detach()
-                kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(current || unedited)
-                loss = loss + hp.kl_factor * torch.zeros(g, device=device).index_add(0, owner[kl_r], kl)
-            init_norm = state["init"].norm(dim=-1)
-            loss = loss + hp.v_weight_decay * delta.norm(dim=-1) / init_norm ** 2
-            active &= ~(loss.detach() < STOP_LOSS)
-            if not bool(active.any()) or it == hp.v_num_grad_steps - 1:
-                break
-            steps[active.cpu()] += 1
-            opt.zero_grad(set_to_none=True)
-            loss[active].sum().backward()
-            before = delta.detach().clone()
-            opt.step()
-            with torch.no_grad():
-                delta[~active] = before[~active]  # finished edits keep their delta (Adam momentum would move it)
-                max_norm = hp.clamp_norm_factor * init_norm
-                norm = delta.norm(dim=-1)
-                scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
-                delta.mul_(scale[:, None])
+        nll_each, steps = _descend(lm, hp, batch, delta, state)
     finally:
         handle.remove()
     init = state["init"]
