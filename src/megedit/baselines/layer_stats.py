@@ -257,65 +257,96 @@ def key_second_moments(lm, tokenizer, spec: ModelSpec, layers: Sequence[int], op
     return out
 
 
-@torch.no_grad()
-def _accumulate(lm, tokenizer, spec, layers, options, corpus, partial, request_id, dims, progress, out):
-    acc_dtype = getattr(torch, options.dtype)
-    device = next(lm.parameters()).device
+def _start_sums(partial: Path, request_id: str, layers, dims: dict[int, int], dtype, device,
+                out: KeyStats) -> tuple[dict[int, torch.Tensor], int, int]:
+    """The partial sums to continue from (``(sums, texts consumed, tokens counted)``): a checkpoint of the same
+    request when there is one, else zeros."""
     resumed = _read_partial(partial, request_id, layers)
-    if resumed is not None:
-        sums, start, count = resumed
-        out.resumed_from_texts = start
-        print(f"layer_stats: resuming from {partial.name} after {start} texts ({count} tokens)")
-    else:
-        sums = {layer: torch.zeros(dims[layer], dims[layer], dtype=acc_dtype, device=device) for layer in layers}
-        start, count = 0, 0
-    sums = {layer: s.to(device=device, dtype=acc_dtype) for layer, s in sums.items()}
-    texts = _corpus_texts(corpus, options)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    state = {"mask": None}
+    if resumed is None:
+        return {layer: torch.zeros(dims[layer], dims[layer], dtype=dtype, device=device) for layer in layers}, 0, 0
+    sums, start, count = resumed
+    out.resumed_from_texts = start
+    print(f"layer_stats: resuming from {partial.name} after {start} texts ({count} tokens)")
+    return {layer: s.to(device=device, dtype=dtype) for layer, s in sums.items()}, start, count
+
+
+def next_chunk(tokenize, texts: Sequence[str], done: int, chunk_end: int, budget: int | None,
+               count: int) -> tuple[list[list[int]], int]:
+    """Token ids of ``texts[done:chunk_end]`` (empty ones skipped), shortest first, and how many texts that
+    consumed. Under a token ``budget`` with ``count`` tokens already counted, the chunk stops where the budget
+    is spent and its last text is cut to fit, so the statistic covers exactly ``budget`` tokens."""
+    seqs, pending, consumed = [], 0, done
+    for i in range(done, chunk_end):
+        if budget is not None and count + pending >= budget:
+            break
+        ids = tokenize(texts[i])
+        if budget is not None:
+            ids = ids[: budget - count - pending]
+        pending += len(ids)
+        consumed = i + 1
+        if ids:
+            seqs.append(ids)
+    seqs.sort(key=len)  # similar lengths share a batch: less padding
+    return seqs, consumed
+
+
+def _sum_hooks(lm, spec, layers, sums: dict[int, torch.Tensor], state: dict, dtype) -> list:
+    """Forward pre-hooks that add ``kᵀk`` over the batch's real tokens (``state["mask"]``) to each layer's sum;
+    the deepest layer's hook ends the forward, since nothing after it is read."""
     deepest = max(layers)
 
     def hook_for(layer):
         def hook(_module, args):
-            x = args[0]
-            keys = x[state["mask"]].to(acc_dtype)  # [tokens, D]
+            keys = args[0][state["mask"]].to(dtype)  # [tokens, D]
             sums[layer].addmm_(keys.T, keys)
             if layer == deepest:
                 raise _StopForward
         return hook
 
-    handles = [key_module(lm, spec, layer).register_forward_pre_hook(hook_for(layer)) for layer in layers]
+    return [key_module(lm, spec, layer).register_forward_pre_hook(hook_for(layer)) for layer in layers]
+
+
+def _forward_chunk(lm, seqs: list[list[int]], batch_size: int, pad: int, state: dict, device) -> int:
+    """Run the LM over ``seqs`` (the hooks accumulate); returns the number of real tokens seen."""
+    tokens = 0
+    for b in range(0, len(seqs), batch_size):
+        ids, mask = left_pad(seqs[b:b + batch_size], pad)
+        state["mask"] = mask.bool().to(device)
+        try:
+            lm(input_ids=ids.to(device), attention_mask=mask.to(device),
+               position_ids=positions_from_mask(mask).to(device), use_cache=False)
+        except _StopForward:
+            pass
+        tokens += int(mask.sum())
+    return tokens
+
+
+@torch.no_grad()
+def _accumulate(lm, tokenizer, spec, layers, options, corpus, partial, request_id, dims, progress, out):
+    """Sum of ``k kᵀ`` per layer over the corpus sample, checkpointed every ``checkpoint_every`` texts:
+    ``(sums, tokens counted, texts consumed)``."""
+    acc_dtype = getattr(torch, options.dtype)
+    device = next(lm.parameters()).device
+    sums, done, count = _start_sums(partial, request_id, layers, dims, acc_dtype, device, out)
+    texts = _corpus_texts(corpus, options)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    state = {"mask": None}
+    handles = _sum_hooks(lm, spec, layers, sums, state, acc_dtype)
     budget = options.max_tokens
-    done = start
     by_tokens = budget is not None  # the bar counts what ends the loop: tokens under a budget, texts otherwise
-    bar = tqdm(total=budget if by_tokens else len(texts), initial=count if by_tokens else start,
+    bar = tqdm(total=budget if by_tokens else len(texts), initial=count if by_tokens else done,
                desc=f"E[kk^T] layers {layers}", unit="tok" if by_tokens else "text", disable=not progress)
+
+    def tokenize(text: str) -> list[int]:
+        return list(tokenizer(text, truncation=True, max_length=options.max_seq_len)["input_ids"])
+
     try:
         while done < len(texts) and (budget is None or count < budget):
             chunk_end = min(len(texts), done + options.checkpoint_every)
-            seqs, pending, consumed = [], 0, done
-            for i in range(done, chunk_end):
-                if budget is not None and count + pending >= budget:
-                    break
-                ids = list(tokenizer(texts[i], truncation=True, max_length=options.max_seq_len)["input_ids"])
-                if budget is not None:
-                    ids = ids[: budget - count - pending]
-                pending += len(ids)
-                consumed = i + 1
-                if ids:
-                    seqs.append(ids)
-            seqs.sort(key=len)
-            before = count
-            for b in range(0, len(seqs), options.batch_size):
-                ids, mask = left_pad(seqs[b:b + options.batch_size], pad)
-                state["mask"] = mask.bool().to(device)
-                try:
-                    lm(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions_from_mask(mask).to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                count += int(mask.sum())
-            bar.update(count - before if by_tokens else consumed - done)
+            seqs, consumed = next_chunk(tokenize, texts, done, chunk_end, budget, count)
+            seen = _forward_chunk(lm, seqs, options.batch_size, pad, state, device)
+            count += seen
+            bar.update(seen if by_tokens else consumed - done)
             done = consumed
             bar.set_postfix({"texts": done} if by_tokens else {"tokens": count})
             if done < len(texts) and (budget is None or count < budget):
