@@ -124,7 +124,7 @@ def routing_curve(ent: dict[str, torch.Tensor], threshold: float, kind_names: li
     return fig
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megedit threshold", description=__doc__.splitlines()[0])
     ap.add_argument("familiarity_dir", help="a familiarity stage output folder")
     ap.add_argument("--rule", choices=CALIBRATION_RULES, help="calibration rule (default: the run's own)")
@@ -134,48 +134,51 @@ def main(argv=None) -> int:
     ap.add_argument("--threshold", type=float, help="report this threshold instead of picking one")
     ap.add_argument("--curve", help="write the routing-rate curve here (PNG)")
     ap.add_argument("--json", help="write the result here (JSON)")
-    args = ap.parse_args(argv)
+    return ap
 
-    folder = Path(args.familiarity_dir)
-    ent, kinds, manifest = load_entropies(folder)
-    cfg = json.loads((folder / CONFIG).read_text())
-    hp = manifest["config"]["model"]
-    result: dict = {"familiarity_dir": str(folder), "trained_threshold": cfg["threshold"],
-                    "trained_threshold_source": cfg.get("threshold_source")}
+
+def _pick_on_pseudo(ent: dict[str, torch.Tensor], kinds: list[str], rule: str, fpr: float, budget: list[str]) -> dict:
+    """``choose_threshold`` on the run's pseudo calibration data, called as the stage calls it
+    (``FamiliarityModule._write``: same tensors, kinds and default ``min_kind_size``)."""
+    unknown = set(budget) - set(kinds)
+    if unknown:
+        raise SystemExit(f"budget kinds {sorted(unknown)} are not kinds of this run's calibration negatives ({kinds})")
+    return choose_threshold(ent["calibration.calib_positives"], ent["calibration.calib_negatives"], rule, fpr,
+                            unfamiliar_kind=ent["calibration.negative_kind"], kind_names=kinds,
+                            budget_kinds=list(budget))
+
+
+def _choose(args, folder: Path, ent, kinds: list[str], cfg: dict, hp: dict) -> tuple[float, str, dict | None]:
+    """``(threshold, where it comes from, the pick's summary or None)``: the one named, else the run's own
+    fixed threshold, else a pick with the asked rule / budget, each falling back to the run's own."""
     asked_to_pick = args.rule is not None or args.target_fpr is not None or args.budget_kinds is not None
     if args.threshold is not None:
         if asked_to_pick:
             raise SystemExit("--threshold names a threshold; --rule, --target-fpr and --budget-kinds pick one: "
                              "give one or the other")
-        threshold, source = args.threshold, "given (--threshold)"
-    elif not asked_to_pick and hp.get("threshold") != "auto":
+        return args.threshold, "given (--threshold)", None
+    if not asked_to_pick and hp.get("threshold") != "auto":
         # A run trained with a fixed threshold: report that one, not what auto would have picked.
-        threshold, source = float(cfg["threshold"]), cfg.get("threshold_source", "fixed (config)")
-    else:
-        if "calibration.calib_positives" not in ent:
-            raise SystemExit(f"{folder}: trained without calibration data (data.calibrate false): nothing to pick a "
-                             "threshold on; pass --threshold to inspect one")
-        rule = args.rule or hp["calibration_rule"]
-        fpr = args.target_fpr if args.target_fpr is not None else hp["target_fpr"]
-        budget = args.budget_kinds or hp["budget_kinds"]
-        unknown = set(budget) - set(kinds)
-        if unknown:
-            raise SystemExit(f"budget kinds {sorted(unknown)} are not kinds of this run's calibration negatives "
-                             f"({kinds})")
-        # The stage's own call (FamiliarityModule._write): same tensors, kinds and default min_kind_size.
-        pick = choose_threshold(ent["calibration.calib_positives"], ent["calibration.calib_negatives"], rule, fpr,
-                                unfamiliar_kind=ent["calibration.negative_kind"], kind_names=kinds,
-                                budget_kinds=list(budget))
-        threshold = pick["threshold"]
-        source = ("balanced (max TPR - FPR)" if rule == "balanced" else f"{rule} at FPR budget {fpr}") + \
-            " on the pseudo calibration data" + ("" if asked_to_pick else " (the run's own rule)")
-        result["pick"] = {k: pick[k] for k in ("rule", "target_fpr", "kinds_budgeted", "familiar_rate",
-                                                "unfamiliar_routed_familiar_rate")}
-    result.update(threshold=threshold, threshold_source=source, pseudo=pseudo_rates(ent, threshold, kinds),
-                  edits=edit_rates(ent, threshold))
-    print(f"{folder}: threshold {threshold:.4g} ({source}); trained with {cfg['threshold']:.4g}")
+        return float(cfg["threshold"]), cfg.get("threshold_source", "fixed (config)"), None
+    if "calibration.calib_positives" not in ent:
+        raise SystemExit(f"{folder}: trained without calibration data (data.calibrate false): nothing to pick a "
+                         "threshold on; pass --threshold to inspect one")
+    rule = args.rule or hp["calibration_rule"]
+    fpr = args.target_fpr if args.target_fpr is not None else hp["target_fpr"]
+    pick = _pick_on_pseudo(ent, kinds, rule, fpr, args.budget_kinds or hp["budget_kinds"])
+    source = ("balanced (max TPR - FPR)" if rule == "balanced" else f"{rule} at FPR budget {fpr}") + \
+        " on the pseudo calibration data" + ("" if asked_to_pick else " (the run's own rule)")
+    summary = {k: pick[k] for k in ("rule", "target_fpr", "kinds_budgeted", "familiar_rate",
+                                    "unfamiliar_routed_familiar_rate")}
+    return pick["threshold"], source, summary
+
+
+def report_lines(folder, result: dict) -> list[str]:
+    """The printed summary of a ``megedit threshold`` result."""
+    threshold, source = result["threshold"], result["threshold_source"]
+    lines = [f"{folder}: threshold {threshold:.4g} ({source}); trained with {result['trained_threshold']:.4g}"]
     if not threshold > 0:
-        print("  warning: a threshold <= 0 routes no query familiar (no entropy is negative)")
+        lines.append("  warning: a threshold <= 0 routes no query familiar (no entropy is negative)")
     if result["pseudo"] is not None:
         p = result["pseudo"]
         by_kind = ", ".join(f"{k} {v:.3f}" for k, v in p["negatives_unfamiliar_by_kind"].items())
@@ -184,19 +187,40 @@ def main(argv=None) -> int:
             q = result["pick"]
             line += (f"; worst budgeted ({', '.join(q['kinds_budgeted']) or 'pooled'}) routed familiar "
                      f"{q['unfamiliar_routed_familiar_rate']:.3f}")
-        print(line)
+        lines.append(line)
     labels = [label for _, label, _ in EDIT_GROUPS]  # edit_rates keeps EDIT_GROUPS' order
-    print("  edits (diagnostic): " + ", ".join(f"{label} {v:.3f}" for label, v in zip(labels, result["edits"].values())
-                                               if v is not None))
-    print(f"  evaluate it: stages/evaluate.py ... --model.router_threshold {threshold:.6g}")
-    if args.curve:
-        import matplotlib.pyplot as plt
+    lines.append("  edits (diagnostic): " + ", ".join(f"{label} {v:.3f}" for label, v
+                                                      in zip(labels, result["edits"].values()) if v is not None))
+    lines.append(f"  evaluate it: stages/evaluate.py ... --model.router_threshold {threshold:.6g}")
+    return lines
 
-        fig = routing_curve(ent, threshold, kinds, title=f"{folder}: {source}",
-                            max_entropy=math.log(cfg["architecture"]["num_classes"]))
-        with atomic_path(args.curve) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
+
+def _write_curve(path: str, ent, result: dict, kinds: list[str], folder: Path, num_classes: int) -> None:
+    import matplotlib.pyplot as plt
+
+    # The x axis ends at the largest entropy a K-class output can have.
+    fig = routing_curve(ent, result["threshold"], kinds, title=f"{folder}: {result['threshold_source']}",
+                        max_entropy=math.log(num_classes))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    folder = Path(args.familiarity_dir)
+    ent, kinds, manifest = load_entropies(folder)
+    cfg = json.loads((folder / CONFIG).read_text())
+    threshold, source, pick = _choose(args, folder, ent, kinds, cfg, manifest["config"]["model"])
+    result: dict = {"familiarity_dir": str(folder), "trained_threshold": cfg["threshold"],
+                    "trained_threshold_source": cfg.get("threshold_source")}
+    if pick is not None:
+        result["pick"] = pick
+    result.update(threshold=threshold, threshold_source=source, pseudo=pseudo_rates(ent, threshold, kinds),
+                  edits=edit_rates(ent, threshold))
+    print("\n".join(report_lines(folder, result)))
+    if args.curve:
+        _write_curve(args.curve, ent, result, kinds, folder, cfg["architecture"]["num_classes"])
         print(f"  wrote {args.curve}")
     if args.json:
         atomic_write_json(args.json, result)
