@@ -394,3 +394,44 @@ def test_z_cache_serves_each_edit_once_and_only_for_the_same_context(tok, tmp_pa
     other = replace(spec.memit, v_lr=spec.memit.v_lr / 2)
     memit.edit_targets(lm, tok, spec, REQUESTS[:2], hparams=other, progress=False)
     assert calls[-1] == 2 and len(list((tmp_path / "memit_z" / spec.name).iterdir())) == 2
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+def test_target_positions_weight_each_prompt_equally_within_its_edit():
+    from megedit.baselines.memit import _Row, target_positions
+
+    # Two prefixed prompts of edit 0 (targets of 2 tokens), a KL row (no targets), edit 1's prompt (1 token).
+    rows = [_Row(ids=[5, 6], pos=1, owner=0, targets=[7, 8]), _Row(ids=[4, 5, 6], pos=2, owner=0, targets=[7, 8]),
+            _Row(ids=[5, 9], pos=0, owner=0, kl=True), _Row(ids=[5, 6, 3], pos=2, owner=1, targets=[2])]
+    shift = [1, 0, 3, 0]  # left padding of each row in the batch of width 5
+    tr, tp, tt, tw = target_positions(rows, shift, n_prefixes=2)
+    assert tr == [0, 0, 1, 1, 3] and tt == [7, 8, 7, 8, 2]
+    # the logit one before each target token: row 0's first target token sits at 1 + 2 = 3
+    assert tp == [2, 3, 2, 3, 2]
+    assert tw == [0.25, 0.25, 0.25, 0.25, 0.5]  # 1 / (target tokens x prompts per edit)
+
+
+def test_kl_and_clamp_helpers():
+    from megedit.baselines.memit import clamp_scale, kl_per_edit
+
+    p = torch.log_softmax(torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]]), -1)
+    assert torch.allclose(kl_per_edit(p, p, torch.tensor([1, 1]), 3), torch.zeros(3))
+    q = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 0.5]]), -1)
+    kl = kl_per_edit(p, q, torch.tensor([0, 2]), 3)
+    want = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(p || q) per row
+    assert torch.allclose(kl, torch.stack([want[0], torch.tensor(0.0), want[1]]))
+    scale = clamp_scale(torch.tensor([1.0, 4.0, 0.0]), torch.tensor([2.0, 2.0, 2.0]))
+    assert scale.tolist() == [1.0, 0.5, 1.0]
+
+
+def test_stats_chunk_stops_at_the_token_budget():
+    from megedit.baselines.layer_stats import next_chunk
+
+    texts = ["a b c", "", "d e", "f g h i", "j"]
+    tokenize = lambda t: [len(w) for w in t.split()]  # noqa: E731 - one id per word
+    seqs, consumed = next_chunk(tokenize, texts, 0, 5, None, 0)
+    assert consumed == 5 and [len(s) for s in seqs] == [1, 2, 3, 4]  # the empty text is consumed, not kept
+    # 4 tokens counted already, budget 8: "a b c" fits, "d e" is cut to 1 token, nothing after it is read.
+    seqs, consumed = next_chunk(tokenize, texts, 0, 5, 8, 4)
+    assert consumed == 3 and sorted(len(s) for s in seqs) == [1, 3]
+    assert next_chunk(tokenize, texts, 2, 4, 8, 8) == ([], 2)  # budget spent: nothing consumed

@@ -304,3 +304,18 @@ def test_threshold_command_refuses_what_it_cannot_pick_on(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="no manifest.json"):
         main([str(tmp_path / "empty")])
+
+
+def test_threshold_report_lines_say_what_was_picked_and_warn_on_a_useless_threshold():
+    from megedit.familiarity.threshold import report_lines
+
+    result = {"threshold": 0.0, "threshold_source": "given (--threshold)", "trained_threshold": 0.25,
+              "pseudo": {"paraphrases_familiar": 0.9, "negatives_unfamiliar_by_kind": {"pseudo_locality": 0.97}},
+              "pick": {"kinds_budgeted": [], "unfamiliar_routed_familiar_rate": 0.03},
+              "edits": {"edit_prompts_familiar": 1.0, "edit_paraphrases_familiar": None, "locality_unfamiliar": 0.95}}
+    lines = report_lines("run/familiarity", result)
+    assert lines[0] == "run/familiarity: threshold 0 (given (--threshold)); trained with 0.25"
+    assert "warning" in lines[1] and lines[2].endswith("worst budgeted (pooled) routed familiar 0.030")
+    assert lines[3] == "  edits (diagnostic): edit prompts familiar 1.000, locality unfamiliar 0.950"
+    no_pseudo = report_lines("f", {**result, "threshold": 0.1, "pseudo": None})
+    assert len(no_pseudo) == 3 and no_pseudo[-1].endswith("--model.router_threshold 0.1")
