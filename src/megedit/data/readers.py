@@ -300,33 +300,36 @@ def read_counterfact_rome(rows: list, file: str, start: int = 0) -> list[EditRec
     return out
 
 
-def read_zsre_mend(rows: list, file: str, start: int = 0) -> list[EditRecord]:
+def _read_zsre(rows: list, file: str, start: int, keys: tuple[str, str, str, str],
+               locality: Callable[[_Ctx, dict], list[Probe]],
+               portability: Callable[[_Ctx, dict], list[Probe]]) -> list[EditRecord]:
+    """The two ZsRE formats hold the same fields under other names (``keys``: rephrase, prompt, target,
+    ground truth) and their probes in other shapes. ``locality`` and ``portability`` are readers called in
+    turn, not lists read up front, so a record with several bad fields reports the first in field order."""
+    rephrase_key, prompt_key, target_key, truth_key = keys
     out = []
     for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw)
-        rephrase = ctx.string(raw, "rephrase", optional=True)
+        rephrase = ctx.string(raw, rephrase_key, optional=True)
         out.append(EditRecord(
-            id=f"{Path(file).stem}:{i}", subject=ctx.string(raw, "subject"), prompt=ctx.string(raw, "src"),
-            prompt_kind="question", target_new=ctx.first_answer(raw, "alt"),
-            target_true=ctx.first_answer(raw, "answers", optional=True),
-            paraphrases=[rephrase] if rephrase else [], locality=ctx.flat_probe(raw, "loc", "loc_ans", "question"),
-            portability=_gpt4_portability(ctx, raw, "question"), source=file, index=i))
+            id=f"{Path(file).stem}:{i}", subject=ctx.string(raw, "subject"), prompt=ctx.string(raw, prompt_key),
+            prompt_kind="question", target_new=ctx.first_answer(raw, target_key),
+            target_true=ctx.first_answer(raw, truth_key, optional=True),
+            paraphrases=[rephrase] if rephrase else [], locality=locality(ctx, raw),
+            portability=portability(ctx, raw), source=file, index=i))
     return out
+
+
+def read_zsre_mend(rows: list, file: str, start: int = 0) -> list[EditRecord]:
+    return _read_zsre(rows, file, start, ("rephrase", "src", "alt", "answers"),
+                      locality=lambda ctx, raw: ctx.flat_probe(raw, "loc", "loc_ans", "question"),
+                      portability=lambda ctx, raw: _gpt4_portability(ctx, raw, "question"))
 
 
 def read_zsre_knowedit(rows: list, file: str, start: int = 0) -> list[EditRecord]:
-    out = []
-    for i, raw in enumerate(rows, start):
-        ctx = _Ctx(file, i, raw)
-        rephrase = ctx.string(raw, "rephrase_prompt", optional=True)
-        out.append(EditRecord(
-            id=f"{Path(file).stem}:{i}", subject=ctx.string(raw, "subject"), prompt=ctx.string(raw, "prompt"),
-            prompt_kind="question", target_new=ctx.first_answer(raw, "target_new"),
-            target_true=ctx.first_answer(raw, "ground_truth", optional=True),
-            paraphrases=[rephrase] if rephrase else [],
-            locality=_probes(ctx, raw, "locality", "completion"),
-            portability=_probes(ctx, raw, "portability", "question"), source=file, index=i))
-    return out
+    return _read_zsre(rows, file, start, ("rephrase_prompt", "prompt", "target_new", "ground_truth"),
+                      locality=lambda ctx, raw: _probes(ctx, raw, "locality", "completion"),
+                      portability=lambda ctx, raw: _probes(ctx, raw, "portability", "question"))
 
 
 def read_mquake(rows: list, file: str, start: int = 0) -> list[EditRecord]:
