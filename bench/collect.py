@@ -19,12 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from collect_bench import add_collect_options, collect_options, prepared_lm
 
 from megedit.artifacts import atomic_write_json
 from megedit.collect.engine import CollectItem, CollectOptions, NeuronCollector, collect
-from megedit.components.neuron import DynamicNeuron
-from megedit.loading import load_lm
-from megedit.prepare.artifact import load_prepared
 from megedit.scoring import greedy_match, target_batch
 
 
@@ -85,20 +83,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepare_dir", required=True)
     ap.add_argument("--n", type=int, default=64, help="edits (the first n of the prepare artifact)")
-    ap.add_argument("--capacity", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--max_steps", type=int, default=50)
+    add_collect_options(ap, capacity=64)
     ap.add_argument("--out", default="bench/results/collect.json")
     args = ap.parse_args(argv)
 
-    prepared = load_prepared(args.prepare_dir)
+    prepared, model, tok, neuron = prepared_lm(args.prepare_dir)
     spec = prepared.spec
-    model, tok = load_lm(spec)
-    neuron = DynamicNeuron(model, spec)
     edits = prepared.edits[: args.n]
     items = [CollectItem(i, [spec.format_prompt(e.prompt, e.prompt_kind)], e.target_new) for i, e in enumerate(edits)]
     prompts, targets = [it.views[0] for it in items], [it.target for it in items]
-    opts = CollectOptions(lr=args.lr, max_steps=args.max_steps, capacity=args.capacity, stop_margin=0.0)
+    opts = collect_options(args)
     torch.set_num_threads(torch.get_num_threads())
 
     rows = {}

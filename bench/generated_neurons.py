@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,6 +70,59 @@ def _hm(row: dict) -> float:
     return 2 * p * q / (p + q) if p + q > 0 else 0.0
 
 
+@dataclass
+class Run:
+    """A trained run as its benches read it: the diffusion manifest and the upstream folders it names, the
+    prepared data, the LM with a dynamic neuron, the encoder and the generator."""
+    manifest: dict
+    upstream: dict[str, Path]
+    prepared: object
+    lm: object
+    tokenizer: object
+    neuron: object
+    encoder: object
+    generator: object
+
+
+def load_run(run_dir: Path) -> Run:
+    """Everything a run's bench needs, found from its diffusion manifest (upstream folders may lie elsewhere,
+    e.g. an experiment run that links the base run's stages)."""
+    from megedit.artifacts import read_manifest
+    from megedit.components.neuron import DynamicNeuron
+    from megedit.diffusion.generator import load_generator
+    from megedit.encoder.artifact import load_encoder
+    from megedit.loading import load_lm
+    from megedit.prepare.artifact import load_prepared
+
+    manifest = read_manifest(run_dir / "diffusion", "diffusion")
+    up = {k: Path(v["dir"]) for k, v in manifest["inputs"]["upstream"].items()}
+    prepared = load_prepared(up["prepare"])
+    lm, tok = load_lm(prepared.spec)
+    return Run(manifest, up, prepared, lm, tok, DynamicNeuron(lm, prepared.spec), load_encoder(up["encoder"]),
+               load_generator(run_dir / "diffusion"))
+
+
+def score_set(run: Run, s: dict, steps_list: list[int], value_scales: list[float], seed: int) -> list[dict]:
+    """Rates of the collected neurons (the reference), then of the generated ones at each step count and scale."""
+    from megedit.components.neuron import scale_value
+    from megedit.scoring import greedy_match
+
+    spec = run.prepared.spec
+    prompts = [spec.format_prompt(t, k) for t, k in zip(s["texts"], s["kinds"])]
+    cond = run.encoder.embed(s["texts"])
+
+    def scored(weights) -> dict:
+        return rates(greedy_match(run.lm, run.tokenizer, run.neuron, prompts, s["targets"], weights), s["groups"])
+
+    rows = [{"neuron": "collected", "steps": None, "value_scale": 1.0, **scored(s["neurons"])}]
+    for steps in steps_list:
+        generated = run.generator.sample(cond, steps=steps, seed=seed)
+        for factor in value_scales:
+            rows.append({"neuron": "generated", "steps": steps, "value_scale": factor,
+                         **scored(scale_value(generated, spec, factor))})
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, type=Path, help="a run folder with collect/ and diffusion/")
@@ -82,35 +136,14 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from megedit.artifacts import read_manifest
-    from megedit.components.neuron import DynamicNeuron, scale_value
-    from megedit.diffusion.generator import choose_value_scale, load_generator
-    from megedit.encoder.artifact import load_encoder
-    from megedit.loading import load_lm
-    from megedit.prepare.artifact import load_prepared
-    from megedit.scoring import greedy_match
+    from megedit.diffusion.generator import choose_value_scale
 
-    manifest = read_manifest(args.run / "diffusion", "diffusion")
-    up = {k: Path(v["dir"]) for k, v in manifest["inputs"]["upstream"].items()}
-    prepared = load_prepared(up["prepare"])
-    spec = prepared.spec
-    lm, tok = load_lm(spec)
-    neuron = DynamicNeuron(lm, spec)
-    encoder = load_encoder(up["encoder"])
-    gen = load_generator(args.run / "diffusion")
-    sets = items(prepared, up["collect"], args.n_eval, args.seed, args.eval)
-    result = {"run": str(args.run), "diffusion_manifest_created": manifest["created"], "sets": {}}
+    run = load_run(args.run)
+    sets = items(run.prepared, run.upstream["collect"], args.n_eval, args.seed, args.eval)
+    result = {"run": str(args.run), "diffusion_manifest_created": run.manifest["created"], "sets": {}}
     for name, s in sets.items():
-        prompts = [spec.format_prompt(t, k) for t, k in zip(s["texts"], s["kinds"])]
-        cond = encoder.embed(s["texts"])
         t0 = time.time()
-        rows = [{"neuron": "collected", "steps": None, "value_scale": 1.0,
-                 **rates(greedy_match(lm, tok, neuron, prompts, s["targets"], s["neurons"]), s["groups"])}]
-        for steps in args.steps:
-            generated = gen.sample(cond, steps=steps, seed=args.seed)
-            for factor in args.value_scales:
-                ok = greedy_match(lm, tok, neuron, prompts, s["targets"], scale_value(generated, spec, factor))
-                rows.append({"neuron": "generated", "steps": steps, "value_scale": factor, **rates(ok, s["groups"])})
+        rows = score_set(run, s, args.steps, args.value_scales, args.seed)
         table = [{"value_scale": r["value_scale"], "harmonic_mean": _hm(r)} for r in rows if r["steps"] == args.steps[0]]
         result["sets"][name] = {"n_records": s["n_records"], "seconds": round(time.time() - t0, 1), "rows": rows,
                                 "stage_rule_picks": choose_value_scale(table) if table else None}

@@ -1,7 +1,7 @@
 """Which layer should get the dynamic neuron? Collection success, steps, speed and paraphrase transfer per layer.
 
-Runs on pseudo-edits of a prepare artifact (never the evaluation paraphrases), with the
-collect defaults, once per layer. MeG (App. A.4) finds reliability varies strongly with the layer.
+Runs on pseudo-edits of a prepare artifact (never the evaluation paraphrases), with the collect benches'
+recipe (bench/collect_options.py), once per layer. MeG (App. A.4) finds reliability varies strongly with the layer.
 
     python bench/layer_sweep.py --prepare_dir runs/smollm2-counterfact-1024/prepare --layers 3 6 9 12 15 18 21 24 27
 """
@@ -12,8 +12,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from collect_bench import add_collect_options, collect_options
+
 from megedit.artifacts import atomic_write_json
-from megedit.collect.engine import CollectOptions, generate_prefixes
+from megedit.collect.engine import generate_prefixes
 from megedit.collect.transfer import measure_transfer, sample_pseudo
 from megedit.components.neuron import DynamicNeuron
 from megedit.loading import load_lm
@@ -27,9 +29,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n_prefixes", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--max_steps", type=int, default=50)
-    ap.add_argument("--capacity", type=int, default=32)
+    add_collect_options(ap, capacity=32)
     ap.add_argument("--out", default="bench/results/layer_sweep.json")
     args = ap.parse_args(argv)
 
@@ -37,7 +37,7 @@ def main(argv=None):
     lm, tok = load_lm(prepared.spec)
     records = sample_pseudo(prepared.pseudo_edits, args.n, args.seed)
     prefixes = generate_prefixes(lm, tok, args.n_prefixes, 10, 0)
-    base = CollectOptions(lr=args.lr, max_steps=args.max_steps, capacity=args.capacity, stop_margin=0.0)
+    base = collect_options(args)
     out = {"model": prepared.spec.name, "n_pseudo_edits": len(records), "n_prefixes": args.n_prefixes, "layers": {}}
     print(f"{'layer':>5} {'success':>8} {'steps':>6} {'edits/s':>8} {'transfer':>9} {'tok_acc':>8}")
     for layer in args.layers:

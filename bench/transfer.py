@@ -15,12 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
+from collect_bench import add_collect_options, collect_options, prepared_lm
+
 from megedit.artifacts import atomic_write_json
-from megedit.collect.engine import CollectOptions, generate_prefixes
+from megedit.collect.engine import generate_prefixes
 from megedit.collect.transfer import measure_transfer, sample_pseudo
-from megedit.components.neuron import DynamicNeuron
-from megedit.loading import load_lm
-from megedit.prepare.artifact import load_prepared
 
 # name -> (CollectOptions overrides, number of LM-sampled context prefixes)
 VARIANTS = {
@@ -40,18 +39,14 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=32, help="pseudo-edits to sample")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=["prompt_only", "prefixes4", "margin3"], choices=list(VARIANTS))
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--max_steps", type=int, default=50)
-    ap.add_argument("--capacity", type=int, default=32)
+    add_collect_options(ap, capacity=32)
     ap.add_argument("--out", default="bench/results/transfer.json")
     args = ap.parse_args(argv)
 
-    prepared = load_prepared(args.prepare_dir)
+    prepared, lm, tok, neuron = prepared_lm(args.prepare_dir)
     spec = prepared.spec
-    lm, tok = load_lm(spec)
-    neuron = DynamicNeuron(lm, spec)
     records = sample_pseudo(prepared.pseudo_edits, args.n, args.seed)
-    base = CollectOptions(lr=args.lr, max_steps=args.max_steps, capacity=args.capacity, stop_margin=0.0)
+    base = collect_options(args)
     out = {"model": spec.name, "edit_layer": spec.edit_layer, "n_pseudo_edits": len(records), "variants": {}}
     for name in args.variants:
         overrides, k = VARIANTS[name]
