@@ -23,6 +23,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from neuron_recipe import rate  # the rate with its n and 95% Wilson interval
@@ -61,8 +62,11 @@ def _expand(recs) -> dict:
             "n_records": len(recs)}
 
 
+GROUPS = ("prompt", "paraphrase")  # which text of its record a query is
+
+
 def rates(ok: torch.Tensor, groups: list[str]) -> dict:
-    return {g: rate([bool(o) for o, x in zip(ok, groups) if x == g]) for g in ("prompt", "paraphrase")}
+    return {g: rate([bool(o) for o, x in zip(ok, groups) if x == g]) for g in GROUPS}
 
 
 def _hm(row: dict) -> float:
@@ -123,6 +127,21 @@ def score_set(run: Run, s: dict, steps_list: list[int], value_scales: list[float
     return rows
 
 
+def print_table(title: str, rows: list[dict], columns: dict[str, Callable[[dict], object]]) -> None:
+    """``rows`` as a Markdown table: the ``columns`` (header -> cell of a row), then the prompt and paraphrase
+    rates with their 95% intervals."""
+    heads = [*columns, "prompt", "paraphrase"]
+    print(f"\n{title}\n| {' | '.join(heads)} |\n|{'---|' * len(heads)}")
+    for r in rows:
+        cells = [*(cell(r) for cell in columns.values()), *(f"{r[g]['rate']} {r[g]['ci95']}" for g in GROUPS)]
+        print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def write_result(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, type=Path, help="a run folder with collect/ and diffusion/")
@@ -147,13 +166,10 @@ def main(argv=None) -> dict:
         table = [{"value_scale": r["value_scale"], "harmonic_mean": _hm(r)} for r in rows if r["steps"] == args.steps[0]]
         result["sets"][name] = {"n_records": s["n_records"], "seconds": round(time.time() - t0, 1), "rows": rows,
                                 "stage_rule_picks": choose_value_scale(table) if table else None}
-        print(f"\n{name} ({s['n_records']} records)\n| neuron | steps | value scale | prompt | paraphrase |\n|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['neuron']} | {r['steps'] or '-'} | {r['value_scale']} | {r['prompt']['rate']} "
-                  f"{r['prompt']['ci95']} | {r['paraphrase']['rate']} {r['paraphrase']['ci95']} |")
-    out = args.out or Path("bench/results") / f"generated_neurons-{args.run.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+        print_table(f"{name} ({s['n_records']} records)", rows, {"neuron": lambda r: r["neuron"],
+                                                                "steps": lambda r: r["steps"] or "-",
+                                                                "value scale": lambda r: r["value_scale"]})
+    write_result(result, args.out or Path("bench/results") / f"generated_neurons-{args.run.name}.json")
     return result
 
 
