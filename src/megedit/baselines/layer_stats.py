@@ -291,7 +291,7 @@ def next_chunk(tokenize, texts: Sequence[str], done: int, chunk_end: int, budget
 
 
 def _sum_hooks(lm, spec, layers, sums: dict[int, torch.Tensor], state: dict, dtype) -> list:
-    """Forward pre-hooks that add ``kᵀk`` over the batch's real tokens (``state["mask"]``) to each layer's sum;
+    """Forward pre-hooks that add ``Σ k kᵀ`` over the batch's real tokens (``state["mask"]``) to each layer's sum;
     the deepest layer's hook ends the forward, since nothing after it is read."""
     deepest = max(layers)
 
