@@ -72,3 +72,49 @@ def prepared_dir(tmp_path_factory, data_dir) -> Path:
                            "256", "--data.data_dir", str(data_dir), "--model.out_dir", str(out),
                            "--trainer.enable_progress_bar", "false"])
     return out
+
+
+QUIET = ["--trainer.enable_progress_bar", "false"]
+PIPELINE_EDITS = 12
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory, data_dir) -> Path:
+    """A real servable run (prepare, encoder, familiarity, collect, diffusion) on the packaged SmolLM2 + MiniLM
+    with 12 ZsRE edits, built once per session (a few minutes): what EditedLM and megedit serve load.
+
+    ZsRE questions go through the model's question template, so a paraphrase ends like its original
+    question; that is where a collected neuron transfers to paraphrases at all on a 135M model."""
+    from megedit.cli import stage_main
+
+    run = tmp_path_factory.mktemp("pipeline") / f"smollm2-zsre-{PIPELINE_EDITS}"
+    stage_main("prepare", ["--data.dataset", "zsre", "--data.n_edits", str(PIPELINE_EDITS), "--data.n_pseudo_irrelevant",
+                           "64", "--data.max_pseudo_edits", "256", "--data.data_dir", str(data_dir),
+                           "--model.out_dir", str(run / "prepare"), *QUIET])
+    p = ["--data.prepare_dir", str(run / "prepare")]
+    tb = ["--trainer.logger.init_args.save_dir", str(run / "tb")]
+    stage_main("encoder", [*p, "--model.out_dir", str(run / "encoder"), "--data.max_train_groups", "128",
+                           "--data.batch_size", "32", "--data.min_val_per_source", "32", "--data.max_val_per_source",
+                           "32", "--trainer.max_epochs", "1", *tb, *QUIET])
+    stage_main("familiarity", [*p, "--data.encoder_dir", str(run / "encoder"), "--model.out_dir",
+                               str(run / "familiarity"), *tb, *QUIET])
+    stage_main("collect", [*p, "--model.out_dir", str(run / "collect"), "--model.transfer_n", "8",
+                           "--model.relation_views", "2", *QUIET])
+    stage_main("diffusion", [*p, "--data.encoder_dir", str(run / "encoder"), "--data.collect_dir", str(run / "collect"),
+                             "--model.out_dir", str(run / "diffusion"), "--model.preset", "dit-cpu",
+                             "--data.batch_size", str(PIPELINE_EDITS), "--trainer.max_epochs", "1500",
+                             "--trainer.check_val_every_n_epoch", "1500", "--data.val_edits", str(PIPELINE_EDITS),
+                             "--model.report_steps", "20", "--data.paraphrase_shifts", "64", *tb, *QUIET])
+    return run
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(served_run) -> Path:
+    """``served_run`` evaluated: MeG and every baseline scored on its 12 edits (evaluate/ inside the run)."""
+    from megedit.cli import stage_main
+
+    stage_main("evaluate", ["--data.run_dir", str(served_run), "--model.out_dir", str(served_run / "evaluate"),
+                            "--model.steps", "20", "--model.variants",
+                            "[meg, meg_no_router, meg_retrieval, ft, memit, alphaedit]", "--model.peer_stats_texts", "16",
+                            "--trainer.logger.init_args.save_dir", str(served_run / "tb"), *QUIET])
+    return served_run

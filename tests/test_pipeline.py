@@ -12,40 +12,16 @@ from pathlib import Path
 import pytest
 
 from megedit.cli import main as megedit_main
-from megedit.cli import stage_main
 
 pytestmark = pytest.mark.slow
-QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
-N_EDITS = 12
+N_EDITS = 12  # the run of conftest's served_run / pipeline_run fixtures
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data_dir) -> Path:
-    run = tmp_path_factory.mktemp("pipeline") / f"smollm2-zsre-{N_EDITS}"
-    stage_main("prepare", ["--data.dataset", "zsre", "--data.n_edits", str(N_EDITS), "--data.n_pseudo_irrelevant", "64",
-                           "--data.max_pseudo_edits", "256", "--data.data_dir", str(data_dir),
-                           "--model.out_dir", str(run / "prepare"), *QUIET])
-    p = ["--data.prepare_dir", str(run / "prepare")]
-    tb = ["--trainer.logger.init_args.save_dir", str(run / "tb")]
-    stage_main("encoder", [*p, "--model.out_dir", str(run / "encoder"), "--data.max_train_groups", "128",
-                           "--data.batch_size", "32", "--data.min_val_per_source", "32", "--data.max_val_per_source",
-                           "32", "--trainer.max_epochs", "1", *tb, *QUIET])
-    stage_main("familiarity", [*p, "--data.encoder_dir", str(run / "encoder"), "--model.out_dir",
-                               str(run / "familiarity"), *tb, *QUIET])
-    stage_main("collect", [*p, "--model.out_dir", str(run / "collect"), "--model.transfer_n", "8",
-                           "--model.relation_views", "2", *QUIET])
-    stage_main("diffusion", [*p, "--data.encoder_dir", str(run / "encoder"), "--data.collect_dir", str(run / "collect"),
-                             "--model.out_dir", str(run / "diffusion"), "--model.preset", "dit-cpu",
-                             "--data.batch_size", str(N_EDITS), "--trainer.max_epochs", "1500",
-                             "--trainer.check_val_every_n_epoch", "1500", "--data.val_edits", str(N_EDITS),
-                             "--model.report_steps", "20", "--data.paraphrase_shifts", "64", *tb, *QUIET])
-    stage_main("evaluate", ["--data.run_dir", str(run), "--model.out_dir",
-                            str(run / "evaluate"), "--model.steps", "20", "--model.variants",
-                            "[meg, meg_no_router, meg_retrieval, ft, memit, alphaedit]", "--model.peer_stats_texts", "16",
-                            *tb, *QUIET])
-    return run
+def run_dir(pipeline_run) -> Path:
+    return pipeline_run
 
 
 def test_no_evaluation_text_is_ever_trained_on(run_dir):

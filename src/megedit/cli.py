@@ -69,6 +69,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name -> ("module:function", help)
     "ask": ("megedit.ask:main", "answer questions with an edited run and show the routing provenance"),
     "plan": ("megedit.graph:main", "print the Makefile rules of the stage graph (stages/plan.mk)"),
     "report": ("megedit.report:main", "gather several evaluate results into one table and a scaling plot"),
+    "serve": ("megedit.serve.cli:main", "serve an edited run over HTTP: OpenAI-style completions with provenance"),
     "threshold": ("megedit.familiarity.threshold:main",
                   "re-pick a router's entropy threshold (another rule or FPR budget) from its saved entropies"),
 }

@@ -105,8 +105,12 @@ class EditedLM:
                                         batch_size=self.sample_batch_size, noise_scale=self.noise_scale).cpu()
         return scale_value(weights, self.spec, self.value_scale)
 
-    def lm_prompts(self, queries: Sequence[str], kind: str = "question") -> list[str]:
-        return [self.spec.format_prompt(q, kind) for q in queries]
+    def lm_prompts(self, queries: Sequence[str], kind: str | Sequence[str] = "question") -> list[str]:
+        """The strings the LM sees; ``kind`` is one template for every query or one per query."""
+        kinds = [kind] * len(queries) if isinstance(kind, str) else list(kind)
+        if len(kinds) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(kinds)} prompt kinds")
+        return [self.spec.format_prompt(q, k) for q, k in zip(queries, kinds)]
 
     @staticmethod
     def _lm_weights(routing: Routing) -> torch.Tensor | None:
@@ -115,13 +119,21 @@ class EditedLM:
 
     # ------------------------------------------------------------------ answering
     @torch.no_grad()
-    def generate(self, queries: Sequence[str], kind: str = "question", max_new_tokens: int = 20,
-                 routing: Routing | None = None) -> list[str]:
+    def generate(self, queries: Sequence[str], kind: str | Sequence[str] = "question",
+                 max_new_tokens: int | Sequence[int] = 20, routing: Routing | None = None) -> list[str]:
         """Greedy answers (decoded, stripped) with each query's neuron attached for the whole generation."""
-        routing = routing or self.route(queries)
-        toks = greedy_generate(self.lm, self.tokenizer, self.neuron, self.lm_prompts(queries, kind),
-                               self._lm_weights(routing), max_new_tokens=max_new_tokens)
+        toks = self.generate_ids(queries, kind, max_new_tokens, routing)
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in toks]
+
+    @torch.no_grad()
+    def generate_ids(self, queries: Sequence[str], kind: str | Sequence[str] = "question",
+                     max_new_tokens: int | Sequence[int] = 20, routing: Routing | None = None) -> list[list[int]]:
+        """``generate``'s new token ids, cut at (and without) EOS; ``kind`` and ``max_new_tokens`` are
+        shared or given per query, so one batch may mix templates and lengths (the server does)."""
+        routing = routing or self.route(queries)
+        limits = max_new_tokens if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        return greedy_generate(self.lm, self.tokenizer, self.neuron, self.lm_prompts(queries, kind),
+                               self._lm_weights(routing), max_new_tokens=limits)
 
     @torch.no_grad()
     def score(self, queries: Sequence[str], targets: Sequence[str], kind: str = "question",

@@ -172,8 +172,8 @@ def greedy_tokens(model, tokenizer, neuron, prompts, weights, max_new_tokens: li
 
 
 def greedy_generate(model, tokenizer, neuron, prompts: Sequence[str], weights: Tensor | None = None,
-                    max_new_tokens: int = 20, batch_size: int = 32) -> list[list[int]]:
-    """New token ids of greedy decoding, cut at (and without) the first EOS."""
+                    max_new_tokens: int | list[int] = 20, batch_size: int = 32) -> list[list[int]]:
+    """New token ids of greedy decoding, cut at (and without) the first EOS; ``max_new_tokens`` per prompt or shared."""
     eos = tokenizer.eos_token_id
     raw = greedy_tokens(model, tokenizer, neuron, prompts, weights, max_new_tokens, batch_size)
     return [toks[: toks.index(eos)] if eos in toks else toks for toks in raw]
