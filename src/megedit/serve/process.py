@@ -54,8 +54,15 @@ class ServerProcess:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop()
+        self._log.close()
+        if exc_type is None:  # keep the server's log only where something went wrong
+            self.log_path.unlink(missing_ok=True)
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self._log.name)
 
     def start(self) -> None:
         env = {**os.environ, **(self.env or {})}
@@ -92,5 +99,7 @@ class ServerProcess:
             return self.proc.wait()
 
     def log_tail(self, lines: int = 40) -> str:
-        text = Path(self._log.name).read_text(errors="replace")
+        if not self.log_path.is_file():
+            return ""
+        text = self.log_path.read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
