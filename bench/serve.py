@@ -67,9 +67,10 @@ def bench_queries(run: Path, n: int, seed: int) -> list[BenchQuery]:
             out.append(BenchQuery("edit", e.prompt, e.prompt_kind))
         elif group == "paraphrase":
             out.append(BenchQuery(group, e.paraphrases[0], e.prompt_kind))
+        elif e.locality:
+            out.append(BenchQuery(group, e.locality[0].prompt, e.locality[0].kind))
         else:
-            probe = e.locality[0] if e.locality else None
-            out.append(BenchQuery(group, probe.prompt, probe.kind) if probe else BenchQuery("edit", e.prompt, e.prompt_kind))
+            out.append(BenchQuery("edit", e.prompt, e.prompt_kind))
     return out
 
 

@@ -88,9 +88,9 @@ def served_run(tmp_path_factory, data_dir) -> Path:
     from megedit.cli import stage_main
 
     run = tmp_path_factory.mktemp("pipeline") / f"smollm2-zsre-{PIPELINE_EDITS}"
-    stage_main("prepare", ["--data.dataset", "zsre", "--data.n_edits", str(PIPELINE_EDITS), "--data.n_pseudo_irrelevant",
-                           "64", "--data.max_pseudo_edits", "256", "--data.data_dir", str(data_dir),
-                           "--model.out_dir", str(run / "prepare"), *QUIET])
+    stage_main("prepare", ["--data.dataset", "zsre", "--data.n_edits", str(PIPELINE_EDITS),
+                           "--data.n_pseudo_irrelevant", "64", "--data.max_pseudo_edits", "256",
+                           "--data.data_dir", str(data_dir), "--model.out_dir", str(run / "prepare"), *QUIET])
     p = ["--data.prepare_dir", str(run / "prepare")]
     tb = ["--trainer.logger.init_args.save_dir", str(run / "tb")]
     stage_main("encoder", [*p, "--model.out_dir", str(run / "encoder"), "--data.max_train_groups", "128",
@@ -115,6 +115,7 @@ def pipeline_run(served_run) -> Path:
 
     stage_main("evaluate", ["--data.run_dir", str(served_run), "--model.out_dir", str(served_run / "evaluate"),
                             "--model.steps", "20", "--model.variants",
-                            "[meg, meg_no_router, meg_retrieval, ft, memit, alphaedit]", "--model.peer_stats_texts", "16",
+                            "[meg, meg_no_router, meg_retrieval, ft, memit, alphaedit]",
+                            "--model.peer_stats_texts", "16",
                             "--trainer.logger.init_args.save_dir", str(served_run / "tb"), *QUIET])
     return served_run

@@ -29,6 +29,9 @@ from megedit.serve.options import ServeOptions
 from megedit.serve.validation import Query, parse_chat, parse_completion, parse_page, parse_reload
 
 log = logging.getLogger(__name__)
+# Far above any valid request (max_batch prompts of max_prompt_chars, or a long chat history): a bound
+# on what one client can make the server buffer, not a limit a real request meets.
+MAX_BODY_BYTES = 4 << 20
 EngineLoader = Callable[[str], Engine]  # run folder -> a warmed-up engine; runs in a background thread
 # What a loader raises for a run that cannot be served (missing, incomplete, from mixed runs, a model spec
 # in error): the caller's fault, a 400. Anything else is the server's, a 500; either way the old run serves on.
@@ -69,15 +72,27 @@ class ServerState:
                 raise ApiError(f"cannot load run {run}: {exc}", "run", 400) from None
             except Exception as exc:  # noqa: BLE001 - a failed reload leaves the old run serving
                 log.exception("reload of %s failed", run)
-                raise ApiError(f"reloading {run} failed: {type(exc).__name__}: {exc}", "run", 500, SERVER_ERROR) from None
+                raise ApiError(f"reloading {run} failed: {type(exc).__name__}: {exc}", "run", 500,
+                               SERVER_ERROR) from None
             previous, self.engine = self.engine, engine
         log.info("reloaded: %s -> %s", previous.run, engine.run)
         return {"status": "reloaded", "seconds": round(time.perf_counter() - t0, 3),
                 "previous": previous.describe(), "current": engine.describe()}
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with a 413 as soon as it outgrows MAX_BODY_BYTES (never held whole in memory)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(f"the request body exceeds {MAX_BODY_BYTES} bytes", None, 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_body(request: Request, required: bool = True) -> Any:
-    raw = await request.body()
+    raw = await _read_body(request)
     if not raw.strip():
         if required:
             raise ApiError("the request body is empty; send a JSON object")

@@ -40,4 +40,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = NOT_FOUND if exc.status_code == 404 else INVALID_REQUEST
-        return error_response(ApiError(f"{request.method} {request.url.path}: {exc.detail}", None, exc.status_code, kind))
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(ApiError(message, None, exc.status_code, kind))
