@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from contextlib import asynccontextmanager
+import time
+from contextlib import asynccontextmanager, contextmanager
 from types import SimpleNamespace
 
 import httpx
@@ -344,6 +345,43 @@ def test_an_unknown_run_stops_megedit_serve_with_one_message(tmp_path, capsys):
     assert megedit_main(["serve", "--run", str(tmp_path / "no-such-run")]) == 2
     err = capsys.readouterr().err
     assert "cannot serve run" in err and "no-such-run" in err
+
+
+# ---------------------------------------------------------------- real HTTP
+@contextmanager
+def uvicorn_thread(app):
+    """The app under uvicorn on a free localhost port, in a thread (the server of megedit serve, without a run)."""
+    import uvicorn
+
+    from megedit.serve.process import free_port
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_many_clients_over_real_http_are_all_answered_in_shared_batches():
+    app, lm = make_app()
+
+    async def clients(url, n):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=completion(f"q {i}", max_tokens=4))
+                                          for i in range(n)))
+
+    with uvicorn_thread(app) as url:
+        responses = asyncio.run(clients(url, 64))
+        health = httpx.get(url + "/health").json()
+    assert [r.json()["choices"][0]["text"] for r in responses] == [f"OLD old q {i}" for i in range(64)]
+    assert health["batching"]["prompts"] == 64 and health["batching"]["batches"] < 64
 
 
 # ---------------------------------------------------------------- the real command over HTTP
