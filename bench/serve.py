@@ -1,6 +1,6 @@
 """Load benchmark of ``megedit serve``: MeG against the plain LM through the same server, in one run.
 
-    python bench/serve.py --run runs/smollm2-counterfact-1024 [--clients 1 8 32 128] [--requests 48]
+    python bench/serve.py --run runs/smollm2-counterfact-1024 [--clients 1 8 32 128] [--requests 32]
         [--out bench/results/serve.json]
 
 For each mode (MeG, then the same run with ``--plain``: no router, no neuron) it starts ``megedit serve``
@@ -23,6 +23,7 @@ import platform
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -171,11 +172,21 @@ def table(modes: dict) -> str:
     return "\n".join(lines)
 
 
+def git_commit() -> str | None:
+    """The commit the bench ran at (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128], help="concurrency levels")
-    p.add_argument("--requests", type=int, default=48, help="requests per level (at least one per client)")
+    p.add_argument("--requests", type=int, default=32, help="requests per level (at least one per client)")
     p.add_argument("--warmup", type=int, default=4, help="untimed requests before the levels, per mode")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the MeG server")
@@ -194,7 +205,7 @@ def main(argv=None) -> int:
     failed = sum(r["failed"] for m in modes.values() for r in m["levels"])
     result = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench/serve.py", *argv]),
-        "run": str(args.run), "seconds": round(time.perf_counter() - t0, 1),
+        "commit": git_commit(), "run": str(args.run), "seconds": round(time.perf_counter() - t0, 1),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
                     "load_average_1_5_15_before": [round(x, 2) for x in load_before],
                     "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
