@@ -85,6 +85,17 @@ sweep-threshold: $(RUN)/evaluate/manifest.json
 	$(PY) -m megedit.cli report $(RUN)/evaluate $(foreach t,$(THRESHOLDS),$(RUN)/evaluate-threshold-$(t)) \
 	  --out $(RUN)/threshold-sweep
 
+# General ability before/after editing (the paper's Table 3; docs/general.md): the base LM and the run's variants
+# on BBH, GSM8K, MMLU, RTE and SST-2. Always runs: the stage keeps every scored item, so a rerun scores only what
+# is new. GENERAL_ARGS="--model.variants [base,meg,ft,memit,alphaedit]" adds the peers; GENERAL_ALL=1 scores
+# every item instead of a seeded 200 per benchmark.
+GENERAL_ARGS ?=
+GENERAL_ALL  ?=
+.PHONY: general
+general: | $(STAMP) $(foreach d,prepare encoder familiarity diffusion,$(RUN)/$(d)/manifest.json)
+	$(PY) stages/general.py --data.run_dir $(RUN) --model.out_dir $(RUN)/general \
+	  $(if $(GENERAL_ALL),--data.items_per_benchmark null) $(GENERAL_ARGS)
+
 # One table and a scaling plot over every finished run (or REPORT_RUNS="dir1 dir2").
 REPORT_RUNS ?= $(wildcard $(RUNS)/*/evaluate)
 report: | $(STAMP)

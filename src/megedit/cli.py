@@ -41,6 +41,9 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage("megedit.evaluate.evaluate_module:EvaluateModule",
                       "megedit.evaluate.evaluate_datamodule:EvaluateDataModule", "test", (),
                       "Reliability/Generality/Locality (TF and AG) and Score for MeG, MeG w/o router and FT"),
+    "general": Stage("megedit.general.general_module:GeneralModule",
+                     "megedit.general.general_datamodule:GeneralDataModule", "test", (),
+                     "general ability (BBH, GSM8K, MMLU, RTE, SST-2) before and after editing (paper Table 3)"),
 }
 
 

@@ -23,22 +23,25 @@ ORDER: tuple[str, ...] = tuple(INPUTS)  # a topological order: every stage after
 RUN_READERS = frozenset({"evaluate"})
 # What an edited model needs at inference: the collected neurons are only the generator's training data.
 SERVED: tuple[str, ...] = ("prepare", "encoder", "familiarity", "diffusion")
+# Stages that measure a finished run without being a step of it: not in ORDER, so neither in `make all` nor in
+# the generated plan (the Makefile has their rules). Each reads a whole run (``--data.run_dir``) for these inputs.
+PROBES: dict[str, tuple[str, ...]] = {"general": SERVED}
 # Prepare reads no artifact but the benchmark, chosen by the run's variables.
 PREPARE_FLAGS = "--data.model $(MODEL) --data.dataset $(DATASET) --data.n_edits $(N) --data.seed $(SEED)"
 
 
 def input_params(stage: str) -> tuple[str, ...]:
     """The datamodule arguments through which ``stage`` is told where its inputs are."""
-    if stage in RUN_READERS:
+    if stage in RUN_READERS or stage in PROBES:
         return ("run_dir",)
     return tuple(f"{name}_dir" for name in INPUTS[stage])
 
 
 def upstream_dirs(stage: str, data_hparams: Mapping) -> dict[str, Path]:
     """``{input stage: its folder}`` as ``stage``'s datamodule was configured (for the manifest's upstream)."""
-    if stage in RUN_READERS:
+    if stage in RUN_READERS or stage in PROBES:
         run = Path(data_hparams["run_dir"])
-        return {name: run / name for name in INPUTS[stage]}
+        return {name: run / name for name in (PROBES[stage] if stage in PROBES else INPUTS[stage])}
     return {name: Path(data_hparams[f"{name}_dir"]) for name in INPUTS[stage]}
 
 
@@ -98,4 +101,4 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["INPUTS", "ORDER", "RUN_READERS", "SERVED", "closure", "input_params", "make_plan", "upstream_dirs"]
+__all__ = ["INPUTS", "ORDER", "PROBES", "RUN_READERS", "SERVED", "closure", "input_params", "make_plan", "upstream_dirs"]

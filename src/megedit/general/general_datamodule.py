@@ -1,0 +1,67 @@
+"""Serves the general-ability items: a fixed seeded subset of each benchmark (all items on request), in
+batches that never mix benchmarks (each benchmark is scored its own way)."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from megedit.general.bbh import PROMPTINGS
+from megedit.general.benchmarks import BENCHMARKS, benchmark_files, check_names, load_benchmark
+from megedit.general.items import Item, seeded_subset
+from megedit.paths import data_dir as resolve_data_dir
+
+
+def _as_is(batch):
+    return batch
+
+
+class GeneralDataModule(L.LightningDataModule):
+    def __init__(self, run_dir: str = "runs/smollm2-counterfact-1024", benchmarks: list[str] = list(BENCHMARKS),
+                 items_per_benchmark: int | None = 200, seed: int = 0, bbh_prompting: str = "answer_only",
+                 data_dir: str | None = None, batch_size: int = 8):
+        """
+        Args:
+            run_dir: the edited run (its ``prepare/ encoder/ familiarity/ diffusion/``; peers also read
+                ``evaluate/``).
+            benchmarks: any of bbh, gsm8k, mmlu, rte, sst2.
+            items_per_benchmark: a seeded uniform subset of this many items per benchmark, the same for every
+                variant and rerun; None scores every item (the ``--all`` setting).
+            seed: seed of the subsets.
+            bbh_prompting: ``answer_only`` (3-shot, answer on the first line; cheap) or ``cot`` (3-shot chain
+                of thought, the MeG paper's setting; give ``--model.bbh_max_new_tokens`` a few hundred).
+            data_dir: benchmark files; default ``$MEGEDIT_DATA_DIR`` then ``../shared/data``.
+            batch_size: prompts per LM batch.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        check_names(benchmarks)
+        if bbh_prompting not in PROMPTINGS:
+            raise ValueError(f"bbh_prompting must be one of {PROMPTINGS}, got {bbh_prompting!r}")
+        if items_per_benchmark is not None and items_per_benchmark < 1:
+            raise ValueError(f"items_per_benchmark must be >= 1 or null (all items), got {items_per_benchmark}")
+        self.items: dict[str, list[Item]] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.items is not None:
+            return
+        hp = self.hparams
+        self.data_root = resolve_data_dir(hp.data_dir)
+        self.items, self.totals, self.input_files = {}, {}, {}
+        for name in hp.benchmarks:
+            every = load_benchmark(name, self.data_root, hp.bbh_prompting)
+            self.totals[name] = len(every)
+            self.items[name] = seeded_subset(every, hp.items_per_benchmark, hp.seed)
+            self.input_files |= benchmark_files(name, self.data_root)
+
+    def batches(self) -> list[list[Item]]:
+        """Each benchmark's items in batches of similar prompt length (less padding)."""
+        self.setup()
+        out = []
+        for items in self.items.values():
+            ordered = sorted(items, key=lambda it: len(it.prompt()))
+            out += [ordered[i:i + self.hparams.batch_size] for i in range(0, len(ordered), self.hparams.batch_size)]
+        return out
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.batches(), batch_size=None, shuffle=False, collate_fn=_as_is)
