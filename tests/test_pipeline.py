@@ -155,3 +155,9 @@ def test_general_ability_of_base_meg_and_ft_on_a_few_items(run_dir, tmp_path):
     stage_main("general", args)  # FT's weights come from its file, every item from the kept rows
     assert {p.name: p.read_text() for p in (out / "items").iterdir()} == kept
     assert json.loads((out / "results.json").read_text())["results"] == summary["results"]
+    # A threshold no entropy reaches routes every query: MeG is scored anew with neurons, the base is reused.
+    stage_main("general", [*args, "--data.benchmarks", "[rte, sst2]", "--model.variants", "[base, meg]",
+                            "--model.router_threshold", "1e9"])
+    meg = [r for r in read_jsonl(out / "per_item.jsonl") if r["variant"] == "meg"]
+    assert len(meg) == 8 and all(r["routed"] for r in meg)
+    assert (out / "items" / "base.jsonl").read_text() == kept["base.jsonl"]

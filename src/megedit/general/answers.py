@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-_ANSWER_IS = re.compile(r"the answer is\s*:?\s*(.*)", re.I)
+_ANSWER_IS = re.compile(r"the answer is", re.I)
 _LETTER = re.compile(r"^\(([A-Z])\)$")
 
 
@@ -26,8 +26,9 @@ def extract(answer_format: str, continuation: str) -> str | None:
         lines = [line.strip() for line in continuation.splitlines() if line.strip()]
         return lines[0].removesuffix(".").strip() if lines else None
     if answer_format == "answer_is":
-        found = _ANSWER_IS.findall(continuation)
-        return found[-1].splitlines()[0].strip().removesuffix(".").strip() if found and found[-1].strip() else None
+        parts = _ANSWER_IS.split(continuation)
+        lines = parts[-1].lstrip(" :").splitlines() if len(parts) > 1 else []
+        return (lines[0].strip().removesuffix(".").strip() or None) if lines else None
     raise ValueError(f"unknown answer format {answer_format!r}")
 
 

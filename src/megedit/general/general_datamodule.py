@@ -63,5 +63,8 @@ class GeneralDataModule(L.LightningDataModule):
             out += [ordered[i:i + self.hparams.batch_size] for i in range(0, len(ordered), self.hparams.batch_size)]
         return out
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # items are text (frozen dataclasses, which Lightning's collection walk refuses); no tensors
+
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.batches(), batch_size=None, shuffle=False, collate_fn=_as_is)
