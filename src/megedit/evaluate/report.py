@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megedit.artifacts import atomic_path, atomic_write_text
+from megedit.artifacts import atomic_write_text
 from megedit.evaluate.metrics import metric_names
+from megedit.plots import grouped_bars
 
 LABELS = {"meg": "MeG", "meg_no_router": "MeG w/o FN", "meg_retrieval": "MeG, collected neuron of nearest edit",
           "ft": "FT", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
@@ -88,29 +89,12 @@ def locality_table(summary: dict) -> list[str]:
 
 
 def bar_chart(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = metric_names() + ["score"]
-    variants = list(summary["results"])
-    width = 0.8 / max(len(variants), 1)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for k, v in enumerate(variants):
-        vals = [summary["results"][v][n] or 0.0 for n in names]
-        ax.bar([i + k * width for i in range(len(names))], vals, width, label=LABELS.get(v, v))
-    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(names))])
-    ax.set_xticklabels([n.replace("_", " ").upper() for n in names])
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("%")
+    series = {LABELS.get(v, v): [r[n] or 0.0 for n in names] for v, r in summary["results"].items()}
     lin = summary["lineage"]
-    ax.set_title(f"{lin['model']} / {lin['dataset']} / N={summary['metric_meta']['n_edits']}")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    grouped_bars(path, series, [n.replace("_", " ").upper() for n in names], ylabel="%", ylim=105,
+                 title=f"{lin['model']} / {lin['dataset']} / N={summary['metric_meta']['n_edits']}",
+                 legend_loc="lower right")
 
 
 def write_reports(out: Path, summary: dict) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megedit.artifacts import atomic_path, atomic_write_text
+from megedit.artifacts import atomic_write_text
 from megedit.general.benchmarks import TITLES
+from megedit.plots import grouped_bars
 
 LABELS = {"base": "Before edit (base LM)", "meg": "MeG", "ft": "FT", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
 
@@ -50,29 +51,13 @@ def results_table(summary: dict) -> str:
 
 
 def bar_chart(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = _benchmarks(summary) + ["average"]
-    res = summary["results"]
-    width = 0.8 / max(len(res), 1)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for k, (variant, cells) in enumerate(res.items()):
-        vals = [(cells[b]["accuracy"] if b != "average" else cells[b]) or 0.0 for b in names]
-        ax.bar([i + k * width for i in range(len(names))], vals, width, label=LABELS.get(variant, variant))
-    ax.set_xticks([i + width * (len(res) - 1) / 2 for i in range(len(names))])
-    ax.set_xticklabels([TITLES.get(b, "Average") for b in names])
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("accuracy (%)")
+    series = {LABELS.get(v, v): [(cells[b]["accuracy"] if b != "average" else cells[b]) or 0.0 for b in names]
+              for v, cells in summary["results"].items()}
     lin = summary["lineage"]
-    ax.set_title(f"General ability: {lin['model']} / {lin['dataset']} / N={summary['n_edits']}")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    grouped_bars(path, series, [TITLES.get(b, "Average") for b in names], ylabel="accuracy (%)", ylim=100,
+                 title=f"General ability: {lin['model']} / {lin['dataset']} / N={summary['n_edits']}",
+                 legend_loc="upper right", legend_size=8)
 
 
 def write_reports(out: Path, summary: dict) -> None:
