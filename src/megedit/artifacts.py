@@ -192,12 +192,26 @@ def check_lineage(manifests: dict[str, dict]) -> dict:
     return ref["lineage"]
 
 
-def check_upstream(manifest: dict, name: str, upstream_dir: str | Path, where: str) -> None:
-    """``manifest`` was built from the ``name`` artifact: refuse a different ``upstream_dir``."""
+ANCESTORS = "ancestors"  # manifest key: sha256 of the manifests of the earlier versions an artifact extends
+
+
+def check_upstream(manifest: dict, name: str, upstream_dir: str | Path, where: str,
+                   accept_ancestors: bool = False) -> None:
+    """``manifest`` was built from the ``name`` artifact: refuse a different ``upstream_dir``.
+
+    With ``accept_ancestors`` an artifact built from an earlier version of ``upstream_dir`` passes too: a
+    run version's prepare artifact (``megedit edits add``) lists the manifests it extends under
+    ``ancestors``, and the encoder, which learns only from pseudo data that a version never adds to, stays
+    valid for every later version of its prepare artifact.
+    """
     recorded = manifest.get("inputs", {}).get("upstream", {}).get(name)
     if recorded is None:
         raise ArtifactError(f"{where}: its manifest records no '{name}' input")
-    actual = sha256_file(Path(upstream_dir) / MANIFEST)
+    path = Path(upstream_dir) / MANIFEST
+    actual = sha256_file(path)
+    if accept_ancestors and recorded["manifest_sha256"] != actual and path.is_file():
+        if recorded["manifest_sha256"] in json.loads(path.read_text()).get(ANCESTORS, []):
+            return
     if recorded["manifest_sha256"] != actual:
         raise ArtifactError(f"{where} was built from the '{name}' artifact at {recorded['dir']}, not from "
                             f"{upstream_dir} (manifest hashes differ); re-run it or point at the matching run")

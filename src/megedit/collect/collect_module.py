@@ -20,10 +20,9 @@ import torch
 from megedit.artifacts import (ArtifactError, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json,
                                write_manifest)
 from megedit.collect.artifact import FILES, PSEUDO_FILE, SHARD_DIR, read_shard, save_pseudo_neurons, write_shard
-from megedit.collect.engine import (CollectItem, CollectOptions, CollectResult, NeuronCollector, generate_prefixes,
-                                    with_prefix)
+from megedit.collect.engine import CollectItem, CollectOptions, CollectResult, NeuronCollector, generate_prefixes
 from megedit.collect.transfer import measure_transfer, sample_pseudo
-from megedit.collect.views import LeakGuard, evaluation_texts, relation_views
+from megedit.collect.views import LeakGuard, edit_views, evaluation_texts, relation_views
 from megedit.components.neuron import DynamicNeuron
 from megedit.distributed import barrier, gather_objects
 from megedit.graph import upstream_dirs
@@ -36,6 +35,21 @@ _RESULT_OPTIONS = ("n_prefixes", "prefix_tokens", "prefix_seed", "relation_views
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def greedy_verified(lm, tokenizer, neuron: DynamicNeuron, spec, edits, weights: torch.Tensor) -> torch.Tensor:
+    """Bool [n]: real batched greedy decoding with each edit's neuron attached emits its target (the
+    engine's teacher-forced test says the same for a causal LM; this checks it)."""
+    return greedy_match(lm, tokenizer, neuron, [spec.format_prompt(e.prompt, e.prompt_kind) for e in edits],
+                        [e.target_new for e in edits], weights, batch_size=64)
+
+
+def per_edit_record(index: int, edit_id: str, result: CollectResult, success: bool, rank: int,
+                    relation_views: list[str]) -> dict:
+    """One row of ``per_edit.jsonl``."""
+    return {"index": index, "id": edit_id, "success": success, "tf_success": result.success, "steps": result.steps,
+            "loss": round(result.loss, 5), "min_margin": round(result.min_margin, 4),
+            "reached_margin": result.reached_margin, "rank": rank, "relation_views": relation_views}
 
 
 class CollectModule(L.LightningModule):
@@ -127,10 +141,7 @@ class CollectModule(L.LightningModule):
         return None  # the per-edit Adam lives in the engine (one state per row)
 
     def views(self, i: int) -> list[str]:
-        """The LM strings edit ``i`` is trained on: its prompt, prefixed copies, then its relation views."""
-        edit, fmt = self.prepared.edits[i], self.spec.format_prompt
-        texts = [edit.prompt] + [with_prefix(p, edit.prompt) for p in self.prefixes] + self.extra_views[i]
-        return [fmt(t, edit.prompt_kind) for t in texts]
+        return edit_views(self.prepared.edits[i], self.spec.format_prompt, self.prefixes, self.extra_views[i])
 
     # ------------------------------------------------------------------ work
     def predict_step(self, batch: dict, batch_idx: int):
@@ -164,20 +175,15 @@ class CollectModule(L.LightningModule):
         tf_ok = torch.tensor([r.success for r in results])
         if self.hparams.verify:
             t0 = time.time()
-            edits = [self.prepared.edits[r.key] for r in results]
-            gm = greedy_match(self.lm, self.tokenizer, self.neuron,
-                              [self.spec.format_prompt(e.prompt, e.prompt_kind) for e in edits],
-                              [e.target_new for e in edits], weights.to(self.device), batch_size=64)
+            gm = greedy_verified(self.lm, self.tokenizer, self.neuron, self.spec,
+                                 [self.prepared.edits[r.key] for r in results], weights.to(self.device))
             self.stats["verify_seconds"] += time.time() - t0
             self.stats["verify_disagreements"] += int((gm != tf_ok).sum())
             success = tf_ok & gm
         else:
             success = tf_ok
-        records = [{"index": r.key, "id": self.prepared.edits[r.key].id, "success": bool(s), "tf_success": r.success,
-                    "steps": r.steps, "loss": round(r.loss, 5), "min_margin": round(r.min_margin, 4),
-                    "reached_margin": r.reached_margin, "rank": self.global_rank,
-                    "relation_views": self.extra_views[r.key]}
-                   for r, s in zip(results, success.tolist())]
+        records = [per_edit_record(r.key, self.prepared.edits[r.key].id, r, bool(s), self.global_rank,
+                                   self.extra_views[r.key]) for r, s in zip(results, success.tolist())]
         write_shard(self.out_dir, shard, {"weights": weights, "success": success.to(torch.uint8),
                                           "index": torch.tensor([r.key for r in results])},
                     records, self.fingerprint)

@@ -20,6 +20,8 @@ import re
 from collections import defaultdict
 from typing import Iterable, Sequence
 
+from megedit.collect.engine import with_prefix
+
 _BREAK = re.compile(r"(?<=[.?!;:\n])\s+")
 _MIN_CORE_WORDS = 3  # a shorter tail ("It is") is shared by unrelated prompts: never a reason to match
 
@@ -120,3 +122,10 @@ def relation_views(records: Sequence, pool: Sequence, k: int, guard: LeakGuard, 
 
 
 __all__ = ["LeakGuard", "cores", "evaluation_texts", "normalise", "relation_template", "relation_views"]
+
+
+def edit_views(edit, format_prompt, prefixes: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """The LM strings an edit's neuron is trained on: its prompt, context-prefixed copies of it, then its
+    relation views (``extra``), each in the model's template for the edit's prompt kind."""
+    texts = [edit.prompt] + [with_prefix(p, edit.prompt) for p in prefixes] + list(extra)
+    return [format_prompt(t, edit.prompt_kind) for t in texts]

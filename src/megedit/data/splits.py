@@ -85,6 +85,21 @@ class SubjectMatcher:
         return False
 
 
+class PseudoFilter:
+    """Texts the edits are evaluated on, and their subjects, may not reach any training set: ``clean(texts)``
+    is False when one of ``texts`` equals an evaluation text of ``edits`` (a paraphrase, locality,
+    portability or multi-hop prompt) or mentions an edit's subject (whole words, case-insensitive)."""
+
+    def __init__(self, edits: list[EditRecord]):
+        self.forbidden = {t for r in edits for t in (*r.paraphrases, *(p.prompt for p in r.locality),
+                                                     *(p.prompt for p in r.portability),
+                                                     *(p.prompt for p in r.multi_hop))}
+        self.subjects = SubjectMatcher(r.subject for r in edits)
+
+    def clean(self, texts) -> bool:
+        return not any(t in self.forbidden or self.subjects.mentions(t) for t in texts)
+
+
 @dataclass
 class Splits:
     edits: list[EditRecord]
@@ -117,14 +132,8 @@ def make_splits(records: list[EditRecord], groups: list[ParaphraseGroup], n_edit
     edit_ids = {r.id for r in edits}
     rest = [r for r in order if r.id not in edit_ids]
 
-    # Texts the edits are evaluated on, and their subjects, may not reach any training set.
-    forbidden = {t for r in edits for t in (*r.paraphrases, *(p.prompt for p in r.locality),
-                                            *(p.prompt for p in r.portability), *(p.prompt for p in r.multi_hop))}
-    edit_subjects = SubjectMatcher(r.subject for r in edits)
+    clean = PseudoFilter(edits).clean
     counts = Counter()
-
-    def clean(texts) -> bool:
-        return not any(t in forbidden or edit_subjects.mentions(t) for t in texts)
 
     # On a small benchmark the irrelevant set may take at most half of what is left, so the pseudo-edit
     # set (encoder pairs, threshold calibration, transfer diagnostics) never ends up empty.

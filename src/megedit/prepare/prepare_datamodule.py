@@ -4,6 +4,7 @@ prompts whose pre-edit greedy answers the prepare module records."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,20 @@ from megedit.data.readers import DataFormatError
 from megedit.data.splits import DropReport, dedupe_by_subject, make_splits
 from megedit.loading import load_tokenizer
 from megedit.paths import data_dir as resolve_data_dir
+from megedit.prepare.answers import answer_requests, collate_requests
 from megedit.registry import load_model_spec
+
+
+def check_targets(records, tokenizer, model_name: str) -> None:
+    """Refuse a ``target_new`` that tokenises to nothing but the leading space and special tokens: there
+    would be nothing to edit toward (the readers accept it: it is a non-empty string)."""
+    special = set(tokenizer.all_special_ids)
+    for rec in records:
+        ids = tokenizer(" " + rec.target_new, add_special_tokens=False)["input_ids"]
+        content = [i for i in ids if i not in special]
+        if not tokenizer.decode(content).strip():
+            raise DataFormatError(rec.source, f"target {rec.target_new!r} tokenises to nothing (no text tokens) "
+                                  f"with the {model_name} tokenizer", rec.index, rec.id, "target_new")
 
 
 class PrepareDataModule(L.LightningDataModule):
@@ -59,42 +73,14 @@ class PrepareDataModule(L.LightningDataModule):
         n_candidates = min(n_candidates, sum(1 for r in unique if r.paraphrases and r.locality)) \
             if hp.only_wrong else n_candidates
         self.splits = make_splits(unique, groups, n_candidates, hp.seed, hp.n_pseudo_irrelevant, hp.max_pseudo_edits)
-        self._check_targets()
-        self.requests = self._requests()
-
-    def _check_targets(self) -> None:
-        special = set(self.tokenizer.all_special_ids)
-        for rec in self.splits.edits:
-            ids = self.tokenizer(" " + rec.target_new, add_special_tokens=False)["input_ids"]
-            content = [i for i in ids if i not in special]
-            if not self.tokenizer.decode(content).strip():  # nothing left but the space and special tokens
-                raise DataFormatError(rec.source, f"target {rec.target_new!r} tokenises to nothing (no text tokens) "
-                                      f"with the {self.spec.name} tokenizer", rec.index, rec.id, "target_new")
-
-    def _requests(self) -> list[dict]:
-        """Every prompt whose pre-edit answer is needed, keyed by (edit index, field, position)."""
-        fmt = self.spec.format_prompt
-        reqs = []
-        for i, rec in enumerate(self.splits.edits):
-            reqs.append({"edit": i, "field": "prompt", "pos": 0, "text": fmt(rec.prompt, rec.prompt_kind)})
-            reqs += [{"edit": i, "field": "paraphrases", "pos": j, "text": fmt(p, rec.prompt_kind)}
-                     for j, p in enumerate(rec.paraphrases)]
-            reqs += [{"edit": i, "field": "locality", "pos": j, "text": fmt(p.prompt, p.kind)}
-                     for j, p in enumerate(rec.locality)]
-        for k, r in enumerate(reqs):
-            r["key"] = k
-        return reqs
-
-    def _collate(self, batch: list[dict]) -> dict:
-        enc = self.tokenizer([b["text"] for b in batch], return_tensors="pt", padding=True)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "keys": [b["key"] for b in batch]}
+        check_targets(self.splits.edits, self.tokenizer, self.spec.name)
+        self.requests = answer_requests(self.splits.edits, self.spec.format_prompt)
 
     def predict_dataloader(self) -> DataLoader:
         # Sorting by length keeps padding (and wasted compute) small; keys restore the order.
         order = sorted(self.requests, key=lambda r: len(r["text"]))
-        return DataLoader(order, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=self._collate,
-                          num_workers=self.hparams.num_workers)
+        return DataLoader(order, batch_size=self.hparams.batch_size, shuffle=False,
+                          collate_fn=partial(collate_requests, self.tokenizer), num_workers=self.hparams.num_workers)
 
     @property
     def out_name(self) -> str:

@@ -12,6 +12,7 @@ import torch
 from megedit.artifacts import atomic_write_json, atomic_write_jsonl, write_manifest
 from megedit.distributed import gather_objects
 from megedit.loading import load_lm, state_dict_sha256
+from megedit.prepare.answers import edit_rows, greedy_answers
 from megedit.prepare.artifact import FILES
 from megedit.registry import load_model_spec
 
@@ -32,13 +33,9 @@ class PrepareModule(L.LightningModule):
         self._started = time.time()
 
     def predict_step(self, batch: dict, batch_idx: int):
-        out = self.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-                               pad_token_id=self.tokenizer.pad_token_id)
-        new = out[:, batch["input_ids"].shape[1]:].tolist()
-        eos = self.tokenizer.eos_token_id
-        for key, toks in zip(batch["keys"], new):
-            self._answers[key] = toks[: toks.index(eos)] if eos in toks else toks
+        answers = greedy_answers(self.lm, self.tokenizer, batch["input_ids"], batch["attention_mask"],
+                                 self.hparams.max_new_tokens)
+        self._answers.update(zip(batch["keys"], answers))
 
     def on_predict_epoch_end(self) -> None:
         answers = {}
@@ -50,24 +47,7 @@ class PrepareModule(L.LightningModule):
     def _write(self, answers: dict[int, list[int]]) -> None:
         dm = self.trainer.datamodule
         hp, splits = dm.hparams, dm.splits
-        missing = [r["key"] for r in dm.requests if r["key"] not in answers]
-        if missing:
-            raise RuntimeError(f"prepare: {len(missing)} prompts got no answer (first keys {missing[:5]})")
-        rows = []
-        for i, rec in enumerate(splits.edits):
-            rows.append({**rec.to_dict(), "pre_edit": {"prompt": None, "paraphrases": [None] * len(rec.paraphrases),
-                                                       "locality": [None] * len(rec.locality)}})
-        for r in dm.requests:
-            toks = answers[r["key"]]
-            slot = rows[r["edit"]]["pre_edit"]
-            entry = {"tokens": toks, "text": self.tokenizer.decode(toks, skip_special_tokens=True)}
-            if r["field"] == "prompt":
-                slot["prompt"] = entry
-            else:
-                slot[r["field"]][r["pos"]] = entry
-        for row in rows:
-            target = self.tokenizer(" " + row["target_new"], add_special_tokens=False)["input_ids"]
-            row["base_correct"] = row["pre_edit"]["prompt"]["tokens"][: len(target)] == target
+        rows = edit_rows(splits.edits, dm.requests, answers, self.tokenizer)
         n_candidates = len(rows)
         if hp.only_wrong:
             rows = [r for r in rows if not r["base_correct"]]
