@@ -139,7 +139,8 @@ class FamiliarityDataModule(L.LightningDataModule):
         check_lineage({"prepare": self.prepared.manifest, "encoder": self.encoder_manifest})
         from megedit.artifacts import check_upstream
 
-        check_upstream(self.encoder_manifest, "prepare", hp.prepare_dir, where=f"encoder artifact {hp.encoder_dir}")
+        check_upstream(self.encoder_manifest, "prepare", hp.prepare_dir, where=f"encoder artifact {hp.encoder_dir}",
+                       accept_ancestors=True)  # a run version extends the encoder's prepare artifact
         self.encoder_manifest_sha256 = sha256_file(Path(hp.encoder_dir) / MANIFEST)
 
     @property

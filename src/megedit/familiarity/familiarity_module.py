@@ -24,12 +24,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from megedit.artifacts import atomic_path, atomic_write_json, write_manifest
+from megedit.artifacts import ArtifactError, atomic_path, atomic_write_json, write_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
 from megedit.data.locality_kinds import LOCALITY_KINDS
 from megedit.distributed import barrier
 from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
-from megedit.familiarity.router import CONFIG, ENTROPIES, WEIGHTS, auroc, choose_threshold
+from megedit.familiarity.router import (CALIBRATION_WEIGHTS, CONFIG, ENTROPIES, WEIGHTS, auroc, choose_threshold,
+                                       load_router_states)
 from megedit.familiarity.threshold import rate, routing_curve
 from megedit.resume import CHECKPOINT_DIR, resume_point_callback
 from megedit.graph import upstream_dirs
@@ -71,6 +72,22 @@ def router_loss(net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor, ne
     return loss, parts
 
 
+@torch.no_grad()
+def keep_familiar_labels(net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor,
+                         threshold: float) -> tuple[torch.Tensor, int]:
+    """Labels for fine-tuning a trained router: a point it already calls familiar (entropy below
+    ``threshold``) keeps the class it gives it, so nothing it memorised has to be relearnt; any other point
+    keeps its fresh random label from ``labels``. Returns (labels, how many were kept)."""
+    if not len(emb):
+        return labels, 0
+    was = net.training
+    net.eval()
+    logits = torch.cat([net(emb[i:i + 4096]) for i in range(0, len(emb), 4096)])
+    net.train(was)
+    known = entropy_from_logits(logits) < threshold
+    return torch.where(known, logits.argmax(-1), labels), int(known.sum())
+
+
 def uniform_kl(net: FamiliarityNet, x: torch.Tensor) -> torch.Tensor:
     """Mean KL(uniform || p) of the router's outputs on ``x``: zero exactly when each is uniform."""
     return -F.log_softmax(net(x), dim=-1).mean(-1).mean() - math.log(net.num_classes)
@@ -87,7 +104,8 @@ class FamiliarityModule(L.LightningModule):
                  budget_kinds: list[str] = ["pseudo_irrelevant", "pseudo_locality"],
                  hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
                  fence_weight: float = 0.5, shift_scale: float = 1.6, shift_weight: float = 1.0,
-                 plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5):
+                 plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5,
+                 init_from: str | None = None):
         """
         Args:
             out_dir: where the router artifact goes.
@@ -128,6 +146,11 @@ class FamiliarityModule(L.LightningModule):
             min_lr: the plateau schedule's floor.
             checkpoint_every_n_epochs: how often ``out_dir/checkpoints/last.ckpt`` is refreshed, so a
                 killed run resumes (0: never). Removed once the router is written.
+            init_from: a familiarity artifact to fine-tune instead of starting from random weights (``megedit
+                edits add``): the main router starts from its router, the calibration router from its
+                calibration router (from scratch when the artifact saved none). Points a router already calls
+                familiar keep the class it gives them; the others (new edits) get balanced random labels
+                (``keep_familiar_labels``). The architecture must match.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -168,6 +191,29 @@ class FamiliarityModule(L.LightningModule):
         self.neg_emb = nonempty(dm.emb.get("train_negatives"))
         self.shift_emb = nonempty(dm.emb.get("shifts"))
         self.fence_emb, self.calib_fence_emb = nonempty(dm.emb.get("fences")), nonempty(dm.emb.get("calib_fences"))
+        self.warm_start = self._warm_start(Path(hp.init_from)) if hp.init_from else None
+
+    def _warm_start(self, folder: Path) -> dict:
+        """Load the nets of ``folder`` and relabel their memorised points (see ``init_from``)."""
+        cfg, main_state, calib_state = load_router_states(folder)
+        if cfg["architecture"] != self.main_net.config():
+            raise ArtifactError(f"model.init_from {folder}: its router is {cfg['architecture']}, this run builds "
+                                f"{self.main_net.config()}; fine-tune with the same architecture")
+        threshold = float(cfg["threshold"])
+        self.main_net.load_state_dict(main_state)
+        self.main_labels, kept = keep_familiar_labels(self.main_net, self.main_emb, self.main_labels, threshold)
+        out = {"from": str(folder), "threshold": threshold, "main_points": len(self.main_emb),
+               "main_labels_kept": kept, "calibration": None}
+        if self.calib_net is not None and calib_state is None:
+            out["calibration"] = "from scratch: the artifact saved no calibration router"
+        elif self.calib_net is not None:
+            self.calib_net.load_state_dict(calib_state)
+            self.calib_labels, kept = keep_familiar_labels(self.calib_net, self.calib_emb, self.calib_labels, threshold)
+            out.update(calibration="fine-tuned", calibration_points=len(self.calib_emb),
+                       calibration_labels_kept=kept)
+        print(f"familiarity: fine-tuning {folder}: {out['main_labels_kept']} of {out['main_points']} memorised points "
+              f"keep their class; calibration router {out['calibration']}")
+        return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A run killed after its last epoch's checkpoint resumes with nothing left to train: keep its fit state.
@@ -336,7 +382,7 @@ class FamiliarityModule(L.LightningModule):
                        "main": len(dm.texts["fences"]), "used": hp.fence_weight > 0 and bool(dm.texts["fences"])},
             "paraphrase_shifts": self._shift_summary(dm),
             "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self.resumed_from,
-                    **getattr(self, "_fit_states", {})},
+                    "warm_start": self.warm_start, **getattr(self, "_fit_states", {})},
             "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
                     "to pick the threshold",
             "wall_seconds": round(time.time() - self._started, 1),
@@ -349,8 +395,10 @@ class FamiliarityModule(L.LightningModule):
 
         from safetensors.torch import save_file
 
-        with atomic_path(out / WEIGHTS) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.main_net.state_dict().items()}, str(tmp))
+        nets = {WEIGHTS: self.main_net} | ({CALIBRATION_WEIGHTS: self.calib_net} if self.calib_net is not None else {})
+        for name, net in nets.items():
+            with atomic_path(out / name) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
         entropies = {f"main.{k}": v for k, v in ent.items()}
         if calibration is not None:
             entropies |= {f"calibration.{k}": v for k, v in cal.items()}
@@ -377,7 +425,7 @@ class FamiliarityModule(L.LightningModule):
                        config={"data": dict(dm.hparams), "model": dict(hp),
                                "trainer": {"max_epochs": self.trainer.max_epochs,
                                            "world_size": self.trainer.world_size}},
-                       outputs=[WEIGHTS, CONFIG, REPORT, HIST, CURVE, ENTROPIES],
+                       outputs=[*nets, CONFIG, REPORT, HIST, CURVE, ENTROPIES],
                        upstream=upstream_dirs("familiarity", dm.hparams))
         r, a = report["rates"], report["auroc"]
         print(f"familiarity: threshold {threshold:.4f} ({source}); edit prompts familiar "

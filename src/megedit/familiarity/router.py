@@ -11,6 +11,9 @@ from megedit.artifacts import ArtifactError, check_upstream, read_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter
 
 WEIGHTS = "router.safetensors"
+# The calibration router (same recipe, N pseudo prompts), kept so that a later run version can fine-tune it
+# beside the main router and recalibrate the threshold the same way (``megedit edits add``).
+CALIBRATION_WEIGHTS = "calibration_router.safetensors"
 CONFIG = "router.json"
 # Every entropy behind the report and the threshold, so a threshold can be re-picked (another rule or
 # FPR budget, with ``choose_threshold``; ``megedit threshold``) without retraining: ``main.*`` from the
@@ -40,6 +43,18 @@ def load_router(folder: str | Path, encoder_dir: str | Path | None = None,
         raise ArtifactError(f"{folder}: {CONFIG} and {WEIGHTS} do not describe one familiarity net: {exc}") from exc
     router = FamiliarityRouter(net, cfg["threshold"]).to(device)
     return router.eval().requires_grad_(False)
+
+
+def load_router_states(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(router.json, main net state, calibration net state or None)`` of a familiarity artifact: what a
+    fine-tuning run starts from (an artifact written before the calibration router was saved has none)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    read_manifest(folder, stage="familiarity")
+    cfg = json.loads((folder / CONFIG).read_text())
+    calibration = folder / CALIBRATION_WEIGHTS
+    return cfg, load_file(folder / WEIGHTS), load_file(calibration) if calibration.is_file() else None
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float | None:
