@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
 from megedit.artifacts import ArtifactError, check_lineage, check_upstream, read_manifest
 from megedit.prepare.artifact import load_prepared
@@ -91,7 +91,7 @@ class DiffusionDataModule(L.LightningDataModule):
                  val_edits: int = 128, val_batch_size: int = 64, seed: int = 0, embed_batch_size: int = 256,
                  num_workers: int = 0, paraphrase_shifts: int = 4096, shift_prob: float = 0.5,
                  shift_scale: float = 1.0, pseudo_generality: bool = True, relation_views: int = 0,
-                 view_prob: float = 0.5):
+                 view_prob: float = 0.5, favour_from: int | None = None, favoured_share: float = 0.5):
         """
         Args:
             prepare_dir: the prepare artifact (edits, pseudo-irrelevant prompts, lineage).
@@ -116,9 +116,16 @@ class DiffusionDataModule(L.LightningDataModule):
             relation_views: up to this many relation views per edit (and per learnt pseudo edit) whose
                 embeddings stand in for the edit's own condition in training; 0: none.
             view_prob: chance that a drawn pair with views is conditioned on one of them.
+            favour_from: edits from this index on (the new edits a run version appends, ``megedit edits add``)
+                make up ``favoured_share`` of the draws; the other rows (older edits, pseudo edits, zero
+                vectors) share the rest, so a short fine-tuning learns the new edits while it rehearses the old.
+                None: every pair is drawn equally often (shuffled epochs).
+            favoured_share: the share of draws that go to the favoured edits, in (0, 1).
         """
         super().__init__()
         self.save_hyperparameters()
+        if not 0.0 < favoured_share < 1.0:
+            raise ValueError(f"data.favoured_share must be in (0, 1), got {favoured_share}")
         self.ready = False
 
     def setup(self, stage: str | None = None) -> None:
@@ -133,7 +140,8 @@ class DiffusionDataModule(L.LightningDataModule):
         self.collect_manifest, weights, success = read_collected(collect_dir)
         check_lineage({"prepare": self.prepared.manifest, "encoder": self.encoder_manifest,
                        "collect": self.collect_manifest})
-        check_upstream(self.encoder_manifest, "prepare", prepare_dir, f"encoder artifact {encoder_dir}")
+        check_upstream(self.encoder_manifest, "prepare", prepare_dir, f"encoder artifact {encoder_dir}",
+                       accept_ancestors=True)  # a run version extends the encoder's prepare artifact
         check_upstream(self.collect_manifest, "prepare", prepare_dir, f"collect artifact {collect_dir}")
         self.spec = self.prepared.spec
         edits = self.prepared.edits
@@ -177,6 +185,9 @@ class DiffusionDataModule(L.LightningDataModule):
         del encoder
         self.train_cond, self.train_weights = torch.cat(cond), torch.cat(target)
         self.n_train_edits = int(keep.sum())
+        # Training row r < n_train_edits is edit keep.nonzero()[r]: the favoured rows are the new edits' rows.
+        self.favoured_rows = (None if hp.favour_from is None else
+                              (keep.nonzero().flatten() >= hp.favour_from).nonzero().flatten())
         self.n_shiftable = self.n_train_edits + (int(self.pseudo["success"].sum()) if self.pseudo else 0)
         n_val = min(hp.val_edits, len(edits))
         order = torch.randperm(len(edits), generator=torch.Generator().manual_seed(hp.seed))
@@ -274,8 +285,23 @@ class DiffusionDataModule(L.LightningDataModule):
             data = ShiftedConditions(self.train_cond, self.train_weights, self.shifts, self.n_shiftable,
                                      hp.shift_prob, hp.shift_scale, self.view_cond, self.view_rows,
                                      hp.view_prob)
-        return DataLoader(data, batch_size=self.hparams.batch_size,
-                          shuffle=True, drop_last=False, num_workers=self.hparams.num_workers)
+        sampler = self._favouring_sampler(len(data))
+        return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=sampler is None, sampler=sampler,
+                          drop_last=False, num_workers=self.hparams.num_workers)
+
+    def _favouring_sampler(self, n_rows: int) -> WeightedRandomSampler | None:
+        """Draws (with replacement, ``n_rows`` per epoch) that give the favoured rows ``favoured_share`` of
+        the batch; None when nothing is favoured."""
+        rows = self.favoured_rows
+        if rows is None:
+            return None
+        if len(rows) == 0:
+            print("diffusion: data.favour_from names no successfully collected edit; drawing every pair equally")
+            return None
+        share = self.hparams.favoured_share if len(rows) < n_rows else 1.0
+        weights = torch.full((n_rows,), (1.0 - share) / max(1, n_rows - len(rows)))
+        weights[rows] = share / len(rows)
+        return WeightedRandomSampler(weights, num_samples=n_rows, replacement=True)
 
     def val_dataloader(self) -> DataLoader:
         # Edit indices; the module samples, scores and gathers them (duplicates from DDP padding are dropped).

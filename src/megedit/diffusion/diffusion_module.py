@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from megedit.artifacts import atomic_write_json, write_manifest
+from megedit.artifacts import ArtifactError, atomic_write_json, write_manifest
 from megedit.components.neuron import value_emphasis
 from megedit.distributed import barrier, gather_objects
 from megedit.diffusion.generator import CONFIG_FILE, WEIGHTS_FILE, WeightGenerator
@@ -40,6 +40,34 @@ def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def load_training_states(source: str | Path, generator: WeightGenerator) -> dict:
+    """Load a trained generator's weights into ``generator`` (normalisation included) and return
+    ``{"from", "ema_state"}``: the EMA weights to start the EMA from. ``source`` is a diffusion artifact
+    folder (its ``checkpoints/last.ckpt``, the full training state, else its saved EMA generator, which then
+    starts both) or a Lightning ``.ckpt`` file of this module."""
+    from safetensors.torch import load_file
+
+    source = Path(source)
+    ckpt = source / CHECKPOINT_DIR / LAST_CKPT if source.is_dir() else source
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        raw = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
+        ema = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
+    elif (source / WEIGHTS_FILE).is_file():
+        raw = ema = load_file(str(source / WEIGHTS_FILE))
+        ckpt = source / WEIGHTS_FILE
+    else:
+        raise ArtifactError(f"model.init_from {source}: neither {CHECKPOINT_DIR}/{LAST_CKPT} nor {WEIGHTS_FILE} "
+                            "there; point it at a diffusion artifact folder or a .ckpt file")
+    try:
+        generator.load_state_dict(raw)
+    except RuntimeError as exc:
+        raise ArtifactError(f"model.init_from {ckpt}: its generator does not match the one this run builds "
+                            f"(preset, sizes): {exc}") from None
+    print(f"diffusion: fine-tuning the generator of {ckpt}")
+    return {"from": str(ckpt), "ema_state": ema}
+
+
 class DiffusionModule(L.LightningModule):
     resumable = True  # the stage CLI resumes checkpoints/last.ckpt of the same run (megedit.resume)
 
@@ -52,7 +80,8 @@ class DiffusionModule(L.LightningModule):
                  reliability: bool = True,
                  report_edits: int | None = None, report_steps: int = 50, seed: int = 0,
                  torch_threads: int | None = 1, checkpoint_every_n_epochs: int = 5,
-                 value_scales: list[float] = [1.0, 1.25, 1.5, 2.0, 2.5], value_loss_weight: float = 4.0):
+                 value_scales: list[float] = [1.0, 1.25, 1.5, 2.0, 2.5], value_loss_weight: float = 4.0,
+                 init_from: str | None = None, report_from: int = 0):
         """
         Args:
             out_dir: the artifact folder (generator, report, manifest; Lightning checkpoints under ``checkpoints/``).
@@ -88,6 +117,12 @@ class DiffusionModule(L.LightningModule):
                 paper's plain MSE; 4 lifts the 1024-edit generators' reliability, docs/experiments.md). The value decides what an edit writes and the key where it fires; a
                 generated key with the collected value keeps ~98% of the collected neuron's exact match, a
                 collected key with the generated value does not (bench/query_key.py).
+            init_from: fine-tune a trained generator instead of starting from random weights (``megedit edits
+                add``): a diffusion artifact folder (its ``checkpoints/last.ckpt``, else its saved EMA weights)
+                or a ``.ckpt`` file. Both the trained and the EMA weights start from it, and so does the
+                normalisation, so the neurons it learnt keep their meaning; optimiser and schedule start afresh.
+            report_from: the final report scores edits from this index on (with ``report_edits``, that many):
+                a fine-tuning run reports on the new edits it was run for.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -127,7 +162,12 @@ class DiffusionModule(L.LightningModule):
         # a buffer-free attribute: moved to the batch's device when used, never saved in a checkpoint
         self._element_weights = (None if self.hparams.value_loss_weight == 1.0
                                  else value_emphasis(dm.spec, self.hparams.value_loss_weight))
+        self.warm_start = None
+        if self.hparams.init_from:
+            self.warm_start = load_training_states(self.hparams.init_from, self.generator)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        if self.warm_start is not None:
+            self.ema.load_state_dict(self.warm_start.pop("ema_state"))
 
     def teardown(self, stage: str) -> None:
         if getattr(self, "_threads_before", None):
@@ -356,7 +396,8 @@ class DiffusionModule(L.LightningModule):
         calibration = self._calibrate_value_scale(ema, hp.report_steps)
         calibration_seconds = round(time.time() - t_cal, 1)
         n = len(dm.prepared.edits)
-        indices = list(range(n)) if hp.report_edits is None else list(range(min(n, hp.report_edits)))
+        first = min(hp.report_from, n)
+        indices = list(range(first, n if hp.report_edits is None else min(n, first + hp.report_edits)))
         t0 = time.time()
         rows: dict[int, dict] = {}
         for start in range(0, len(indices), 256):
@@ -377,7 +418,7 @@ class DiffusionModule(L.LightningModule):
                   "pseudo_generality": (self._pseudo_generality(ema, "ddim", hp.report_steps)
                                         if hp.reliability else {}),
                   "criterion_l2_mean_plus_std_below_0.5": summary["l2_mean_plus_std"] < 0.5,
-                  "best_checkpoint": best, "global_step": int(self.global_step),
+                  "best_checkpoint": best, "warm_start": self.warm_start, "global_step": int(self.global_step),
                   "epochs": int(self.current_epoch), "wall_seconds_train": round(train_seconds, 1),
                   "wall_seconds_report": round(time.time() - t0, 1),
                   "parameters": sum(p.numel() for p in ema.net.parameters()),
