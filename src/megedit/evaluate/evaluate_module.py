@@ -15,23 +15,14 @@ from megedit.artifacts import atomic_write_json, atomic_write_jsonl, write_manif
 from megedit.baselines.memit import swapped_weights
 from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
+from megedit.evaluate.items import AG_PROTOCOLS, greedy_scores, reference_tokens, teacher_forced_scores
 from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, summarise
 from megedit.evaluate.peers import PEERS, PeerEdit, edit_all
 from megedit.evaluate.report import write_reports
 from megedit.graph import upstream_dirs
-from megedit.scoring import greedy_tokens, target_ids, teacher_forced_ids
 
 VARIANTS = ("meg", "meg_no_router", "meg_retrieval", *PEERS)
 MEG_STAGES = ("encoder", "familiarity", "collect", "diffusion")  # what MeG's edit costs (prepare is shared)
-AG_PROTOCOLS = {
-    "target_length": "greedy decoding of exactly the target's token count; correct iff every token matches "
-                     "(locality: the first L pre-edit tokens, L = token count of the locality answer, else of the "
-                     "edit target); decided in the teacher-forced pass, which gives the same answer: greedy decoding "
-                     "reproduces the target iff each target token is the argmax after the target's own prefix",
-    "official": "up to 20 new tokens, decoded, lower-cased and stripped; reliability/generality correct iff the "
-                "answer starts with the target, locality correct iff it equals the pre-edit answer",
-}
-
 
 class EvaluateModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
@@ -86,7 +77,7 @@ class EvaluateModule(L.LightningModule):
             return
         dm = self.trainer.datamodule
         dm.setup("test")
-        self.edited = EditedLM.load(dm.hparams.run_dir, steps=self.hparams.steps, sampler=self.hparams.sampler,
+        self.edited = EditedLM.load(dm.run_dir, steps=self.hparams.steps, sampler=self.hparams.sampler,
                                     seed=self.hparams.seed, use_router=True, noise_scale=self.hparams.noise_scale,
                                     value_scale=self.hparams.value_scale)
         if self.hparams.router_threshold is not None:
@@ -96,7 +87,7 @@ class EvaluateModule(L.LightningModule):
         if "meg_retrieval" in self.variants:
             from megedit.collect.artifact import load_collected
 
-            collect_dir = Path(dm.hparams.run_dir) / "collect"
+            collect_dir = dm.run_dir / "collect"
             self.collected = load_collected(collect_dir)[0]
             if self.collected.shape[0] != len(self.edited.prepared.edits):
                 raise ValueError(f"{collect_dir}: {self.collected.shape[0]} neurons for "
@@ -125,39 +116,15 @@ class EvaluateModule(L.LightningModule):
 
     # ------------------------------------------------------------------ scoring
     def _targets(self, items) -> list[list[int]]:
-        tok = self.edited.tokenizer
-        out = []
-        for it in items:
-            want = target_ids(tok, it["target"])
-            if it["group"] != "locality":
-                out.append(want)
-            else:  # compare with the pre-edit answer over the target's length; an empty answer means "stop"
-                pre = it["pre_tokens"]
-                out.append(pre[: max(1, min(len(want), len(pre)))] if pre else [tok.eos_token_id])
-        return out
+        return reference_tokens(self.edited.tokenizer, items)
 
     def _tf(self, prompts, targets, weights) -> dict:
-        """Teacher forcing on explicit target token ids (one batch): token accuracy, exact match, greedy tokens."""
         e = self.edited
-        return teacher_forced_ids(e.lm, e.tokenizer, e.neuron, prompts, targets, weights, batch_size=len(prompts))
+        return teacher_forced_scores(e.lm, e.tokenizer, e.neuron, prompts, targets, weights)
 
     def _ag(self, prompts, items, targets, weights, tf: dict) -> tuple[torch.Tensor, list[list[int]]]:
         e = self.edited
-        if self.hparams.ag_protocol == "target_length":
-            # greedy exact match of the target's length is teacher forcing's exact match (scoring.teacher_forced_ids)
-            return tf["exact"].float(), tf["greedy"]
-        gen = greedy_tokens(e.lm, e.tokenizer, e.neuron, prompts, weights, 20, len(prompts))
-        eos = e.tokenizer.eos_token_id
-        gen = [g[: g.index(eos)] if eos in g else g for g in gen]
-        hits = []
-        for g, it in zip(gen, items):
-            answer = e.tokenizer.decode(g, skip_special_tokens=True).strip().lower()
-            if it["group"] == "locality":
-                ref = e.tokenizer.decode(it["pre_tokens"], skip_special_tokens=True).strip().lower()
-                hits.append(answer == ref)
-            else:
-                hits.append(answer.startswith(it["target"].strip().lower()))
-        return torch.tensor(hits, dtype=torch.float), gen
+        return greedy_scores(e.lm, e.tokenizer, e.neuron, prompts, items, tf, weights, self.hparams.ag_protocol)
 
     def test_step(self, items: list[dict], batch_idx: int) -> None:
         e = self.edited
@@ -236,6 +203,7 @@ class EvaluateModule(L.LightningModule):
             "noise_scale": e.generator.noise_scale if e.noise_scale is None else e.noise_scale,
             "value_scale": e.value_scale,
             "router_threshold": float(e.router.threshold), "n_edits": n_edits,
+            "run_version": {"folder": str(dm.run_dir), "version": dm.version, "removed_edits": len(e.removed_ids)},
             "items": {g: sum(1 for it in dm.items if it["group"] == g) for g in ("reliability", "generality", "locality")},
         }
         for variant, extra in locality_breakdown(rows, results).items():
@@ -252,7 +220,7 @@ class EvaluateModule(L.LightningModule):
         atomic_write_jsonl(out / "per_example.jsonl", rows)
         write_reports(out, summary)
         # the collected neurons are read only by the retrieval variant
-        upstream = {n: d for n, d in upstream_dirs("evaluate", dm.hparams).items()
+        upstream = {n: d for n, d in upstream_dirs("evaluate", {"run_dir": dm.run_dir}).items()
                     if n != "collect" or "meg_retrieval" in self.variants}
         write_manifest(out, "evaluate", e.prepared.lineage, config={"model": dict(self.hparams), "data": dict(dm.hparams)},
                        outputs=["results.json", "results.md", "results.png", "per_example.jsonl"], upstream=upstream)
@@ -263,7 +231,7 @@ class EvaluateModule(L.LightningModule):
         edit in this stage) and those of scoring it here (this process's share under DDP)."""
         stages = {}
         for name in MEG_STAGES:
-            manifest = Path(dm.hparams.run_dir) / name / "manifest.json"
+            manifest = dm.run_dir / name / "manifest.json"
             if manifest.is_file():
                 stages[name] = json.loads(manifest.read_text()).get("resources", {}).get("wall_seconds")
         meg_edit = round(sum(stages.values()), 1) if stages and None not in stages.values() else None
