@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megedit ask", description=__doc__.split("\n\n")[0])
     p.add_argument("questions", nargs="*", help="questions; none: read --file or stdin, one per line")
     p.add_argument("--run", required=True, help="run directory with prepare/ encoder/ familiarity/ diffusion/")
+    p.add_argument("--version", type=int, default=None,
+                   help="run version (megedit edits list); default: the latest, 0: the run as first built")
     p.add_argument("--file", help="read questions from this file, one per line")
     p.add_argument("--kind", choices=["question", "completion"], default="question",
                    help="question / completion: wrap in the model's question / completion template")
@@ -41,18 +43,21 @@ def main(argv=None) -> int:
         return 2
     from megedit.edited_model import EditedLM
 
-    lm = EditedLM.load(args.run, use_router=not args.no_router, steps=args.steps,
+    lm = EditedLM.load(args.run, version=args.version, use_router=not args.no_router, steps=args.steps,
                        noise_scale=args.noise_scale, value_scale=args.value_scale)
     routing = lm.route(questions)
     answers = lm.generate(questions, kind=args.kind, max_new_tokens=args.max_new_tokens, routing=routing)
     nearest = lm.nearest_edits(routing.embeddings)
-    for q, a, fam, ent, near in zip(questions, answers, routing.familiar.tolist(), routing.entropy.tolist(), nearest):
-        record = {"question": q, "answer": a, "routed": bool(fam), "entropy": round(ent, 4),
-                  "threshold": lm.router.threshold, "nearest_edit": near}
+    rows = zip(questions, answers, routing.familiar.tolist(), routing.removed.tolist(), routing.entropy.tolist(),
+               nearest)
+    for q, a, fam, removed, ent, near in rows:
+        record = {"question": q, "answer": a, "routed": bool(fam), "nearest_is_removed": bool(removed),
+                  "entropy": round(ent, 4), "threshold": lm.router.threshold, "nearest_edit": near}
         if args.json:
             print(json.dumps(record, ensure_ascii=False))
         else:
-            how = "edited neuron" if fam else "unedited LM"
-            print(f"Q: {q}\nA: {a}\n   [{how}; entropy {ent:.4f} vs threshold {lm.router.threshold:.4f}; nearest edit "
-                  f"{near['id']} ({near['similarity']:.3f}): {near['prompt']!r} -> {near['target_new']!r}]")
+            how = "edited neuron" if fam else "unedited LM" + (" (nearest edit removed)" if removed else "")
+            where = ("no edit left" if near is None else f"nearest edit {near['id']} ({near['similarity']:.3f}): "
+                     f"{near['prompt']!r} -> {near['target_new']!r}")
+            print(f"Q: {q}\nA: {a}\n   [{how}; entropy {ent:.4f} vs threshold {lm.router.threshold:.4f}; {where}]")
     return 0

@@ -52,11 +52,17 @@ def _load(path: str):
     return getattr(importlib.import_module(mod), name)
 
 
+def stage_classes(name: str) -> tuple[type, type]:
+    """The LightningModule and LightningDataModule classes of a stage."""
+    stage = STAGES[name]
+    return _load(stage.module), _load(stage.datamodule)
+
+
 def stage_main(name: str, args=None):
     from megedit.stage_cli import run_stage
 
     stage = STAGES[name]
-    return run_stage(name, _load(stage.module), _load(stage.datamodule), stage.method, stage.links, args)
+    return run_stage(name, *stage_classes(name), stage.method, stage.links, args)
 
 
 def _usage() -> str:
@@ -70,6 +76,7 @@ def _usage() -> str:
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> ("module:function", help)
     "ask": ("megedit.ask:main", "answer questions with an edited run and show the routing provenance"),
+    "edits": ("megedit.edits.cli:main", "add or remove edits of a run without a full retrain; list its versions"),
     "plan": ("megedit.graph:main", "print the Makefile rules of the stage graph (stages/plan.mk)"),
     "report": ("megedit.report:main", "gather several evaluate results into one table and a scaling plot"),
     "serve": ("megedit.serve.cli:main", "serve an edited run over HTTP: OpenAI-style completions with provenance"),

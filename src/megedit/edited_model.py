@@ -5,6 +5,11 @@ weights (batched); if not, no neuron at all, so the LM is exactly the unedited o
 the LM's forward pass or greedy generation with that row's neuron attached throughout.
 Rows of one batch may be routed differently.
 
+A run with versions (``megedit edits add | remove``, ``megedit.edits.versions``) loads its latest complete
+version unless told another. Edits a version removed are never routed to: a familiar query whose most
+similar edit prompt is a removed edit runs on the unedited LM, and removed edits are left out of
+``nearest_edits`` (``megedit.edits.removed``).
+
     lm = EditedLM.load("runs/smollm2-counterfact-1024")
     lm.generate(["The mother tongue of Danielle Darrieux is"])
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -36,13 +41,15 @@ class Routing:
     entropy: torch.Tensor  # [B] (nan when the router is bypassed)
     familiar: torch.Tensor  # [B] bool
     weights: torch.Tensor  # [B, D]; zero rows for unfamiliar queries
+    removed: torch.Tensor  # [B] bool: familiar to the router, but the nearest edit is removed, so not routed
     timings: dict = field(default_factory=dict)  # seconds per component
 
 
 class EditedLM:
     def __init__(self, prepared: Prepared, lm, tokenizer, encoder: TextEncoder, router, generator,
                  use_router: bool = True, steps: int = 10, sampler: str = "ddim", seed: int = 0,
-                 sample_batch_size: int = 64, noise_scale: float | None = None, value_scale: float | None = None):
+                 sample_batch_size: int = 64, noise_scale: float | None = None, value_scale: float | None = None,
+                 removed: Iterable[str] = ()):
         self.prepared, self.spec = prepared, prepared.spec
         self.lm, self.tokenizer, self.encoder, self.router, self.generator = lm, tokenizer, encoder, router, generator
         self.neuron = DynamicNeuron(lm, self.spec)
@@ -51,20 +58,33 @@ class EditedLM:
         self.noise_scale = noise_scale  # None: the generator's own default (generator.json)
         self.value_scale = generator.value_scale if value_scale is None else float(value_scale)  # likewise
         self._edit_embeddings: torch.Tensor | None = None
+        self.folder: Path | None = None  # set by ``load``: the run or version folder, and its version number
+        self.version: int | None = None
+        ids = [e.id for e in prepared.edits]
+        unknown = sorted(set(removed) - set(ids))
+        if unknown:
+            raise ArtifactError(f"removed edits {unknown[:5]} are not edits of {prepared.dir}")
+        self.removed_ids = frozenset(removed)
+        self._removed_mask = torch.tensor([i in self.removed_ids for i in ids], dtype=torch.bool)
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu", **options) -> "EditedLM":
-        """Load a run directory (``prepare/ encoder/ familiarity/ diffusion/``), refusing mixed runs."""
+    def load(cls, run_dir: str | Path, device: str = "cpu", version: int | None = None, **options) -> "EditedLM":
+        """Load a run (``prepare/ encoder/ familiarity/ diffusion/``), refusing mixed runs: its latest complete
+        version, or ``version`` (0: the run as the pipeline made it); a version folder loads as itself."""
         from megedit.diffusion.generator import load_generator
+        from megedit.edits.removed import read_removed
+        from megedit.edits.versions import resolve_version
         from megedit.encoder.artifact import load_encoder
         from megedit.familiarity.router import load_router
 
-        run = Path(run_dir)
+        run, number = resolve_version(run_dir, version)
         dirs = {name: run / name for name in SERVED}
         manifests = {name: read_manifest(d, stage=name) for name, d in dirs.items()}
         check_lineage(manifests)
         check_upstream(manifests["diffusion"], "encoder", dirs["encoder"], where=f"generator {dirs['diffusion']}")
+        for name in ("familiarity", "diffusion"):  # both learnt this folder's edits, not another version's
+            check_upstream(manifests[name], "prepare", dirs["prepare"], where=f"{name} artifact {dirs[name]}")
         prepared = load_prepared(dirs["prepare"])
         lm, tokenizer = load_lm(prepared.spec)
         lm.to(device)
@@ -74,7 +94,10 @@ class EditedLM:
         if generator.input_dim != prepared.spec.neuron_dim:
             raise ArtifactError(f"{dirs['diffusion']}: generator makes {generator.input_dim}-dim neurons, "
                                 f"model {prepared.spec.name} needs {prepared.spec.neuron_dim}")
-        return cls(prepared, lm, tokenizer, encoder, router, generator, **options)
+        edited = cls(prepared, lm, tokenizer, encoder, router, generator,
+                     removed=[r.id for r in read_removed(run)], **options)
+        edited.folder, edited.version = run, number
+        return edited
 
     # ------------------------------------------------------------------ routing
     @torch.no_grad()
@@ -89,14 +112,32 @@ class EditedLM:
         else:
             entropy = torch.full((len(queries),), float("nan"))
             familiar = torch.ones(len(queries), dtype=torch.bool)
+        removed = self._nearest_is_removed(emb, familiar)
+        familiar = familiar & ~removed
         t2 = time.perf_counter()
         weights = torch.zeros(len(queries), self.spec.neuron_dim)
         idx = familiar.nonzero().flatten()
         if len(idx):
             weights[idx] = self.generate_neurons(emb[idx])
         t3 = time.perf_counter()
-        return Routing(emb, entropy, familiar, weights,
+        return Routing(emb, entropy, familiar, weights, removed,
                        {"encoder": t1 - t0, "router": t2 - t1, "sampler": t3 - t2})
+
+    def _nearest_is_removed(self, embeddings: torch.Tensor, familiar: torch.Tensor) -> torch.Tensor:
+        """Bool [B]: a familiar row whose most similar edit prompt, among all edits, is a removed edit."""
+        out = torch.zeros_like(familiar)
+        idx = familiar.nonzero().flatten()
+        if not self.removed_ids or not len(idx):
+            return out
+        nearest = (embeddings[idx] @ self.edit_embeddings().T).argmax(dim=1).cpu()
+        out[idx] = self._removed_mask[nearest]
+        return out
+
+    def edit_embeddings(self) -> torch.Tensor:
+        """The encoder's embeddings of every edit prompt (removed ones included), computed once."""
+        if self._edit_embeddings is None:
+            self._edit_embeddings = self.encoder.embed([e.prompt for e in self.prepared.edits])
+        return self._edit_embeddings
 
     @torch.no_grad()
     def generate_neurons(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -146,11 +187,13 @@ class EditedLM:
         return {"tf": tf["token_acc"], "ag": greedy_match(self.lm, self.tokenizer, self.neuron, prompts, targets, w)}
 
     # ------------------------------------------------------------------ provenance
-    def nearest_edits(self, embeddings: torch.Tensor) -> list[dict]:
-        """For each embedding: the most similar edit prompt (index, id, prompt, target, cosine similarity)."""
-        if self._edit_embeddings is None:
-            self._edit_embeddings = self.encoder.embed([e.prompt for e in self.prepared.edits])
-        sims = embeddings @ self._edit_embeddings.T
+    def nearest_edits(self, embeddings: torch.Tensor) -> list[dict | None]:
+        """For each embedding: the most similar edit prompt that is not removed (index, id, prompt, target,
+        cosine similarity); None when every edit is removed."""
+        if bool(self._removed_mask.all()):
+            return [None] * len(embeddings)
+        sims = embeddings @ self.edit_embeddings().T
+        sims[:, self._removed_mask.to(sims.device)] = float("-inf")
         best = sims.max(dim=1)
         out = []
         for score, i in zip(best.values.tolist(), best.indices.tolist()):

@@ -1,0 +1,105 @@
+"""Fine-tuning a version's router and generator through their own stages.
+
+Each stage runs as it always does (``megedit.cli.stage_main``: LightningCLI, the stage's defaults, its
+manifest), with the configuration its parent artifact recorded in its manifest, so the version is trained by
+the recipe that trained its parent; on top of that come only the version's folders and the fine-tuning flags:
+
+* familiarity: ``model.init_from`` = the parent router (its calibration router too, when saved), labels of
+  points it already calls familiar kept, ``model.min_epochs`` 1: it trains until both routers have memorised
+  every point again, as the stage's convergence rule says, and the threshold is re-picked by the stage's
+  calibration on the version's pseudo data;
+* diffusion: ``model.init_from`` = the parent generator's last checkpoint, a budget of optimiser steps in
+  which every new edit is drawn ``draws_per_new_edit`` times and the new edits take ``new_share`` of every
+  batch (``data.favour_from``), a peak learning rate of ``lr_scale`` x the parent's, the parent's value scale
+  (one candidate: no re-pick), no validation, and a final report on the new edits only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from megedit.artifacts import read_manifest
+from megedit.cli import stage_classes, stage_main
+from megedit.diffusion.generator import CONFIG_FILE
+
+
+@dataclass(frozen=True)
+class GeneratorBudget:
+    """How long and how the generator is fine-tuned on a version's edits (docs/incremental.md)."""
+
+    draws_per_new_edit: int = 300  # the stage's own run draws each edit ~400 times (400 epochs)
+    new_share: float = 0.5  # of every batch: the rest rehearses the older edits and the pseudo edits
+    lr_scale: float = 0.5  # peak lr = this x the parent's (its schedule had annealed to 0.05 x)
+    warmup_steps: int = 50
+
+    def __post_init__(self):
+        if self.draws_per_new_edit < 1 or not 0.0 < self.new_share < 1.0 or self.lr_scale <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"generator budget: need draws_per_new_edit >= 1, 0 < new_share < 1, lr_scale > 0 and "
+                             f"warmup_steps >= 0; got {self.draws_per_new_edit}, {self.new_share}, {self.lr_scale}, "
+                             f"{self.warmup_steps}")
+
+    def steps(self, n_new: int, batch_size: int) -> int:
+        return max(1, math.ceil(self.draws_per_new_edit * n_new / (batch_size * self.new_share)))
+
+
+def _cli_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_flags(stage: str, config: dict, overrides: dict[str, dict]) -> list[str]:
+    """``--data.* / --model.*`` flags that reproduce a stage manifest's ``config`` (the keys the stage's
+    current classes still take) with ``overrides`` on top."""
+    module, datamodule = stage_classes(stage)
+    accepted = {"model": inspect.signature(module.__init__).parameters,
+                "data": inspect.signature(datamodule.__init__).parameters}
+    flags = []
+    for section in ("data", "model"):
+        values = {k: v for k, v in (config.get(section) or {}).items() if k in accepted[section] and k != "self"}
+        values.update(overrides.get(section, {}))
+        for key, value in values.items():
+            flags += [f"--{section}.{key}", _cli_value(value)]
+    for key, value in overrides.get("trainer", {}).items():
+        flags += [f"--trainer.{key}", _cli_value(value)]
+    return flags
+
+
+def _quiet(quiet: bool) -> dict:
+    return {"enable_progress_bar": False, "enable_model_summary": False} if quiet else {}
+
+
+def fine_tune_router(parent: Path, prepare: Path, encoder: Path, out: Path, tb: Path, quiet: bool = False) -> float:
+    """Run the familiarity stage for a version, warm-started from the ``parent`` artifact; its wall seconds."""
+    config = read_manifest(parent, stage="familiarity")["config"]
+    overrides = {"data": {"prepare_dir": str(prepare), "encoder_dir": str(encoder)},
+                 "model": {"out_dir": str(out), "init_from": str(parent), "min_epochs": 1},
+                 "trainer": {"logger.init_args.save_dir": str(tb), **_quiet(quiet),
+                             "max_epochs": (config.get("trainer") or {}).get("max_epochs", 400)}}
+    started = time.time()
+    stage_main("familiarity", config_flags("familiarity", config, overrides))
+    return time.time() - started
+
+
+def fine_tune_generator(parent: Path, prepare: Path, encoder: Path, collect: Path, out: Path, tb: Path,
+                        first_new: int, n_new: int, budget: GeneratorBudget, quiet: bool = False) -> tuple[float, dict]:
+    """Run the diffusion stage for a version, fine-tuning the ``parent`` artifact's generator; its wall seconds
+    and the settings it ran with (steps, peak lr, value scale)."""
+    config = read_manifest(parent, stage="diffusion")["config"]
+    saved = json.loads((parent / CONFIG_FILE).read_text())
+    value_scale = saved["schedule"].get("default_value_scale", 1.0)
+    batch_size = int((config.get("data") or {}).get("batch_size", 32))
+    lr = float((config.get("model") or {}).get("lr", 2e-3)) * budget.lr_scale
+    overrides = {"data": {"prepare_dir": str(prepare), "encoder_dir": str(encoder), "collect_dir": str(collect),
+                          "favour_from": first_new, "favoured_share": budget.new_share, "val_edits": 0},
+                 "model": {"out_dir": str(out), "init_from": str(parent), "lr": lr, "warmup_steps": budget.warmup_steps,
+                           "value_scales": [value_scale], "report_from": first_new, "report_edits": None},
+                 "trainer": {"logger.init_args.save_dir": str(tb), **_quiet(quiet), "max_epochs": -1,
+                             "max_steps": budget.steps(n_new, batch_size), "limit_val_batches": 0}}
+    started = time.time()
+    stage_main("diffusion", config_flags("diffusion", config, overrides))
+    return time.time() - started, {"steps": overrides["trainer"]["max_steps"], "batch_size": batch_size, "lr": lr,
+                                   "value_scale": value_scale, **budget.__dict__}
