@@ -53,8 +53,8 @@ def add_edits(run: str | Path, files: Sequence[str | Path], replace: bool = Fals
         seconds["diffusion"], generator = fine_tune_generator(stage_owner(staging.parent_dir, "diffusion"), staging.dir / "prepare",
                                                    encoder, staging.dir / "collect", staging.dir / "diffusion", tb,
                                                    first_new, n_new, budget, quiet)
-        ids = {e.id for e in prepared.edits}
-        kept_removals = [r for r in removals if r.id in ids]  # a replaced removed edit is gone from the version
+        # A removed edit that a new record replaced is gone, even when the new record has its id.
+        kept_removals = [r for r in removals if r.id not in plan.replaced]
         if kept_removals:
             write_removed(staging.dir, kept_removals)
         seconds["total"] = time.time() - started
