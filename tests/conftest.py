@@ -119,3 +119,11 @@ def pipeline_run(served_run) -> Path:
                             "--model.peer_stats_texts", "16",
                             "--trainer.logger.init_args.save_dir", str(served_run / "tb"), *QUIET])
     return served_run
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A private copy of a run folder, for a test that changes it (links inside it stay links)."""
+    import shutil
+
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
