@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,17 @@ def config_flags(stage: str, config: dict, overrides: dict[str, dict]) -> list[s
     return flags
 
 
+def run_stage_with(stage: str, flags: list[str]) -> None:
+    """``stage_main`` with exactly ``flags``: the command line of the ``megedit edits`` process is not the
+    stage's (LightningCLI would warn that it is given both)."""
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        stage_main(stage, flags)
+    finally:
+        sys.argv = argv
+
+
 def _quiet(quiet: bool) -> dict:
     return {"enable_progress_bar": False, "enable_model_summary": False} if quiet else {}
 
@@ -80,7 +92,7 @@ def fine_tune_router(parent: Path, prepare: Path, encoder: Path, out: Path, tb: 
                  "trainer": {"logger.init_args.save_dir": str(tb), **_quiet(quiet),
                              "max_epochs": (config.get("trainer") or {}).get("max_epochs", 400)}}
     started = time.time()
-    stage_main("familiarity", config_flags("familiarity", config, overrides))
+    run_stage_with("familiarity", config_flags("familiarity", config, overrides))
     return time.time() - started
 
 
@@ -100,6 +112,6 @@ def fine_tune_generator(parent: Path, prepare: Path, encoder: Path, collect: Pat
                  "trainer": {"logger.init_args.save_dir": str(tb), **_quiet(quiet), "max_epochs": -1,
                              "max_steps": budget.steps(n_new, batch_size), "limit_val_batches": 0}}
     started = time.time()
-    stage_main("diffusion", config_flags("diffusion", config, overrides))
+    run_stage_with("diffusion", config_flags("diffusion", config, overrides))
     return time.time() - started, {"steps": overrides["trainer"]["max_steps"], "batch_size": batch_size, "lr": lr,
                                    "value_scale": value_scale, **budget.__dict__}
