@@ -153,7 +153,14 @@ def test_remove_answers_as_before_editing_at_once_and_keeps_the_rest(served_run,
 
 
 def test_ask_and_evaluate_serve_the_latest_version(added, capsys):
+    from megedit.cli import stage_main
+
     run, _ = added
+    stage_main("evaluate", ["--data.run_dir", str(run), "--model.out_dir", str(run / "evaluate-latest"), "--model.steps",
+                            "20", "--model.variants", "[meg]", "--trainer.logger", "false",
+                            "--trainer.enable_progress_bar", "false"])
+    meta = json.loads((run / "evaluate-latest" / "results.json").read_text())["metric_meta"]
+    assert meta["run_version"]["version"] == 1 and meta["n_edits"] == 15
     question = NEW_EDITS[0]["src"]
     assert megedit_main(["ask", "--run", str(run), "--json", "--steps", "20", "--max-new-tokens", "4", question]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
