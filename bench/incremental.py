@@ -215,7 +215,7 @@ def criteria(result: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, type=Path, help="a finished run (read only)")
     p.add_argument("--work", required=True, type=Path, help="a fresh folder for the copy and the versions")
@@ -230,64 +230,81 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.work.exists() and any(args.work.iterdir()):
         p.error(f"--work {args.work} is not empty")
+    return args
 
+
+def copy_and_pick(args) -> tuple[Path, object, list[str], list[str], list[Path]]:
+    """Copy the run into ``--work``; draw the old sample and the edits to remove; write the new edits' file(s)."""
     from megedit.prepare.artifact import load_prepared
 
-    started = time.time()
     run = args.work / args.run.name
     for stage in STAGES_COPIED:
         shutil.copytree(args.run / stage, run / stage)
     prepared = load_prepared(run / "prepare")
-    n = len(prepared.edits)
-    rng = random.Random(args.seed)
     order = [e.id for e in prepared.edits]
-    rng.shuffle(order)
+    random.Random(args.seed).shuffle(order)
     old_ids, removed_ids = order[: args.old_sample], order[args.old_sample: args.old_sample + args.remove]
-    new_records = unused_records(prepared, args.add)
-    files = write_raw_rows(new_records, prepared, args.work / "new_edits")
-    print(f"incremental: {n} edits; adding {len(new_records)} from {[str(f) for f in files]}, removing "
+    files = write_raw_rows(unused_records(prepared, args.add), prepared, args.work / "new_edits")
+    print(f"incremental: {len(order)} edits; adding {args.add} from {[str(f) for f in files]}, removing "
           f"{len(removed_ids)}, scoring a sample of {len(old_ids)}", flush=True)
+    return run, prepared, old_ids, removed_ids, files
 
-    before = score(run, 0, {"old": items_for(prepared, old_ids), "removed": items_for(prepared, removed_ids)},
-                   args.value_scale, args.batch_size)
+
+def add_remove_and_score(args, run: Path, prepared, old_ids, removed_ids, files) -> dict:
+    """Steps 2-6 of the module docstring: every score, the two commands' times and version 1's record."""
+    from megedit.prepare.artifact import load_prepared
+
+    vs, bs = args.value_scale, args.batch_size
+    before = score(run, 0, {"old": items_for(prepared, old_ids), "removed": items_for(prepared, removed_ids)}, vs, bs)
     add_seconds = megedit_cli("edits", "add", "--run", str(run), *map(str, files), "--quiet", *args.add_args.split())
     v1 = json.loads((run / "versions" / "1" / "version.json").read_text())
     prepared1 = load_prepared(run / "versions" / "1" / "prepare")
     new_ids = v1["change"]["added"]
     after_add = score(run, 1, {"new": items_for(prepared1, new_ids), "old": items_for(prepared1, old_ids),
-                               "removed": items_for(prepared1, removed_ids)}, args.value_scale, args.batch_size)
+                               "removed": items_for(prepared1, removed_ids)}, vs, bs)
     remove_seconds = megedit_cli("edits", "remove", "--run", str(run), *removed_ids, "--reason", "bench/incremental.py")
     after_remove = score(run, 2, {"restoration": items_for(prepared1, removed_ids, "restoration"),
                                   "removed": items_for(prepared1, removed_ids), "old": items_for(prepared1, old_ids),
-                                  "new": items_for(prepared1, new_ids)}, args.value_scale, args.batch_size)
+                                  "new": items_for(prepared1, new_ids)}, vs, bs)
+    return {"before": before, "after_add": after_add, "after_remove": after_remove, "version_1": v1,
+            "new_ids": new_ids, "add_seconds": add_seconds, "remove_seconds": remove_seconds}
 
-    cost = {"add_seconds": round(add_seconds, 1), "add_stage_seconds": v1["seconds"],
-            "remove_seconds": round(remove_seconds, 1), "from_scratch": from_scratch_cost(args.run, n, len(new_ids))}
-    cost["add_share_of_from_scratch"] = round(100.0 * add_seconds / cost["from_scratch"]["scaled_total_seconds"], 2)
-    metric = lambda s, g: s[g]["metrics"]  # noqa: E731
+
+def assemble(args, n: int, old_ids, removed_ids, s: dict) -> dict:
+    """The JSON result: metrics per group and version, removal, cost, and the issue's criteria."""
+    cost = {"add_seconds": round(s["add_seconds"], 1), "add_stage_seconds": s["version_1"]["seconds"],
+            "remove_seconds": round(s["remove_seconds"], 1),
+            "from_scratch": from_scratch_cost(args.run, n, len(s["new_ids"]))}
+    cost["add_share_of_from_scratch"] = round(100.0 * s["add_seconds"] / cost["from_scratch"]["scaled_total_seconds"], 2)
+    m = lambda when, group: s[when][group]["metrics"]  # noqa: E731
     result = {
-        "run": str(args.run), "commit": _commit(), "n_edits": n, "added": len(new_ids), "removed": len(removed_ids),
+        "run": str(args.run), "commit": _commit(), "n_edits": n, "added": len(s["new_ids"]), "removed": len(removed_ids),
         "old_sample": len(old_ids), "seed": args.seed, "value_scale": args.value_scale,
         "machine": {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
                     "python": platform.python_version()},
-        "new_edit_ids": new_ids, "removed_edit_ids": removed_ids, "old_sample_ids": old_ids,
-        "version_1": v1, "metrics": {"rows": [
-            ("old sample, before", 0, metric(before, "old")),
-            ("old sample, after add", 1, metric(after_add, "old")),
-            ("old sample, after remove", 2, metric(after_remove, "old")),
-            ("new edits, after add", 1, metric(after_add, "new")),
-            ("new edits, after remove", 2, metric(after_remove, "new")),
-            ("to remove, before", 0, metric(before, "removed")),
-            ("to remove, after add", 1, metric(after_add, "removed")),
-            ("removed, after remove", 2, metric(after_remove, "removed"))]},
-        "removal": {"version": 2, "restoration": restoration_by_kind(after_remove["restoration"]["rows"]),
-                    "unchanged_old_sample": same_outcome(after_add["old"]["rows"], after_remove["old"]["rows"]),
-                    "unchanged_new_edits": same_outcome(after_add["new"]["rows"], after_remove["new"]["rows"])},
-        "cost": cost, "scoring_seconds": {"before": before["_seconds"], "after_add": after_add["_seconds"],
-                                          "after_remove": after_remove["_seconds"]},
-        "wall_seconds": round(time.time() - started, 1),
+        "new_edit_ids": s["new_ids"], "removed_edit_ids": removed_ids, "old_sample_ids": old_ids,
+        "version_1": s["version_1"], "metrics": {"rows": [
+            ("old sample, before", 0, m("before", "old")), ("old sample, after add", 1, m("after_add", "old")),
+            ("old sample, after remove", 2, m("after_remove", "old")), ("new edits, after add", 1, m("after_add", "new")),
+            ("new edits, after remove", 2, m("after_remove", "new")), ("to remove, before", 0, m("before", "removed")),
+            ("to remove, after add", 1, m("after_add", "removed")),
+            ("removed, after remove", 2, m("after_remove", "removed"))]},
+        "removal": {"version": 2, "restoration": restoration_by_kind(s["after_remove"]["restoration"]["rows"]),
+                    "unchanged_old_sample": same_outcome(s["after_add"]["old"]["rows"], s["after_remove"]["old"]["rows"]),
+                    "unchanged_new_edits": same_outcome(s["after_add"]["new"]["rows"], s["after_remove"]["new"]["rows"])},
+        "cost": cost, "scoring_seconds": {k: s[k]["_seconds"] for k in ("before", "after_add", "after_remove")},
     }
     result["criteria"] = criteria(result)
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    run, prepared, old_ids, removed_ids, files = copy_and_pick(args)
+    scores = add_remove_and_score(args, run, prepared, old_ids, removed_ids, files)
+    result = assemble(args, len(prepared.edits), old_ids, removed_ids, scores)
+    result["wall_seconds"] = round(time.time() - started, 1)
     md = table(result)
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
-"""``megedit edits add | remove | list`` on a real 12-edit ZsRE run (the session fixture ``served_run``), each test
-on its own copy of the run: new edits are prepared, collected and learnt by the fine-tuned router and
-generator; removed edits answer as the base LM at once; a failed add leaves the old version serving."""
+"""``megedit edits add | remove | list`` on a real 12-edit ZsRE run (the session fixture ``served_run``),
+each test on its own copy of the run: new edits are prepared, collected and learnt by the fine-tuned router
+and generator; removed edits answer as the base LM at once; a failed add leaves the old version serving."""
 
 from __future__ import annotations
 

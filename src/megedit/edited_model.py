@@ -41,7 +41,9 @@ class Routing:
     entropy: torch.Tensor  # [B] (nan when the router is bypassed)
     familiar: torch.Tensor  # [B] bool
     weights: torch.Tensor  # [B, D]; zero rows for unfamiliar queries
-    removed: torch.Tensor  # [B] bool: familiar to the router, but the nearest edit is removed, so not routed
+    # [B] bool: familiar to the router, but the nearest edit is removed, so not routed (``route`` sets it;
+    # None in a routing built without the router, e.g. the server's plain mode)
+    removed: torch.Tensor | None = None
     timings: dict = field(default_factory=dict)  # seconds per component
 
 

@@ -117,12 +117,9 @@ class DiffusionModule(L.LightningModule):
                 paper's plain MSE; 4 lifts the 1024-edit generators' reliability, docs/experiments.md). The value decides what an edit writes and the key where it fires; a
                 generated key with the collected value keeps ~98% of the collected neuron's exact match, a
                 collected key with the generated value does not (bench/query_key.py).
-            init_from: fine-tune a trained generator instead of starting from random weights (``megedit edits
-                add``): a diffusion artifact folder (its ``checkpoints/last.ckpt``, else its saved EMA weights)
-                or a ``.ckpt`` file. Both the trained and the EMA weights start from it, and so does the
-                normalisation, so the neurons it learnt keep their meaning; optimiser and schedule start afresh.
-            report_from: the final report scores edits from this index on (with ``report_edits``, that many):
-                a fine-tuning run reports on the new edits it was run for.
+            init_from: fine-tune a trained generator (``megedit edits add``): a diffusion artifact (its
+                ``checkpoints/last.ckpt``, else its EMA weights) or a ``.ckpt``; weights, EMA, normalisation start there.
+            report_from: the final report starts at this edit (a fine-tuning run reports on its new edits).
         """
         super().__init__()
         self.save_hyperparameters()
