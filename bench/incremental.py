@@ -18,8 +18,8 @@ The run is copied to ``--work`` first (its stage folders only; the run itself is
    metrics and the share of items whose AG outcome is the same as in version 1).
 
 Scoring is the evaluate stage's ``meg`` variant (``megedit.evaluate.items``): TF and AG per item, Score the
-harmonic mean. The from-scratch cost is read from the run's stage manifests (``resources.wall_seconds``, or
-the creation times for older manifests: ``bench/pipeline.py``): prepare, familiarity, collect and diffusion
+harmonic mean. The from-scratch cost is read from the run's stage manifests (``resources.wall_seconds``; for
+older manifests the stage's own report, else the creation times: ``stage_cost``): prepare, familiarity, collect and diffusion
 grow with N and are scaled by (N + K) / N; the encoder does not depend on N; evaluate is not part of
 building an edited model and is left out. Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -147,17 +147,41 @@ def restoration_by_kind(rows: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- cost
+# What each stage's own report says it took, for manifests written before they recorded ``resources``.
+REPORTED_SECONDS = {
+    "prepare": ("report.json", lambda r: r["wall_seconds"]),
+    "encoder": ("report.json", lambda r: r["wall_seconds"]),
+    "familiarity": ("routing_report.json", lambda r: r["wall_seconds"]),
+    "collect": ("report.json", lambda r: r["stage_wall_seconds"] + (r.get("transfer") or {}).get("seconds", 0.0)),
+    "diffusion": ("report.json", lambda r: r["wall_seconds_train"] + r["wall_seconds_report"]),
+}
+
+
+def stage_cost(run: Path, stage: str, pipeline) -> dict | None:
+    """What ``stage`` of ``run`` cost, read in the run that owns the folder (an ``EXP=`` run links the stages it
+    shares from its base run): the manifest's ``resources``; else the stage's own report (its timer starts
+    after the imports); else ``bench/pipeline.py``'s estimate from the manifests' creation times."""
+    owner = (run / stage).resolve().parent
+    cost = pipeline.stage_costs(owner).get(stage)
+    if cost is not None and not cost["estimated"]:
+        return {"wall_seconds": cost["wall_seconds"], "source": "manifest resources"}
+    name, seconds = REPORTED_SECONDS[stage]
+    try:
+        return {"wall_seconds": round(seconds(json.loads((owner / stage / name).read_text())), 1),
+                "source": f"{stage}/{name}"}
+    except (OSError, KeyError, TypeError, ValueError):
+        return None if cost is None else {"wall_seconds": cost["wall_seconds"], "source": "manifest creation times"}
+
+
 def from_scratch_cost(run: Path, n: int, k: int) -> dict:
     spec = importlib.util.spec_from_file_location("pipeline_bench", Path(__file__).with_name("pipeline.py"))
     pipeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline)
-    costs = pipeline.stage_costs(run)
-    report = run / "prepare" / "report.json"
-    if "prepare" not in costs and report.is_file():  # a manifest without resources: prepare's own report times it
-        costs["prepare"] = {"wall_seconds": json.loads(report.read_text())["wall_seconds"], "estimated": True}
-    stages = {s: costs[s]["wall_seconds"] for s in STAGES_COPIED if s in costs}
+    costs = {s: c for s in STAGES_COPIED if (c := stage_cost(run, s, pipeline)) is not None}
+    stages = {s: c["wall_seconds"] for s, c in costs.items()}
     scaled = {s: round(v * ((n + k) / n if s in GROWS_WITH_N else 1.0), 1) for s, v in stages.items()}
-    return {"stages_seconds": stages, "estimated": any(costs[s]["estimated"] for s in stages),
+    return {"stages_seconds": stages, "sources": {s: c["source"] for s, c in costs.items()},
+            "estimated": any(c["source"] == "manifest creation times" for c in costs.values()),
             "missing": [s for s in STAGES_COPIED if s not in stages], "total_seconds": round(sum(stages.values()), 1),
             "scaled_to_n_plus_k": scaled, "scaled_total_seconds": round(sum(scaled.values()), 1)}
 
@@ -187,7 +211,7 @@ def table(result: dict) -> str:
               f"Unchanged by the removal (same AG outcome as in version 1): old sample {r['unchanged_old_sample']}%, "
               f"new edits {r['unchanged_new_edits']}%.",
               "", f"`edits add` {c['add_seconds']:.0f} s ({c['add_stage_seconds']}) against a from-scratch run of "
-              f"{c['from_scratch']['scaled_total_seconds']:.0f} s at N+K (stage manifests"
+              f"{c['from_scratch']['scaled_total_seconds']:.0f} s at N+K (stage manifests and reports"
               f"{', partly estimated from creation times' if c['from_scratch']['estimated'] else ''}; "
               f"{c['from_scratch']['total_seconds']:.0f} s at N): {c['add_share_of_from_scratch']:.1f}%. "
               f"`edits remove` {c['remove_seconds']:.1f} s."]
