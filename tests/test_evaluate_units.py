@@ -162,3 +162,22 @@ def test_teacher_forced_exact_match_is_greedy_exact_match(tiny_llama):
     assert forced["exact"][::3].all() and not forced["exact"][1::3].any()
     for gen, t, prefix in zip(generated, targets, forced["greedy"]):
         assert gen[:len(prefix)] == prefix  # greedy's own tokens up to its first wrong one
+
+
+def test_saved_peer_weights_are_reused_only_with_the_same_settings(tmp_path):
+    from types import SimpleNamespace
+
+    from megedit.evaluate.artifact import peer_file, save_peer_weights
+    from megedit.evaluate.evaluate_module import EvaluateModule
+
+    module = EvaluateModule(out_dir=str(tmp_path), variants=["meg", "ft"])
+    module.edited = SimpleNamespace(prepared=SimpleNamespace(lineage={"model": "m"}))
+    w = {"model.layers.1.mlp.down_proj.weight": torch.randn(3, 2)}
+    save_peer_weights(peer_file(tmp_path / "peers", "ft"), "ft", w, {"model": "m"}, 4,
+                      {"epochs": 2, "seconds": 7.5}, module._peer_options("ft"))
+    reused = module._saved_peers(["ft"], 4)
+    assert torch.equal(reused["ft"].weights["model.layers.1.mlp.down_proj.weight"], w["model.layers.1.mlp.down_proj.weight"])
+    assert reused["ft"].seconds == 7.5 and reused["ft"].account["epochs"] == 2
+    assert module._saved_peers(["ft"], 5) == {}  # another edit count
+    module.hparams.ft_lr = module.hparams.ft_lr * 2
+    assert module._saved_peers(["ft"], 4) == {}  # another setting: edited again

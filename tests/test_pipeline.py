@@ -81,6 +81,7 @@ def test_evaluate_writes_every_output_with_its_protocol(run_dir):
     for peer in ("ft", "memit", "alphaedit"):  # the peers edit the weights: nothing is routed
         assert summary["results"][peer]["routing_familiar"] == {"rel": 0.0, "gen": 0.0, "loc": 0.0}
         assert summary["method_seconds"][peer]["edit"] > 0 and summary["method_seconds"][peer]["evaluate"] > 0
+        assert (out / "peers" / f"{peer}.safetensors").is_file()  # for a resumed evaluation and the general stage
     assert set(summary["method_seconds"]["meg_stages"]) == {"encoder", "familiarity", "collect", "diffusion"}
     # FT trains until it has learnt the edits (or its budget), and says which.
     acc = summary["peers"]["ft"]

@@ -11,13 +11,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from megedit.artifacts import atomic_write_json, atomic_write_jsonl, write_manifest
+from megedit.artifacts import ArtifactError, atomic_write_json, atomic_write_jsonl, write_manifest
 from megedit.baselines.memit import swapped_weights
 from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
 from megedit.evaluate.items import AG_PROTOCOLS, greedy_scores, reference_tokens, teacher_forced_scores
 from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, summarise
-from megedit.evaluate.peers import PEERS, PeerEdit, edit_all
+from megedit.evaluate.artifact import PEERS_FOLDER, load_peer_weights, peer_account, peer_file, save_peer_weights
+from megedit.evaluate.peers import PEERS, PeerEdit, edit_all, memit_settings
 from megedit.evaluate.report import write_reports
 from megedit.graph import upstream_dirs
 
@@ -106,13 +107,49 @@ class EvaluateModule(L.LightningModule):
         self._started = time.time()
         e = self.edited
         edits = [e.prepared.edits[i] for i in self.trainer.datamodule.edit_indices()]
+        methods = [v for v in self.variants if v in PEERS]
+        self.peers = self._saved_peers(methods, len(edits))
+        missing = [m for m in methods if m not in self.peers]
         overrides = {"n_texts": self.hparams.peer_stats_texts} if self.hparams.peer_stats_texts else None
-        self.peers = edit_all(
-            [v for v in self.variants if v in PEERS], e.lm, e.tokenizer, e.spec, edits, ft_epochs=self.hparams.ft_epochs,
+        edited = edit_all(
+            missing, e.lm, e.tokenizer, e.spec, edits, ft_epochs=self.hparams.ft_epochs,
             ft_lr=self.hparams.ft_lr, ft_batch_size=self.hparams.ft_batch_size,
             ft_target_reliability=self.hparams.ft_target_reliability, seed=self.hparams.seed,
             weights_sha256=e.prepared.lineage.get("model_weights_sha256"), stats_overrides=overrides,
             progress=self.global_rank == 0)
+        if self.global_rank == 0:  # kept for a rerun after a kill and for the general stage
+            for method, peer in edited.items():
+                save_peer_weights(peer_file(self._peer_dir(), method), method, peer.weights, e.prepared.lineage,
+                                  len(edits), peer.account | {"seconds": peer.seconds}, self._peer_options(method))
+        self.peers |= edited
+
+    def _peer_dir(self) -> Path:
+        return Path(self.hparams.out_dir) / PEERS_FOLDER
+
+    def _peer_options(self, method: str) -> dict:
+        """The settings a peer's weights depend on: a saved file made with others is edited again."""
+        hp = self.hparams
+        if method == "ft":
+            return {k: hp[k] for k in ("ft_epochs", "ft_lr", "ft_batch_size", "ft_target_reliability", "seed")}
+        return {"memit": memit_settings(self.edited.spec).to_dict(), "peer_stats_texts": hp.peer_stats_texts}
+
+    def _saved_peers(self, methods: list[str], n_edits: int) -> dict[str, PeerEdit]:
+        """The peers whose weights an earlier run of this stage saved with the same run, edits and settings."""
+        out = {}
+        for method in methods:
+            path = peer_file(self._peer_dir(), method)
+            if not path.is_file():
+                continue
+            try:
+                weights = load_peer_weights(path, method, self.edited.prepared.lineage, n_edits,
+                                            self._peer_options(method))
+            except ArtifactError as err:
+                print(f"evaluate: {method} edited again ({err})")
+                continue
+            account = peer_account(path)
+            print(f"evaluate: {method} weights reused from {path}")
+            out[method] = PeerEdit(weights, account | {"reused_from": str(path)}, float(account.get("seconds", 0.0)))
+        return out
 
     # ------------------------------------------------------------------ scoring
     def _targets(self, items) -> list[list[int]]:

@@ -1,9 +1,8 @@
 """The peers' edited weights (FT, MEMIT, AlphaEdit) for a run: read from a saved file where one exists,
 else computed with the evaluate stage's own editors (``megedit.evaluate.peers.edit_all``) and saved.
 
-A peer file is ``<method>.safetensors``: only the tensors the method changed, by parameter name, with
-metadata ``method``, ``lineage_id`` (the run's, as in its manifests) and ``n_edits``. It is looked for in
-``<run>/evaluate/peers/`` (where the evaluate stage can leave the weights it scored), then in this stage's
+A peer file (``megedit.evaluate.artifact``) is ``<method>.safetensors``. It is looked for in
+``<run>/evaluate/peers/`` (where the evaluate stage leaves the weights it scored), then in this stage's
 own ``peers/`` cache. Computing them edits the same records the evaluate stage edits (its ``limit``, FT
 and statistics settings, read from its manifest when it has run; its code defaults otherwise), so the
 general-ability numbers belong to the same edited models as the editing metrics.
@@ -18,42 +17,11 @@ from typing import Sequence
 
 import torch
 
-from megedit.artifacts import ArtifactError, atomic_path, sha256_json
+from megedit.evaluate.artifact import load_peer_weights, peer_file, save_peer_weights
+
+__all__ = ["load_peer_weights", "peer_file", "peer_weights", "save_peer_weights", "evaluate_options"]
 
 PEER_OPTIONS = ("ft_epochs", "ft_lr", "ft_batch_size", "ft_target_reliability", "seed", "peer_stats_texts")
-
-
-def peer_file(folder: str | Path, method: str) -> Path:
-    return Path(folder) / f"{method}.safetensors"
-
-
-def save_peer_weights(path: str | Path, method: str, weights: dict[str, torch.Tensor], lineage: dict,
-                      n_edits: int, account: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {name: t.detach().cpu().contiguous() for name, t in weights.items()}
-    meta = {"method": method, "lineage_id": sha256_json(lineage)[:16], "n_edits": str(n_edits),
-            "account": json.dumps(account or {}, default=str)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def load_peer_weights(path: str | Path, method: str, lineage: dict, n_edits: int) -> dict[str, torch.Tensor]:
-    """The tensors of a peer file, refused where it is another method's, another run's or another edit count's."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    expected = {"method": method, "lineage_id": sha256_json(lineage)[:16], "n_edits": str(n_edits)}
-    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-    if wrong:
-        raise ArtifactError(f"{path}: not the {method} weights of this run's {n_edits} edits "
-                            f"(metadata found vs expected: {wrong}); delete it or point elsewhere")
-    if not tensors:
-        raise ArtifactError(f"{path}: holds no tensors")
-    return tensors
 
 
 def evaluate_options(run_dir: str | Path) -> tuple[dict, int | None]:
