@@ -93,7 +93,7 @@ def load_run(run_dir: Path) -> Run:
     e.g. an experiment run that links the base run's stages)."""
     from megedit.artifacts import read_manifest
     from megedit.components.neuron import DynamicNeuron
-    from megedit.diffusion.generator import load_generator
+    from megedit.diffusion.artifact import load_generator
     from megedit.encoder.artifact import load_encoder
     from megedit.loading import load_lm
     from megedit.prepare.artifact import load_prepared

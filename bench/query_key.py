@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
 
     from megedit.artifacts import read_manifest
     from megedit.components.neuron import DynamicNeuron, scale_value, split_neuron
-    from megedit.diffusion.generator import load_generator
+    from megedit.diffusion.artifact import load_generator
     from megedit.encoder.artifact import load_encoder
     from megedit.loading import load_lm
     from megedit.prepare.artifact import load_prepared

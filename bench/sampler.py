@@ -57,8 +57,8 @@ def main(argv=None) -> dict:
 
     from megedit.artifacts import check_lineage, read_manifest
     from megedit.components.neuron import DynamicNeuron
-    from megedit.diffusion.diffusion_datamodule import read_collected
-    from megedit.diffusion.generator import load_generator
+    from megedit.collect.artifact import read_collected
+    from megedit.diffusion.artifact import load_generator
     from megedit.encoder.artifact import load_encoder
     from megedit.loading import load_lm
     from megedit.prepare.artifact import load_prepared

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from megedit.artifacts import ArtifactError
-from megedit.diffusion.generator import WeightGenerator, load_generator, make_sampler, make_training_scheduler
+from megedit.diffusion.artifact import load_generator, save_generator
+from megedit.diffusion.generator import WeightGenerator, make_sampler, make_training_scheduler
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,7 +114,7 @@ def test_noise_scale_zero_is_deterministic_and_saved_as_the_default(tmp_path):
     with pytest.raises(ValueError, match="noise_scale"):
         gen.sample(c, noise_scale=1.5)
     gen.fit_normalisation(torch.randn(8, 12))
-    gen.save(tmp_path)
+    save_generator(tmp_path, gen)
     loaded = load_generator(tmp_path)
     assert loaded.noise_scale == 0.0
     torch.testing.assert_close(loaded.sample(c, steps=4, seed=7), gen.sample(c, steps=4, seed=3))
@@ -143,7 +144,7 @@ def test_save_load_round_trip(tmp_path):
     gen.fit_normalisation(torch.randn(20, 30) * 0.1)
     for p in gen.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    gen.save(tmp_path)
+    save_generator(tmp_path, gen)
     loaded = load_generator(tmp_path)
     c = torch.randn(3, 5)
     assert loaded.config()["schedule"]["name"] == "cosine"
@@ -176,7 +177,7 @@ def test_training_fits_conditioned_vectors():
 
 def test_value_scale_is_saved_with_the_generator_and_old_generators_load_at_one(tmp_path):
     gen = WeightGenerator("mlp-tiny", input_dim=6, cond_dim=2, value_scale=1.5)
-    gen.save(tmp_path / "new")
+    save_generator(tmp_path / "new", gen)
     assert load_generator(tmp_path / "new").value_scale == 1.5
     cfg = json.loads((tmp_path / "new" / "generator.json").read_text())
     del cfg["schedule"]["default_value_scale"]  # a generator saved before the option
@@ -217,3 +218,39 @@ def test_weighted_training_loss_is_the_plain_loss_under_uniform_weights():
     heavy[100:] = 3.0
     weighted = gen.training_loss(x0, cond, generator=torch.Generator().manual_seed(1), element_weights=heavy / heavy.mean())
     assert not torch.allclose(plain, weighted)
+
+
+def test_training_states_of_a_folder_and_a_checkpoint(tmp_path):
+    """``init_from`` reads a folder's resume point first, else its saved EMA generator, else refuses."""
+    from megedit.artifacts import ArtifactError
+    from megedit.diffusion.artifact import training_states
+    from megedit.resume import last_checkpoint
+
+    gen = WeightGenerator("mlp-tiny", input_dim=16, cond_dim=8)
+    save_generator(tmp_path, gen)
+    raw, ema, source = training_states(tmp_path)
+    assert source.name == "generator.safetensors" and raw is ema and set(raw) == set(gen.state_dict())
+    ckpt = last_checkpoint(tmp_path)
+    ckpt.parent.mkdir()
+    state = {f"generator.{k}": v for k, v in gen.state_dict().items()}
+    state |= {f"ema.{k}": v + 1 for k, v in gen.state_dict().items()}
+    torch.save({"state_dict": state}, ckpt)
+    raw, ema, source = training_states(tmp_path)
+    assert source == ckpt and all(torch.equal(ema[k], raw[k] + 1) for k in raw)
+    with pytest.raises(ArtifactError, match="neither checkpoints/last.ckpt nor generator.safetensors"):
+        training_states(tmp_path / "empty")
+
+
+def test_selection_of_validated_favoured_and_reported_edits():
+    from megedit.diffusion.diffusion_datamodule import favoured_rows, validation_indices
+    from megedit.diffusion.diffusion_module import report_indices
+
+    a = validation_indices(10, 4, seed=0)
+    assert a == sorted(a) and len(set(a)) == 4 and a == validation_indices(10, 4, seed=0)
+    assert validation_indices(3, 8, seed=0) == [0, 1, 2] and validation_indices(5, 0, seed=0) == []
+    keep = torch.tensor([True, False, True, True, False, True])  # training rows are edits 0, 2, 3, 5
+    assert favoured_rows(keep, None) is None
+    assert favoured_rows(keep, 3).tolist() == [2, 3]  # edits 3 and 5 sit at training rows 2 and 3
+    assert report_indices(10, 0, None) == list(range(10))
+    assert report_indices(10, 8, None) == [8, 9] and report_indices(10, 2, 3) == [2, 3, 4]
+    assert report_indices(10, 12, 5) == []

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from megedit.artifacts import ArtifactError, read_manifest, write_manifest
 from megedit.cli import stage_main
-from megedit.diffusion.generator import load_generator
+from megedit.diffusion.artifact import load_generator
 from megedit.paths import REPO_ROOT
 
 FAST = ["--trainer.max_epochs", "4", "--trainer.check_val_every_n_epoch", "2", "--model.report_steps", "5",

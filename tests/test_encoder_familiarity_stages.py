@@ -64,7 +64,7 @@ def test_encoder_stage_outputs(prepared_dir, encoder_dirs):
 
 
 def test_familiarity_stage_routes_and_refuses_other_encoder(prepared_dir, encoder_dirs, tmp_path):
-    from megedit.familiarity.router import load_router
+    from megedit.familiarity.artifact import load_router
     from megedit.prepare.artifact import load_prepared
 
     tuned, frozen = encoder_dirs

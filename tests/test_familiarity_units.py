@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from megedit.artifacts import ArtifactError, atomic_write_json, write_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
 from megedit.familiarity.familiarity_module import random_labels, router_loss
-from megedit.familiarity.router import auroc, choose_threshold, load_router
+from megedit.familiarity.artifact import load_router
+from megedit.familiarity.router import auroc, choose_threshold
 
 
 def _train(net, x, y, max_epochs=200):
@@ -319,3 +320,122 @@ def test_threshold_report_lines_say_what_was_picked_and_warn_on_a_useless_thresh
     assert lines[3] == "  edits (diagnostic): edit prompts familiar 1.000, locality unfamiliar 0.950"
     no_pseudo = report_lines("f", {**result, "threshold": 0.1, "pseudo": None})
     assert len(no_pseudo) == 3 and no_pseudo[-1].endswith("--model.router_threshold 0.1")
+
+
+# ---------------------------------------------------------------- the artifact's files and the report's functions
+def test_router_artifact_round_trip(tmp_path):
+    """What the stage writes (``write_router_artifact``) is what the loaders read back, file for file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megedit.familiarity.artifact import (CALIBRATION_WEIGHTS, ENTROPIES, load_entropies, load_router_states,
+                                              read_report, read_router_config, write_router_artifact)
+    from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
+    from megedit.familiarity.report import entropies_file
+
+    main, calib = FamiliarityNet(8, 4, 2, 2), FamiliarityNet(8, 4, 2, 2)
+    ent = {"edit_prompts": torch.rand(3), "edit_paraphrases": torch.rand(4), "locality": torch.rand(5)}
+    cal = {"calib_prompts": torch.rand(3), "calib_positives": torch.rand(4), "calib_negatives": torch.rand(6)}
+    kind = torch.tensor([0, 1, 2, 0, 1, 2])
+    cfg = {"architecture": main.config(), "K": 4, "threshold": 0.3}
+    figs = plt.figure(), plt.figure()
+    out = write_router_artifact(tmp_path, main, calib, entropies_file(ent, cal, kind), list(NEGATIVE_KINDS), cfg,
+                                {"threshold": 0.3}, *figs)
+    assert out[:2] == ["router.safetensors", CALIBRATION_WEIGHTS] and out[-1] == ENTROPIES
+    assert all((tmp_path / name).is_file() for name in out)
+    write_manifest(tmp_path, "familiarity", {"run": "x"}, {}, out)
+    assert read_router_config(tmp_path) == cfg and read_report(tmp_path) == {"threshold": 0.3}
+    got_cfg, main_state, calib_state = load_router_states(tmp_path)
+    assert got_cfg == cfg
+    assert all(torch.equal(calib_state[k], v) for k, v in calib.state_dict().items())
+    assert all(torch.equal(main_state[k], v) for k, v in main.state_dict().items())
+    tensors, kinds, _ = load_entropies(tmp_path)
+    assert kinds == list(NEGATIVE_KINDS) and torch.equal(tensors["calibration.negative_kind"], kind)
+    assert torch.equal(tensors["main.locality"], ent["locality"]) and len(tensors) == 7
+    # Without a calibration router there is no calibration file, and the states say so.
+    plain = tmp_path / "plain"
+    out = write_router_artifact(plain, main, None, entropies_file(ent, None, None), list(NEGATIVE_KINDS), cfg, {},
+                                *figs)
+    write_manifest(plain, "familiarity", {"run": "x"}, {}, out)
+    assert CALIBRATION_WEIGHTS not in out and load_router_states(plain)[2] is None
+
+
+def test_report_functions():
+    from megedit.familiarity.report import chosen_threshold, edit_routing, entropy_summary, shift_summary
+
+    assert entropy_summary(torch.empty(0)) == {"n": 0}
+    s = entropy_summary(torch.arange(101, dtype=torch.float))
+    assert s["n"] == 101 and s["median"] == 50 and s["p05"] == 5 and s["mean"] == 50
+    assert chosen_threshold("auto", {"threshold": 0.7}, "capped") == (0.7, "auto (capped on pseudo calibration data)")
+    assert chosen_threshold(0.2, None, "capped") == (0.2, "fixed (config)")
+    ent = {"edit_prompts": torch.tensor([0.1, 0.9]), "edit_paraphrases": torch.tensor([0.1, 0.2, 0.9, 0.9]),
+           "locality": torch.tensor([0.1, 0.9, 0.9, 0.1])}
+    r = edit_routing(ent, 0.5, ["other", "other", "same_subject", "restates_edit"])
+    assert list(r) == ["rates", "locality_unfamiliar_by_kind", "n_locality_by_kind", "auroc", "entropy"]
+    assert r["rates"] == {"edit_prompts_familiar": 0.5, "edit_paraphrases_familiar": 0.5, "locality_unfamiliar": 0.5,
+                          "locality_unfamiliar_excluding_restatements": pytest.approx(2 / 3)}
+    assert r["locality_unfamiliar_by_kind"] == {"other": 0.5, "same_subject": 1.0, "restates_edit": 0.0}
+    assert r["n_locality_by_kind"] == {"other": 2, "same_subject": 1, "restates_edit": 1}
+    assert shift_summary(None, 1.6, 1.0) == {"pairs": 0, "scale": 1.6, "weight": 1.0, "used": False}
+    shifts = shift_summary(torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, 2.0]]), 1.0, 0.0)
+    assert shifts["pairs"] == 3 and not shifts["used"] and shifts["median_displacement_norm"] == 2.0
+
+
+# ---------------------------------------------------------------- the calibration set's selection
+def _pseudo(i, subject="s", locality=()):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(id=f"p{i}", subject=subject, prompt=f"pseudo {i}", paraphrases=[f"para {i}"],
+                           locality=[SimpleNamespace(prompt=t) for t in locality])
+
+
+def test_selection_helpers():
+    import random
+    from types import SimpleNamespace
+
+    from megedit.familiarity.familiarity_datamodule import (heldout_pseudo_groups, memorised_pseudo_prompts,
+                                                            negative_kinds, neighbours_first,
+                                                            split_off_train_negatives)
+
+    assert neighbours_first(["a", "b", "c", "d"], {"c", "a"}) == ["a", "c", "b", "d"]
+    edits = [_pseudo(0, "Paris", ["Paris is big", "Rome is old"]), _pseudo(1)]
+    assert negative_kinds(["x", "Paris is big", "Rome is old"], {"x"}, edits).tolist() == [0, 2, 1]
+    prep = SimpleNamespace(pseudo_edits=[_pseudo(i) for i in range(3)], pseudo_pairs=[
+        {"anchor": "other 1", "positive": "o1", "group": "g1"}, {"anchor": "other 2", "positive": "o2", "group": "g2"},
+        {"anchor": "other 3", "positive": "o3", "group": "g3"}],
+        pseudo_irrelevant=[{"prompt": "other 2"}])
+    with pytest.raises(ArtifactError, match="no held-out pseudo group"):
+        heldout_pseudo_groups(prep, set(), where="enc")
+    groups = heldout_pseudo_groups(prep, {"p0", "p1", "g1"}, where="enc")
+    assert [g for g, _ in groups] == ["p0", "p1", "g1"]  # under 100: padded with the corpus's held-out groups
+    # N = 4 memorised points from 3 groups: padded with a pseudo original that is neither memorised nor irrelevant.
+    prompts, positives = memorised_pseudo_prompts(list(groups), prep, 4, 2, random.Random(0))
+    assert len(prompts) == 4 and prompts[3] == "other 3" and len(positives) == 2
+    assert set(positives) <= {"para 0", "para 1", "o1"}
+    irrelevant, locality, train = split_off_train_negatives(["i1", "i2", "i3", "i4"], ["n1", "l1", "l2", "l3"],
+                                                            {"n1"}, prep, {"pseudo 0"}, 10, random.Random(0))
+    assert irrelevant == ["i1", "i2"] and locality == ["n1", "l1"]
+    assert train[:2] == ["i3", "l2"]  # interleaved: every kind in proportion under a cap
+    assert set(train) == {"i3", "i4", "l2", "l3", "pseudo 1", "pseudo 2"}  # never a scored or taken text
+
+
+def test_calibration_texts_are_disjoint_and_seeded():
+    from types import SimpleNamespace
+
+    from megedit.familiarity.familiarity_datamodule import calibration_texts
+
+    pseudo = [_pseudo(i, f"s{i}", [f"loc {i}", f"s{i} again"]) for i in range(40)]
+    prep = SimpleNamespace(edits=[None] * 5, pseudo_edits=pseudo, pseudo_pairs=[],
+                           pseudo_irrelevant=[{"prompt": f"irr {i}"} for i in range(20)])
+    locality = sorted({p.prompt for r in pseudo for p in r.locality})
+    heldout = {f"p{i}" for i in range(10)}
+    a = calibration_texts(prep, heldout, set(), locality, set(), 8, 100, 100, seed=3)
+    b = calibration_texts(prep, heldout, set(), locality, set(), 8, 100, 100, seed=3)
+    assert a.prompts == b.prompts and a.negatives == b.negatives and a.train_negatives == b.train_negatives
+    assert len(a.prompts) == 5 and set(a.prompts) <= {f"pseudo {i}" for i in range(10)}
+    assert len(a.train_negatives) == 8 and a.counts["train_negatives"] == 8
+    scored = set(a.prompts) | set(a.positives) | set(a.negatives)
+    assert not scored & set(a.train_negatives)
+    assert len(a.negative_kind) == len(a.negatives) == a.counts["negatives"]

@@ -74,11 +74,11 @@ class EditedLM:
     def load(cls, run_dir: str | Path, device: str = "cpu", version: int | None = None, **options) -> "EditedLM":
         """Load a run (``prepare/ encoder/ familiarity/ diffusion/``), refusing mixed runs: its latest complete
         version, or ``version`` (0: the run as the pipeline made it); a version folder loads as itself."""
-        from megedit.diffusion.generator import load_generator
+        from megedit.diffusion.artifact import load_generator
         from megedit.edits.removed import read_removed
         from megedit.edits.versions import resolve_version
         from megedit.encoder.artifact import load_encoder
-        from megedit.familiarity.router import load_router
+        from megedit.familiarity.artifact import load_router
 
         run, number = resolve_version(run_dir, version)
         dirs = {name: run / name for name in SERVED}

@@ -68,6 +68,18 @@ def _difference(recorded: dict | None, current: dict) -> str:
     return ", ".join(changed) or "nothing recorded"
 
 
+def last_checkpoint(out_dir: str | Path) -> Path:
+    """Where a training stage keeps its resume point: ``<out_dir>/checkpoints/last.ckpt``."""
+    return Path(out_dir) / CHECKPOINT_DIR / LAST_CKPT
+
+
+def remove_checkpoints(out_dir: str | Path) -> None:
+    """Drop ``<out_dir>/checkpoints``: they only serve a resume, and the stage's artifact is complete now."""
+    import shutil
+
+    shutil.rmtree(Path(out_dir) / CHECKPOINT_DIR, ignore_errors=True)
+
+
 def resumable_checkpoint(out_dir: str | Path, fingerprint: dict) -> str | None:
     """``<out_dir>/checkpoints/last.ckpt`` if it belongs to this run, else None (a fresh start).
 

@@ -65,6 +65,28 @@ def load_collected(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return weights, success, manifest
 
 
+def read_collected(collect_dir: str | Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """``(manifest, weights [N, D] float32, success [N] bool)`` of a collect artifact, checked as a generator's
+    training data: both tensors there, shapes that line up, every weight finite."""
+    collect_dir = Path(collect_dir)
+    manifest = read_manifest(collect_dir, stage="collect")
+    path = collect_dir / FILES["neurons"]
+    if not path.is_file():
+        raise ArtifactError(f"{collect_dir}: no {FILES['neurons']}")
+    tensors = load_file(str(path))
+    for key in ("weights", "success"):
+        if key not in tensors:
+            raise ArtifactError(f"{path}: tensor '{key}' is missing (found {sorted(tensors)})")
+    weights, success = tensors["weights"].float(), tensors["success"].bool()
+    if weights.ndim != 2 or success.shape != (weights.shape[0],):
+        raise ArtifactError(f"{path}: expected weights [N, D] and success [N], got {tuple(weights.shape)} and "
+                            f"{tuple(success.shape)}")
+    if not torch.isfinite(weights).all():
+        bad = (~torch.isfinite(weights)).any(1).nonzero().flatten()[:5].tolist()
+        raise ArtifactError(f"{path}: non-finite neuron weights (rows {bad} ...)")
+    return manifest, weights, success
+
+
 def training_rows(success: torch.Tensor, manifest: dict) -> torch.Tensor:
     """Indices of the rows a generator should learn from: all, or only the successful ones when the
     collect run was configured with ``drop_failed`` (the paper's choice)."""

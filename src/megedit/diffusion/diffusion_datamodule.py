@@ -20,6 +20,7 @@ embeddings: the generated neurons' Generality against the collected ones', witho
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -28,32 +29,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
 from megedit.artifacts import ArtifactError, check_lineage, check_upstream, read_manifest
+from megedit.collect.artifact import read_collected
+from megedit.graph import upstream_dirs
 from megedit.prepare.artifact import load_prepared
 
-NEURONS_FILE = "neurons.safetensors"
+def validation_indices(n_edits: int, n_val: int, seed: int) -> list[int]:
+    """The seeded subset of edits validation scores (sorted; all of them when ``n_val`` >= N)."""
+    order = torch.randperm(n_edits, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:min(n_val, n_edits)].tolist())
 
 
-def read_collected(collect_dir: str | Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """``(manifest, weights [N, D] float32, success [N] bool)`` of a collect artifact."""
-    from safetensors.torch import load_file
-
-    collect_dir = Path(collect_dir)
-    manifest = read_manifest(collect_dir, stage="collect")
-    path = collect_dir / NEURONS_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{collect_dir}: no {NEURONS_FILE}")
-    tensors = load_file(str(path))
-    for key in ("weights", "success"):
-        if key not in tensors:
-            raise ArtifactError(f"{path}: tensor '{key}' is missing (found {sorted(tensors)})")
-    weights, success = tensors["weights"].float(), tensors["success"].bool()
-    if weights.ndim != 2 or success.shape != (weights.shape[0],):
-        raise ArtifactError(f"{path}: expected weights [N, D] and success [N], got {tuple(weights.shape)} and "
-                            f"{tuple(success.shape)}")
-    if not torch.isfinite(weights).all():
-        bad = (~torch.isfinite(weights)).any(1).nonzero().flatten()[:5].tolist()
-        raise ArtifactError(f"{path}: non-finite neuron weights (rows {bad} ...)")
-    return manifest, weights, success
+def favoured_rows(keep: torch.Tensor, favour_from: int | None) -> torch.Tensor | None:
+    """Training rows of the edits from index ``favour_from`` on (None: nothing favoured). Training row
+    r < sum(keep) is edit keep.nonzero()[r], so the favoured rows are the new edits' rows."""
+    if favour_from is None:
+        return None
+    return (keep.nonzero().flatten() >= favour_from).nonzero().flatten()
 
 
 class ShiftedConditions(Dataset):
@@ -83,6 +74,32 @@ class ShiftedConditions(Dataset):
             shift = self.shifts[torch.randint(len(self.shifts), ())]
             cond = F.normalize(cond + self.scale * shift, dim=-1)
         return cond, self.weights[i]
+
+
+@dataclass
+class GeneratorInputs:
+    """What the diffusion module receives from its datamodule (``megedit.handover``); training batches
+    are (condition, neuron) pairs, validation batches edit indices into ``edits`` / ``edit_cond``."""
+    spec: object  # the prepare artifact's ModelSpec (prompt format, neuron layout, the LM to score on)
+    edits: list  # the prepare artifact's EditRecords
+    edit_cond: torch.Tensor  # [N, H] the edit prompts' embeddings
+    edit_weights: torch.Tensor  # [N, D] the collected neurons
+    success: torch.Tensor  # [N] bool: collection reproduced the target
+    pseudo: dict | None  # the collect run's pseudo edits (``DiffusionDataModule._pseudo``), or None
+    normalisation_weights: torch.Tensor  # the neurons the normalisation statistics come from
+    validates: bool  # whether any edit is validated (the best checkpoint is chosen on val/score)
+    trained_on: dict  # what the generator learnt from, for generator.json
+    lineage: dict
+    data_config: dict
+    upstream: dict
+
+    @property
+    def neuron_dim(self) -> int:
+        return self.edit_weights.shape[1]
+
+    @property
+    def cond_dim(self) -> int:
+        return self.edit_cond.shape[1]
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -134,6 +151,17 @@ class DiffusionDataModule(L.LightningDataModule):
         from megedit.encoder.artifact import load_encoder
 
         hp = self.hparams
+        self.edit_weights, self.success = self._read_inputs()
+        encoder = load_encoder(hp.encoder_dir, check=False)  # its manifest was read by _read_inputs
+        self.edit_cond = encoder.embed([r.prompt for r in self.prepared.edits], batch_size=hp.embed_batch_size)
+        self._training_pairs(encoder, self._learnt_edits(self.success))
+        del encoder
+        self.val_indices = validation_indices(len(self.prepared.edits), hp.val_edits, hp.seed)
+        self.ready = True
+
+    def _read_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read the three input artifacts and check that they are one run's; the collected (weights, success)."""
+        hp = self.hparams
         prepare_dir, encoder_dir, collect_dir = Path(hp.prepare_dir), Path(hp.encoder_dir), Path(hp.collect_dir)
         self.prepared = load_prepared(prepare_dir)
         self.encoder_manifest = read_manifest(encoder_dir, stage="encoder")
@@ -144,16 +172,17 @@ class DiffusionDataModule(L.LightningDataModule):
                        accept_ancestors=True)  # a run version extends the encoder's prepare artifact
         check_upstream(self.collect_manifest, "prepare", prepare_dir, f"collect artifact {collect_dir}")
         self.spec = self.prepared.spec
-        edits = self.prepared.edits
-        if weights.shape[0] != len(edits):
-            raise ArtifactError(f"{collect_dir}: {weights.shape[0]} neurons for {len(edits)} edits in {prepare_dir}")
+        if weights.shape[0] != len(self.prepared.edits):
+            raise ArtifactError(f"{collect_dir}: {weights.shape[0]} neurons for {len(self.prepared.edits)} edits in "
+                                f"{prepare_dir}")
         if weights.shape[1] != self.spec.neuron_dim:
             raise ArtifactError(f"{collect_dir}: neurons have {weights.shape[1]} values; model {self.spec.name} "
                                 f"needs {self.spec.neuron_dim}")
-        self.edit_weights, self.success = weights, success
+        return weights, success
 
-        encoder = load_encoder(encoder_dir, check=False)  # its manifest was read above
-        self.edit_cond = encoder.embed([r.prompt for r in edits], batch_size=hp.embed_batch_size)
+    def _learnt_edits(self, success: torch.Tensor) -> torch.Tensor:
+        """Which edits' neurons the generator learns (bool [N]): the collect run's choice unless overridden."""
+        hp = self.hparams
         if hp.only_successful is None:
             from megedit.collect.artifact import training_rows
 
@@ -162,10 +191,16 @@ class DiffusionDataModule(L.LightningDataModule):
         else:
             keep = success if hp.only_successful else torch.ones_like(success)
         if not keep.any():
-            raise ArtifactError(f"{collect_dir}: no successfully collected neuron to train on "
+            raise ArtifactError(f"{hp.collect_dir}: no successfully collected neuron to train on "
                                 "(set data.only_successful false to train on all of them)")
+        return keep
+
+    def _training_pairs(self, encoder, keep: torch.Tensor) -> None:
+        """The (condition, neuron) rows in training order: learnt edits, learnt pseudo edits, zero vectors;
+        and what varies their conditions (paraphrase shifts, relation views)."""
+        hp, edits, weights = self.hparams, self.prepared.edits, self.edit_weights
         cond, target = [self.edit_cond[keep]], [weights[keep]]
-        self.pseudo = self._pseudo(encoder, collect_dir)
+        self.pseudo = self._pseudo(encoder, Path(hp.collect_dir))
         if self.pseudo is not None:  # learnt like edits (before the zero rows: shifts move them too)
             cond.append(self.pseudo["cond"][self.pseudo["success"]])
             target.append(self.pseudo["weights"][self.pseudo["success"]])
@@ -173,7 +208,7 @@ class DiffusionDataModule(L.LightningDataModule):
         if hp.zero_weight_aug:
             irrelevant = self.prepared.pseudo_irrelevant[: hp.n_zero]
             if not irrelevant:
-                raise ArtifactError(f"{prepare_dir}: zero_weight_aug needs pseudo-irrelevant prompts; there are none")
+                raise ArtifactError(f"{hp.prepare_dir}: zero_weight_aug needs pseudo-irrelevant prompts; there are none")
             cond.append(encoder.embed([r["prompt"] for r in irrelevant], batch_size=hp.embed_batch_size))
             target.append(torch.zeros(len(irrelevant), weights.shape[1]))
             self.n_zero = len(irrelevant)
@@ -182,17 +217,10 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.pseudo is not None:
             train_records += [r for r, ok in zip(self.pseudo["records"], self.pseudo["success"].tolist()) if ok]
         self.view_cond, self.view_rows, self.view_texts = self._views(encoder, train_records)
-        del encoder
         self.train_cond, self.train_weights = torch.cat(cond), torch.cat(target)
         self.n_train_edits = int(keep.sum())
-        # Training row r < n_train_edits is edit keep.nonzero()[r]: the favoured rows are the new edits' rows.
-        self.favoured_rows = (None if hp.favour_from is None else
-                              (keep.nonzero().flatten() >= hp.favour_from).nonzero().flatten())
+        self.favoured_rows = favoured_rows(keep, hp.favour_from)
         self.n_shiftable = self.n_train_edits + (int(self.pseudo["success"].sum()) if self.pseudo else 0)
-        n_val = min(hp.val_edits, len(edits))
-        order = torch.randperm(len(edits), generator=torch.Generator().manual_seed(hp.seed))
-        self.val_indices = sorted(order[:n_val].tolist())
-        self.ready = True
 
     def _pseudo(self, encoder, collect_dir: Path) -> dict | None:
         """The collect run's pseudo-edit neurons with their prompts' and paraphrases' embeddings, or None."""
@@ -276,6 +304,18 @@ class DiffusionDataModule(L.LightningDataModule):
     def normalisation_weights(self) -> torch.Tensor:
         """Weights the normalisation statistics come from: the edits' neurons, never the zero vectors."""
         return self.train_weights[: self.n_train_edits]
+
+    def handover(self) -> GeneratorInputs:
+        hp = self.hparams
+        trained_on = {"edits": self.n_train_edits, "zero_vectors": self.n_zero,
+                      "pseudo_edits": self.n_shiftable - self.n_train_edits,
+                      "paraphrase_shifts": 0 if self.shifts is None else len(self.shifts),
+                      "relation_views": self.view_coverage, "only_successful": self.n_train_edits < len(self.success)}
+        return GeneratorInputs(spec=self.spec, edits=self.prepared.edits, edit_cond=self.edit_cond,
+                               edit_weights=self.edit_weights, success=self.success, pseudo=self.pseudo,
+                               normalisation_weights=self.normalisation_weights, validates=hp.val_edits > 0,
+                               trained_on=trained_on, lineage=self.prepared.lineage, data_config=dict(hp),
+                               upstream=upstream_dirs("diffusion", hp))
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -20,14 +20,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from megedit.artifacts import ArtifactError, atomic_write_json, write_manifest
+from megedit.artifacts import ArtifactError, write_manifest
 from megedit.components.neuron import value_emphasis
 from megedit.distributed import barrier, gather_objects
-from megedit.diffusion.generator import CONFIG_FILE, WEIGHTS_FILE, WeightGenerator
-from megedit.resume import CHECKPOINT_DIR, LAST_CKPT, resume_point_callback
-from megedit.graph import upstream_dirs
-
-REPORT_FILE = "report.json"
+from megedit.diffusion.artifact import FILES, prefixed, save_generator, training_states, write_report
+from megedit.diffusion.diffusion_datamodule import GeneratorInputs
+from megedit.diffusion.generator import WeightGenerator
+from megedit.handover import HandOver
+from megedit.resume import CHECKPOINT_DIR, last_checkpoint, resume_point_callback
 
 
 def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) -> float:
@@ -42,23 +42,9 @@ def lr_factor(step: int, warmup: int, total: int, decay: str, min_ratio: float) 
 
 def load_training_states(source: str | Path, generator: WeightGenerator) -> dict:
     """Load a trained generator's weights into ``generator`` (normalisation included) and return
-    ``{"from", "ema_state"}``: the EMA weights to start the EMA from. ``source`` is a diffusion artifact
-    folder (its ``checkpoints/last.ckpt``, the full training state, else its saved EMA generator, which then
-    starts both) or a Lightning ``.ckpt`` file of this module."""
-    from safetensors.torch import load_file
-
-    source = Path(source)
-    ckpt = source / CHECKPOINT_DIR / LAST_CKPT if source.is_dir() else source
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        raw = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
-        ema = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
-    elif (source / WEIGHTS_FILE).is_file():
-        raw = ema = load_file(str(source / WEIGHTS_FILE))
-        ckpt = source / WEIGHTS_FILE
-    else:
-        raise ArtifactError(f"model.init_from {source}: neither {CHECKPOINT_DIR}/{LAST_CKPT} nor {WEIGHTS_FILE} "
-                            "there; point it at a diffusion artifact folder or a .ckpt file")
+    ``{"from", "ema_state"}``: the EMA weights to start the EMA from (``megedit.diffusion.artifact.training_states``
+    says which file of ``source`` they come from)."""
+    raw, ema, ckpt = training_states(source)
     try:
         generator.load_state_dict(raw)
     except RuntimeError as exc:
@@ -66,6 +52,12 @@ def load_training_states(source: str | Path, generator: WeightGenerator) -> dict
                             f"(preset, sizes): {exc}") from None
     print(f"diffusion: fine-tuning the generator of {ckpt}")
     return {"from": str(ckpt), "ema_state": ema}
+
+
+def report_indices(n_edits: int, report_from: int, report_edits: int | None) -> list[int]:
+    """The edits the final report scores: ``report_edits`` of them (None: all) from ``report_from`` on."""
+    first = min(report_from, n_edits)
+    return list(range(first, n_edits if report_edits is None else min(n_edits, first + report_edits)))
 
 
 class DiffusionModule(L.LightningModule):
@@ -130,7 +122,7 @@ class DiffusionModule(L.LightningModule):
         self._pseudo_collected: float | None = None  # collected neurons' AG on the pseudo paraphrases
         self._lm = None  # (model, tokenizer, neuron); a plain attribute so it is never in the state dict
         self._element_weights: torch.Tensor | None = None  # the loss's per-element weights (value_loss_weight)
-        self._started = time.time()
+        self._started, self.inputs = time.time(), None  # inputs: a GeneratorInputs (megedit.handover)
 
     # ------------------------------------------------------------------ building
     def _build(self, input_dim: int, cond_dim: int) -> WeightGenerator:
@@ -149,16 +141,15 @@ class DiffusionModule(L.LightningModule):
         if self.hparams.torch_threads:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.hparams.torch_threads)
-        dm = self.trainer.datamodule
-        dm.setup(stage)
+        data = self.inputs
         torch.manual_seed(self.hparams.seed)  # identical initial weights on every rank
-        self.generator = self._build(dm.neuron_dim, dm.cond_dim)
-        self.generator.fit_normalisation(dm.normalisation_weights)
+        self.generator = self._build(data.neuron_dim, data.cond_dim)
+        self.generator.fit_normalisation(data.normalisation_weights)
         if self.hparams.value_loss_weight <= 0:
             raise ValueError(f"model.value_loss_weight must be > 0, got {self.hparams.value_loss_weight}")
         # a buffer-free attribute: moved to the batch's device when used, never saved in a checkpoint
         self._element_weights = (None if self.hparams.value_loss_weight == 1.0
-                                 else value_emphasis(dm.spec, self.hparams.value_loss_weight))
+                                 else value_emphasis(data.spec, self.hparams.value_loss_weight))
         self.warm_start = None
         if self.hparams.init_from:
             self.warm_start = load_training_states(self.hparams.init_from, self.generator)
@@ -170,17 +161,22 @@ class DiffusionModule(L.LightningModule):
         if getattr(self, "_threads_before", None):
             torch.set_num_threads(self._threads_before)
 
+    def receive(self, inputs: GeneratorInputs) -> None:
+        self.inputs = inputs
+        # Known once the data is (callbacks are configured before): without validation edits nothing is
+        # monitored, and the best checkpoint is the last one saved.
+        self._best_checkpoint.monitor = "val/score" if inputs.validates else None
+
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        validates = self.trainer.datamodule.hparams.val_edits > 0
         ckpt_dir = str(Path(self.hparams.out_dir) / CHECKPOINT_DIR)
         self._best_checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch}-{step}",
-                                                monitor="val/score" if validates else None, mode="max", save_top_k=1)
+                                                monitor=None, mode="max", save_top_k=1)
         # Validation is sparse (every 50 epochs): the resume point is refreshed more often, on its own.
         resume_point = resume_point_callback(self.hparams.out_dir, self.hparams.checkpoint_every_n_epochs,
                                              save_on_train_epoch_end=True)
-        return [self._best_checkpoint, resume_point]
+        return [HandOver(), self._best_checkpoint, resume_point]
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -215,7 +211,7 @@ class DiffusionModule(L.LightningModule):
             from megedit.components.neuron import DynamicNeuron
             from megedit.loading import load_lm
 
-            spec = self.trainer.datamodule.spec
+            spec = self.inputs.spec
             model, tokenizer = load_lm(spec)
             model.to(self.device)
             self._lm = (model, tokenizer, DynamicNeuron(model, spec))
@@ -225,10 +221,10 @@ class DiffusionModule(L.LightningModule):
         """(teacher-forced token accuracy [n], greedy exact match [n]) of ``weights`` on the edit prompts."""
         from megedit.scoring import greedy_match, teacher_forced
 
-        dm = self.trainer.datamodule
+        data = self.inputs
         model, tokenizer, neuron = self._lm_bundle()
-        edits = [dm.prepared.edits[i] for i in indices]
-        prompts = [dm.spec.format_prompt(e.prompt, e.prompt_kind) for e in edits]
+        edits = [data.edits[i] for i in indices]
+        prompts = [data.spec.format_prompt(e.prompt, e.prompt_kind) for e in edits]
         targets = [e.target_new for e in edits]
         tf = teacher_forced(model, tokenizer, neuron, prompts, targets, weights=weights)
         ag = greedy_match(model, tokenizer, neuron, prompts, targets, weights=weights)
@@ -236,19 +232,19 @@ class DiffusionModule(L.LightningModule):
 
     def _score(self, generator: WeightGenerator, indices: list[int], sampler: str, steps: int,
                reliability: bool, seed: int = 0) -> dict[int, dict]:
-        dm = self.trainer.datamodule
-        cond = dm.edit_cond[indices].to(self.device)
+        data = self.inputs
+        cond = data.edit_cond[indices].to(self.device)
         generated = self._generate(generator, cond, steps, sampler, seed)
-        collected = dm.edit_weights[indices].to(self.device)
+        collected = data.edit_weights[indices].to(self.device)
         l2 = (generated - collected).norm(dim=1).cpu()
         rel = (l2 / collected.norm(dim=1).clamp_min(1e-12).cpu())
-        rows = {i: {"l2": float(l2[k]), "rel_l2": float(rel[k]), "success": bool(dm.success[i])}
+        rows = {i: {"l2": float(l2[k]), "rel_l2": float(rel[k]), "success": bool(data.success[i])}
                 for k, i in enumerate(indices)}
         if reliability:
             tf, ag = self._reliability(indices, generated)
             missing = [i for i in indices if i not in self._collected_rel]
             if missing:
-                ctf, cag = self._reliability(missing, dm.edit_weights[missing].to(self.device))
+                ctf, cag = self._reliability(missing, data.edit_weights[missing].to(self.device))
                 self._collected_rel.update({i: (float(a), bool(b)) for i, a, b in zip(missing, ctf, cag)})
             for k, i in enumerate(indices):
                 rows[i].update(tf=float(tf[k]), ag=float(ag[k]), collected_tf=self._collected_rel[i][0],
@@ -261,7 +257,7 @@ class DiffusionModule(L.LightningModule):
         from megedit.components.neuron import scale_value
 
         generated = generator.sample(cond, steps=steps, sampler=sampler, seed=seed).float()
-        return scale_value(generated, self.trainer.datamodule.spec, generator.value_scale)
+        return scale_value(generated, self.inputs.spec, generator.value_scale)
 
     def _calibrate_value_scale(self, generator: WeightGenerator, steps: int) -> dict:
         """Sets ``generator.value_scale``: the one candidate, or the best of several on the pseudo edits'
@@ -269,20 +265,19 @@ class DiffusionModule(L.LightningModule):
         Returns the table it chose from (empty when there was no choice to make)."""
         from megedit.diffusion.generator import choose_value_scale, score_value_scales
 
-        dm = self.trainer.datamodule
-        pseudo, scales = getattr(dm, "pseudo", None), list(self.hparams.value_scales)
+        spec, pseudo, scales = self.inputs.spec, self.inputs.pseudo, list(self.hparams.value_scales)
         if len(scales) == 1 or not self.hparams.reliability or pseudo is None or not pseudo["para_texts"]:
             generator.value_scale = scales[0] if len(scales) == 1 else 1.0
             return {}
         rows = pseudo["success"].nonzero().flatten().tolist()
         records = pseudo["records"]
         queries = [(records[k].prompt, k) for k in rows] + list(zip(pseudo["para_texts"], pseudo["para_rows"]))
-        prompts = [dm.spec.format_prompt(text, records[k].prompt_kind) for text, k in queries]
+        prompts = [spec.format_prompt(text, records[k].prompt_kind) for text, k in queries]
         targets = [records[k].target_new for _, k in queries]
         cond = torch.cat([pseudo["cond"][rows], pseudo["para_cond"]]).to(self.device)
         generated = generator.sample(cond, steps=steps, sampler="ddim", seed=0).float()
         model, tokenizer, neuron = self._lm_bundle()
-        table = score_value_scales(model, tokenizer, neuron, dm.spec, prompts, targets, generated, len(rows), scales)
+        table = score_value_scales(model, tokenizer, neuron, spec, prompts, targets, generated, len(rows), scales)
         generator.value_scale = choose_value_scale(table)
         return {"chosen": generator.value_scale, "n_prompts": len(rows), "n_paraphrases": len(pseudo["para_texts"]),
                 "table": table}
@@ -292,13 +287,12 @@ class DiffusionModule(L.LightningModule):
         embedding against the pseudo edit's collected neuron (what retrieval would attach)."""
         from megedit.scoring import greedy_match
 
-        dm = self.trainer.datamodule
-        pseudo = getattr(dm, "pseudo", None)
+        spec, pseudo = self.inputs.spec, self.inputs.pseudo
         if pseudo is None or not pseudo["para_texts"]:
             return {}
         model, tokenizer, neuron = self._lm_bundle()
         records, rows = pseudo["records"], pseudo["para_rows"]
-        prompts = [dm.spec.format_prompt(t, records[k].prompt_kind) for k, t in zip(rows, pseudo["para_texts"])]
+        prompts = [spec.format_prompt(t, records[k].prompt_kind) for k, t in zip(rows, pseudo["para_texts"])]
         targets = [records[k].target_new for k in rows]
         generated = self._generate(generator, pseudo["para_cond"].to(self.device), steps, sampler)
         gen = float(greedy_match(model, tokenizer, neuron, prompts, targets, generated).float().mean())
@@ -367,7 +361,7 @@ class DiffusionModule(L.LightningModule):
         # The final state is the resume point too, so a larger max_epochs continues a finished run; a full
         # checkpoint (optimiser, EMA, loops), which is what resuming needs.
         if not self.trainer.interrupted:
-            self.trainer.save_checkpoint(Path(self.hparams.out_dir) / CHECKPOINT_DIR / LAST_CKPT, weights_only=False)
+            self.trainer.save_checkpoint(last_checkpoint(self.hparams.out_dir), weights_only=False)
         if self.global_rank == 0:
             self._write()
         barrier()
@@ -379,12 +373,11 @@ class DiffusionModule(L.LightningModule):
         if best and Path(best).is_file():
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             ema = copy.deepcopy(self.ema).cpu()
-            ema.load_state_dict({k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")})
+            ema.load_state_dict(prefixed(state, "ema."))
         return ema.to(self.device), best
 
     def _write(self) -> None:
-        dm = self.trainer.datamodule
-        hp = self.hparams
+        data, hp = self.inputs, self.hparams
         out = Path(hp.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         ema, best = self._best_ema()
@@ -392,26 +385,19 @@ class DiffusionModule(L.LightningModule):
         t_cal = time.time()
         calibration = self._calibrate_value_scale(ema, hp.report_steps)
         calibration_seconds = round(time.time() - t_cal, 1)
-        n = len(dm.prepared.edits)
-        first = min(hp.report_from, n)
-        indices = list(range(first, n if hp.report_edits is None else min(n, first + hp.report_edits)))
+        indices = report_indices(len(data.edits), hp.report_from, hp.report_edits)
         t0 = time.time()
         rows: dict[int, dict] = {}
         for start in range(0, len(indices), 256):
             rows.update(self._score(ema, indices[start:start + 256], "ddim", hp.report_steps, hp.reliability,
                                     seed=start))
         summary = self.summarise(rows)
-        ema.save(out, extra={"trained_on": {"edits": dm.n_train_edits, "zero_vectors": dm.n_zero,
-                                            "pseudo_edits": dm.n_shiftable - dm.n_train_edits,
-                                            "paraphrase_shifts": 0 if dm.shifts is None else len(dm.shifts),
-                                            "relation_views": dm.view_coverage,
-                                            "only_successful": dm.n_train_edits < len(dm.success)},
-                             "checkpoint": best})
+        save_generator(out, ema, extra={"trained_on": data.trained_on, "checkpoint": best})
         report = {"generated_vs_collected": summary,
                   "sampler": {"name": "ddim", "steps": hp.report_steps, "noise_scale": ema.noise_scale,
                               "value_scale": ema.value_scale},
                   "value_scale_calibration": {**calibration, "seconds": calibration_seconds},
-                  "collected_success_rate": float(dm.success.float().mean()),
+                  "collected_success_rate": float(data.success.float().mean()),
                   "pseudo_generality": (self._pseudo_generality(ema, "ddim", hp.report_steps)
                                         if hp.reliability else {}),
                   "criterion_l2_mean_plus_std_below_0.5": summary["l2_mean_plus_std"] < 0.5,
@@ -420,11 +406,9 @@ class DiffusionModule(L.LightningModule):
                   "wall_seconds_report": round(time.time() - t0, 1),
                   "parameters": sum(p.numel() for p in ema.net.parameters()),
                   "per_edit": [{"index": i, **rows[i]} for i in indices]}
-        atomic_write_json(out / REPORT_FILE, report)
-        config = {"model": dict(hp), "data": dict(dm.hparams)}
-        write_manifest(out, "diffusion", dm.prepared.lineage, config=config,
-                       outputs=[WEIGHTS_FILE, CONFIG_FILE, REPORT_FILE],
-                       upstream=upstream_dirs("diffusion", dm.hparams))
+        write_report(out, report)
+        write_manifest(out, "diffusion", data.lineage, config={"model": dict(hp), "data": data.data_config},
+                       outputs=list(FILES), upstream=data.upstream)
         rel = (f", reliability TF {summary['reliability_tf']:.3f} / AG {summary['reliability_ag']:.3f} "
                f"(collected {summary['reliability_collected_tf']:.3f} / {summary['reliability_collected_ag']:.3f})"
                if "reliability_tf" in summary else "")

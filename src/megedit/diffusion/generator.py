@@ -1,5 +1,5 @@
 """The weight generator: a denoiser (DiT or MLP) + a v-prediction noise schedule + the weight
-normalisation, saved as ``generator.safetensors`` (EMA weights) and ``generator.json``.
+normalisation (its files: ``megedit.diffusion.artifact``).
 
 The schedules and samplers are diffusers' ``DDPMScheduler`` (training noise, respaced ancestral
 sampling) and ``DDIMScheduler`` (deterministic DDIM, eta = 0), both with
@@ -8,18 +8,13 @@ sampling) and ``DDIMScheduler`` (deterministic DDIM, eta = 0), both with
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megedit.artifacts import ArtifactError, atomic_path, atomic_write_json
 from megedit.components.dit import DenoiserPreset, build_denoiser, resolve_preset
 
-WEIGHTS_FILE = "generator.safetensors"
-CONFIG_FILE = "generator.json"
+FORMAT = "megedit-weight-generator/1"  # of generator.json and generator.safetensors (megedit.diffusion.artifact)
 SAMPLERS = ("ddim", "ancestral")
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 NORMALISATIONS = ("scale", "standardise", "global")
@@ -172,7 +167,7 @@ class WeightGenerator(nn.Module):
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
         return {
-            "format": "megedit-weight-generator/1",
+            "format": FORMAT,
             "preset": self.preset.to_dict(),
             "input_dim": self.input_dim,
             "cond_dim": self.cond_dim,
@@ -183,16 +178,6 @@ class WeightGenerator(nn.Module):
             "normalisation": {"mode": self.normalisation, "scale": self.scale,
                               "shift": self.norm_shift.tolist(), "div": self.norm_div.tolist()},
         }
-
-    def save(self, folder: str | Path, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp), metadata={"format": "megedit-weight-generator/1"})
-        atomic_write_json(folder / CONFIG_FILE, {**self.config(), **(extra or {})})
 
     @classmethod
     def from_config(cls, cfg: dict, prefer_timm: bool = True) -> "WeightGenerator":
@@ -223,23 +208,3 @@ def score_value_scales(model, tokenizer, neuron, spec, prompts: list[str], targe
 def choose_value_scale(table: list[dict]) -> float:
     """The scale with the best harmonic mean of prompt and paraphrase exact match; the smallest on a tie."""
     return max(table, key=lambda r: (r["harmonic_mean"], -r["value_scale"]))["value_scale"]
-
-
-def load_generator(folder: str | Path, device: str | torch.device = "cpu") -> WeightGenerator:
-    """The trained generator in ``folder`` (a diffusion artifact: ``generator.safetensors`` + ``generator.json``)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise ArtifactError(f"{folder}: no {name}; is this a diffusion stage output (--model.out_dir)?")
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
-    if cfg.get("format") != "megedit-weight-generator/1":
-        raise ArtifactError(f"{folder / CONFIG_FILE}: unknown format {cfg.get('format')!r}")
-    gen = WeightGenerator.from_config(cfg)
-    state = load_file(str(folder / WEIGHTS_FILE))
-    missing, unexpected = gen.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ArtifactError(f"{folder / WEIGHTS_FILE} does not match {CONFIG_FILE}: missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}")
-    return gen.to(device).eval().requires_grad_(False)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from megedit.artifacts import read_manifest
 from megedit.cli import stage_classes, stage_main
-from megedit.diffusion.generator import CONFIG_FILE
+from megedit.diffusion.artifact import read_generator_config
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def fine_tune_generator(parent: Path, prepare: Path, encoder: Path, collect: Pat
     """Run the diffusion stage for a version, fine-tuning the ``parent`` artifact's generator; its wall seconds
     and the settings it ran with (steps, peak lr, value scale)."""
     config = read_manifest(parent, stage="diffusion")["config"]
-    saved = json.loads((parent / CONFIG_FILE).read_text())
+    saved = read_generator_config(parent)
     value_scale = saved["schedule"].get("default_value_scale", 1.0)
     batch_size = int((config.get("data") or {}).get("batch_size", 32))
     lr = float((config.get("model") or {}).get("lr", 2e-3)) * budget.lr_scale

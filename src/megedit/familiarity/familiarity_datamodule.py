@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -39,6 +40,7 @@ from megedit.distributed import gather_objects, world
 from megedit.encoder.artifact import hard_negative_groups, heldout_groups, load_encoder
 from megedit.encoder.encoder_datamodule import group_pairs
 from megedit.encoder.hard_negatives import SLOT, other_relations, relation_templates
+from megedit.graph import upstream_dirs
 from megedit.prepare.artifact import load_prepared
 
 # The kinds of calibration negatives (``calibration_negative_kind`` indexes this): unrelated prompts,
@@ -88,6 +90,157 @@ def shift_pairs(pseudo_pairs: list[dict], heldout: set[str], scored: list[str], 
     random.Random(f"{seed}:shifts").shuffle(pairs)  # its own stream: the other draws stay as they were
     pairs = pairs[:limit]
     return [a for a, _ in pairs], [p for _, p in pairs]
+
+
+def edit_texts(edits: list) -> dict[str, list[str]]:
+    """The edits' texts the report scores: their prompts, paraphrases and locality prompts."""
+    return {"edit_prompts": [e.prompt for e in edits],
+            "edit_paraphrases": [p for e in edits for p in e.paraphrases],
+            "locality": [p.prompt for e in edits for p in e.locality]}
+
+
+def pseudo_locality_prompts(pseudo_edits: list, evaluation: set[str]) -> list[str]:
+    """Locality prompts of pseudo edits: the same kind of text as the evaluation locality prompts
+    (CounterFact neighbourhood prompts, ZsRE's NQ questions), which the router must leave alone."""
+    return sorted({p.prompt for r in pseudo_edits for p in r.locality} - evaluation)
+
+
+def uncalibrated_train_negatives(prep, pseudo_locality: list[str], evaluation: set[str], limit: int,
+                                 seed: int) -> list[str]:
+    """Without a calibration set every pseudo text is free to be a training negative: a seeded sample."""
+    pool = sorted(({r["prompt"] for r in prep.pseudo_irrelevant} | {r.prompt for r in prep.pseudo_edits}
+                   | set(pseudo_locality)) - evaluation)
+    random.Random(seed).shuffle(pool)
+    return pool[:limit]
+
+
+def heldout_pseudo_groups(prep, heldout: set[str], where) -> list[tuple[str, dict]]:
+    """``(id, {anchor, positives})`` of the pseudo edits whose pairs the encoder never trained on (held out by
+    the encoder stage), padded with held-out paraphrase-corpus groups when the benchmark has under 100."""
+    groups = [(r.id, {"anchor": r.prompt, "positives": list(r.paraphrases)})
+              for r in prep.pseudo_edits if r.id in heldout and r.paraphrases]
+    if len(groups) < 100:
+        # Too few held-out pseudo edits of the benchmark itself: the held-out paraphrase-corpus
+        # groups are pseudo edits too (an original and its paraphrases).
+        seen = {g for g, _ in groups}
+        groups += [(g, v) for g, v in group_pairs(prep.pseudo_pairs).items() if g in heldout and g not in seen]
+    if not groups:
+        raise ArtifactError(f"{where}: no held-out pseudo group with a paraphrase to calibrate on; "
+                            "set model.threshold to a number, or re-run the encoder with more held-out groups")
+    return groups
+
+
+@dataclass
+class CalibrationTexts:
+    """The calibration router's texts: ``prompts`` it memorises, held-out ``positives`` and ``negatives`` it
+    is scored on (``negative_kind`` indexes ``NEGATIVE_KINDS``), and ``train_negatives`` both routers learn a
+    uniform output on."""
+    prompts: list[str]
+    positives: list[str]
+    positive_texts: set[str]  # every held-out paraphrase, kept or not: none may be a negative or a fence
+    negatives: list[str]
+    negative_kind: torch.Tensor
+    train_negatives: list[str]
+    counts: dict
+
+
+def memorised_pseudo_prompts(groups: list[tuple[str, dict]], prep, n: int, max_positives: int,
+                             rng: random.Random) -> tuple[list[str], list[str]]:
+    """(N memorised pseudo prompts, up to ``max_positives`` of their held-out paraphrases). ``groups`` are
+    shuffled in place; the prompts are padded with other pseudo originals to N (the real router's density)."""
+    rng.shuffle(groups)
+    positives = [p for _, g in groups[:n] for p in g["positives"]]
+    keep = sorted(rng.sample(range(len(positives)), min(len(positives), max_positives)))
+    prompts = [g["anchor"] for _, g in groups[:n]]
+    if len(prompts) < n:
+        irrelevant = {r["prompt"] for r in prep.pseudo_irrelevant}
+        filler = sorted({p["anchor"] for p in prep.pseudo_pairs} - set(prompts) - irrelevant)
+        rng.shuffle(filler)
+        prompts += filler[: n - len(prompts)]
+    return prompts, [positives[i] for i in keep]
+
+
+def neighbours_first(locality: list[str], neighbours: set[str]) -> list[str]:
+    """The evaluation's locality prompts are neighbours of *memorised* edits; the calibration's should be
+    neighbours of the memorised pseudo prompts too (others are easier and understate the FPR: at N=4096 the
+    threshold let 5.3% of locality prompts through on a 5% budget). Stable: no extra RNG draws."""
+    return [t for t in locality if t in neighbours] + [t for t in locality if t not in neighbours]
+
+
+def split_off_train_negatives(irrelevant: list[str], locality: list[str], neighbours: set[str], prep,
+                              taken: set[str], limit: int, rng: random.Random) -> tuple[list[str], list[str], list[str]]:
+    """(scored irrelevant, scored locality, training negatives): half of each kind stays unseen, so calibration
+    measures the trained routers honestly, and neighbours of memorised prompts are never trained on (the real
+    edits' neighbours never are); other pseudo originals outside ``taken`` fill the training set."""
+    irrelevant, train_irrelevant = irrelevant[: len(irrelevant) // 2], irrelevant[len(irrelevant) // 2:]
+    cut = max(len(locality) // 2, sum(t in neighbours for t in locality))
+    locality, train_locality = locality[:cut], locality[cut:]
+    taken = taken | set(irrelevant) | set(locality)
+    others = sorted({r.prompt for r in prep.pseudo_edits} - taken - set(train_irrelevant))
+    rng.shuffle(others)
+    return irrelevant, locality, interleave(train_irrelevant, train_locality, others)[:limit]
+
+
+def negative_kinds(negatives: list[str], irrelevant: set[str], pseudo_edits: list) -> torch.Tensor:
+    """Which kind (``NEGATIVE_KINDS``) each negative is: the threshold must hold for the hardest kind alone."""
+    same_subject = {p.prompt for r in pseudo_edits for p in r.locality if mentions_subject(r.subject, p.prompt)}
+    kind = {name: NEGATIVE_KINDS.index(name) for name in NEGATIVE_KINDS}
+    return torch.tensor([kind["pseudo_irrelevant"] if t in irrelevant else
+                         kind["pseudo_same_subject"] if t in same_subject else kind["pseudo_locality"]
+                         for t in negatives], dtype=torch.long)
+
+
+def calibration_texts(prep, heldout: set[str], hard_groups: set[str], pseudo_locality: list[str],
+                      evaluation: set[str], n_train_negatives: int, max_positives: int, max_negatives: int,
+                      seed: int, where="") -> CalibrationTexts:
+    """The calibration set of a prepare artifact (one seeded stream, drawn in a fixed order), from pseudo data
+    only: no evaluation text, no text the encoder trained on."""
+    n = len(prep.edits)
+    # Same-subject locality prompts of the pseudo edits the encoder drew hard negatives from: it may have
+    # trained on them, so they are not honest calibration data.
+    encoder_trained = {p.prompt for r in prep.pseudo_edits if r.id in hard_groups for p in r.locality
+                       if mentions_subject(r.subject, p.prompt)}
+    rng = random.Random(seed)
+    groups = heldout_pseudo_groups(prep, heldout, where)
+    prompts, positives = memorised_pseudo_prompts(groups, prep, n, max_positives, rng)
+    positive_texts = {p for _, g in groups for p in g["positives"]}
+    irrelevant = sorted({r["prompt"] for r in prep.pseudo_irrelevant} - evaluation)
+    locality = sorted(set(pseudo_locality) - set(prompts) - positive_texts - set(irrelevant) - encoder_trained)
+    rng.shuffle(irrelevant)
+    rng.shuffle(locality)
+    memorised = set(prompts)
+    neighbours = {p.prompt for r in prep.pseudo_edits if r.prompt in memorised for p in r.locality}
+    locality = neighbours_first(locality, neighbours)
+    train_negatives: list[str] = []
+    if n_train_negatives > 0:
+        irrelevant, locality, train_negatives = split_off_train_negatives(
+            irrelevant, locality, neighbours, prep, memorised | positive_texts | evaluation, n_train_negatives, rng)
+    negatives = interleave(irrelevant, locality)[:max_negatives]
+    counts = {"memorised": len(prompts), "positive_groups": min(n, len(groups)), "positives": len(positives),
+              "negatives": len(negatives), "negatives_neighbours_of_memorised": sum(t in neighbours for t in negatives),
+              "padded_with_other_pseudo_originals": max(0, n - len(groups)), "train_negatives": len(train_negatives)}
+    return CalibrationTexts(prompts, positives, positive_texts, negatives,
+                            negative_kinds(negatives, set(irrelevant), prep.pseudo_edits), train_negatives, counts)
+
+
+@dataclass
+class RouterInputs:
+    """What the familiarity module receives from its datamodule (``megedit.handover``)."""
+    emb: dict[str, torch.Tensor]  # every embedded text group by name (``FamiliarityDataModule._texts``), and "shifts"
+    calibrate: bool  # whether the calibration router trains (``calib_*`` groups exist)
+    negative_kind: torch.Tensor | None  # per calibration negative, its index in NEGATIVE_KINDS
+    calibration_counts: dict | None  # the calibration set's sizes, for the report
+    locality_kinds: list[str]  # per edit locality prompt, its ``locality_kind``
+    fences: dict  # {per_edit, templates, main}: the report's account of the main router's fences
+    n_edits: int
+    lineage: dict  # the prepare artifact's, for the manifest
+    encoder: dict  # {encoder_dir, encoder_manifest_sha256}: which encoder the router's embeddings come from
+    data_config: dict  # the datamodule's arguments, for the manifest
+    upstream: dict  # {input stage: folder}, for the manifest
+
+    @property
+    def dim(self) -> int:
+        return self.emb["edit_prompts"].shape[1]
 
 
 class FamiliarityDataModule(L.LightningDataModule):
@@ -154,107 +307,31 @@ class FamiliarityDataModule(L.LightningDataModule):
     def _texts(self) -> dict[str, list[str]]:
         """Every text group to embed, by name; the calibration groups come from pseudo data only."""
         hp, prep = self.hparams, self.prepared
-        n = len(prep.edits)
-        texts = {
-            "edit_prompts": [e.prompt for e in prep.edits],
-            "edit_paraphrases": [p for e in prep.edits for p in e.paraphrases],
-            "locality": [p.prompt for e in prep.edits for p in e.locality],
-        }
+        texts = edit_texts(prep.edits)
         self.paraphrase_owner = [k for k, e in enumerate(prep.edits) for _ in e.paraphrases]
         # Locality prompts about the edited subject (KnowEdit's relation specificity) are a harder test than
         # unrelated ones, and some restate the edited fact itself (``locality_kinds``): the report splits them.
         self.locality_kinds = [locality_kind(e, p) for e in prep.edits for p in e.locality]
         evaluation = {t for v in texts.values() for t in v}
-        # Locality prompts of pseudo edits: the same kind of text as the evaluation locality prompts
-        # (CounterFact neighbourhood prompts, ZsRE's NQ questions), which the router must leave alone.
-        pseudo_locality = sorted({p.prompt for r in prep.pseudo_edits for p in r.locality} - evaluation)
+        pseudo_locality = pseudo_locality_prompts(prep.pseudo_edits, evaluation)
         self.fence_templates = relation_templates(prep.pseudo_edits, evaluation) if hp.fences_per_edit > 0 else []
         texts["fences"] = self._fences([(e.subject, e.prompt) for e in prep.edits],
                                        exclude={normalise(t) for t in evaluation})
         if not hp.calibrate:
             if self.n_train_negatives > 0:
-                pool = sorted(({r["prompt"] for r in prep.pseudo_irrelevant} | {r.prompt for r in prep.pseudo_edits}
-                               | set(pseudo_locality)) - evaluation)
-                random.Random(hp.seed).shuffle(pool)
-                texts["train_negatives"] = pool[: self.n_train_negatives]
+                texts["train_negatives"] = uncalibrated_train_negatives(prep, pseudo_locality, evaluation,
+                                                                        self.n_train_negatives, hp.seed)
             return texts
-        heldout = heldout_groups(hp.encoder_dir)
-        # Same-subject locality prompts of the pseudo edits the encoder drew hard negatives from: it may have
-        # trained on them, so they are not honest calibration data.
-        hard_groups = hard_negative_groups(hp.encoder_dir)
-        encoder_trained = {p.prompt for r in prep.pseudo_edits if r.id in hard_groups for p in r.locality
-                           if mentions_subject(r.subject, p.prompt)}
-        rng = random.Random(hp.seed)
-        # Positives: pseudo edits whose pairs the encoder never trained on (held out by the encoder stage).
-        pseudo_groups = [(r.id, {"anchor": r.prompt, "positives": list(r.paraphrases)})
-                         for r in prep.pseudo_edits if r.id in heldout and r.paraphrases]
-        if len(pseudo_groups) < 100:
-            # Too few held-out pseudo edits of the benchmark itself: the held-out paraphrase-corpus
-            # groups are pseudo edits too (an original and its paraphrases).
-            seen = {g for g, _ in pseudo_groups}
-            pseudo_groups += [(g, v) for g, v in group_pairs(prep.pseudo_pairs).items()
-                              if g in heldout and g not in seen]
-        if not pseudo_groups:
-            raise ArtifactError(f"{hp.encoder_dir}: no held-out pseudo group with a paraphrase to calibrate on; "
-                                "set model.threshold to a number, or re-run the encoder with more held-out groups")
-        rng.shuffle(pseudo_groups)
-        positives_owner, positives = [], []
-        for k, (_, g) in enumerate(pseudo_groups[:n]):
-            for p in g["positives"]:
-                positives.append(p)
-                positives_owner.append(k)
-        keep = sorted(rng.sample(range(len(positives)), min(len(positives), hp.max_calibration_positives)))
-        calib_prompts = [g["anchor"] for _, g in pseudo_groups[:n]]
-        # Pad to N memorised points with other pseudo originals (same density as the real router).
-        if len(calib_prompts) < n:
-            used = set(calib_prompts)
-            irrelevant = {r["prompt"] for r in prep.pseudo_irrelevant}
-            filler = sorted({p["anchor"] for p in prep.pseudo_pairs} - used - irrelevant)
-            rng.shuffle(filler)
-            calib_prompts += filler[: n - len(calib_prompts)]
-        positive_texts = {p for _, g in pseudo_groups for p in g["positives"]}
-        irrelevant = sorted({r["prompt"] for r in prep.pseudo_irrelevant} - evaluation)
-        locality = sorted(set(pseudo_locality) - set(calib_prompts) - positive_texts - set(irrelevant) - encoder_trained)
-        rng.shuffle(irrelevant)
-        rng.shuffle(locality)
-        # The evaluation's locality prompts are neighbours of *memorised* edits; the calibration's should be
-        # neighbours of the memorised pseudo prompts too (others are easier and understate the FPR: at N=4096
-        # the threshold let 5.3% of locality prompts through on a 5% budget). Stable: no extra RNG draws.
-        memorised = set(calib_prompts)
-        neighbours = {p.prompt for r in prep.pseudo_edits if r.prompt in memorised for p in r.locality}
-        locality = [t for t in locality if t in neighbours] + [t for t in locality if t not in neighbours]
-        train_negatives: list[str] = []
-        if self.n_train_negatives > 0:
-            # Half of each kind stays unseen, so calibration measures the trained routers honestly.
-            irrelevant, train_irrelevant = irrelevant[: len(irrelevant) // 2], irrelevant[len(irrelevant) // 2:]
-            # Neighbours of memorised prompts are never trained on (the real edits' neighbours never are).
-            cut = max(len(locality) // 2, sum(t in neighbours for t in locality))
-            locality, train_locality = locality[:cut], locality[cut:]
-            taken = set(calib_prompts) | set(irrelevant) | set(locality) | positive_texts | evaluation
-            others = sorted({r.prompt for r in prep.pseudo_edits} - taken - set(train_irrelevant))
-            rng.shuffle(others)
-            train_negatives = interleave(train_irrelevant, train_locality, others)[: self.n_train_negatives]
-        negatives = interleave(irrelevant, locality)[: hp.max_calibration_negatives]
-        # Which kind each negative is: the threshold must hold for the hardest kind on its own.
-        irrelevant_set = set(irrelevant)
-        same_subject = {p.prompt for r in prep.pseudo_edits for p in r.locality
-                        if mentions_subject(r.subject, p.prompt)}
-        kind = {name: NEGATIVE_KINDS.index(name) for name in NEGATIVE_KINDS}
-        self.calibration_negative_kind = torch.tensor(
-            [kind["pseudo_irrelevant"] if t in irrelevant_set else
-             kind["pseudo_same_subject"] if t in same_subject else kind["pseudo_locality"] for t in negatives],
-            dtype=torch.long)
-        self.calibration_counts = {"memorised": len(calib_prompts), "positive_groups": min(n, len(pseudo_groups)),
-                                   "positives": len(keep), "negatives": len(negatives),
-                                   "negatives_neighbours_of_memorised": sum(t in neighbours for t in negatives),
-                                   "padded_with_other_pseudo_originals": max(0, n - len(pseudo_groups)),
-                                   "train_negatives": len(train_negatives)}
+        cal = calibration_texts(prep, heldout_groups(hp.encoder_dir), hard_negative_groups(hp.encoder_dir),
+                                pseudo_locality, evaluation, self.n_train_negatives, hp.max_calibration_positives,
+                                hp.max_calibration_negatives, hp.seed, where=hp.encoder_dir)
+        self.calibration_negative_kind, self.calibration_counts = cal.negative_kind, cal.counts
         subject_of = {r.prompt: r.subject for r in prep.pseudo_edits}
-        calib_fences = self._fences([(subject_of.get(t, ""), t) for t in calib_prompts],
-                                    exclude={normalise(t) for t in evaluation | set(negatives) | positive_texts
-                                             | set(calib_prompts)})
-        texts.update(calib_prompts=calib_prompts, calib_positives=[positives[i] for i in keep],
-                     calib_negatives=negatives, train_negatives=train_negatives, calib_fences=calib_fences)
+        calib_fences = self._fences([(subject_of.get(t, ""), t) for t in cal.prompts],
+                                    exclude={normalise(t) for t in evaluation | set(cal.negatives) | cal.positive_texts
+                                             | set(cal.prompts)})
+        texts.update(calib_prompts=cal.prompts, calib_positives=cal.positives, calib_negatives=cal.negatives,
+                     train_negatives=cal.train_negatives, calib_fences=calib_fences)
         self.calibration_counts["fences"] = len(calib_fences)
         return texts
 
@@ -304,6 +381,17 @@ class FamiliarityDataModule(L.LightningDataModule):
             start += len(v)
         self.dim = self.emb["edit_prompts"].shape[1]
         self.emb["shifts"] = self.emb["shift_paraphrases"] - self.emb["shift_originals"]
+
+    def handover(self) -> RouterInputs:
+        hp = self.hparams
+        return RouterInputs(
+            emb=self.emb, calibrate=hp.calibrate, negative_kind=getattr(self, "calibration_negative_kind", None),
+            calibration_counts=getattr(self, "calibration_counts", None), locality_kinds=self.locality_kinds,
+            fences={"per_edit": hp.fences_per_edit, "templates": len(self.fence_templates),
+                    "main": len(self.texts["fences"])},
+            n_edits=len(self.prepared.edits), lineage=self.prepared.lineage,
+            encoder={"encoder_dir": str(hp.encoder_dir), "encoder_manifest_sha256": self.encoder_manifest_sha256},
+            data_config=dict(hp), upstream=upstream_dirs("familiarity", hp))
 
     def train_dataloader(self) -> DataLoader:
         n_calib = len(self.emb["calib_prompts"]) if self.hparams.calibrate else 0

@@ -15,7 +15,6 @@ threshold with ``megedit threshold``), manifest.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Literal, Union
@@ -24,20 +23,19 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from megedit.artifacts import ArtifactError, atomic_path, atomic_write_json, write_manifest
+from megedit.artifacts import ArtifactError, write_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
-from megedit.data.locality_kinds import LOCALITY_KINDS
 from megedit.distributed import barrier
-from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
-from megedit.familiarity.router import (CALIBRATION_WEIGHTS, CONFIG, ENTROPIES, WEIGHTS, auroc, choose_threshold,
-                                       load_router_states)
-from megedit.familiarity.threshold import rate, routing_curve
-from megedit.resume import CHECKPOINT_DIR, resume_point_callback
-from megedit.graph import upstream_dirs
+from megedit.familiarity.artifact import MAIN_GROUPS, load_router_states, write_router_artifact
+from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS, RouterInputs
+from megedit.familiarity.report import (calibrate, chosen_threshold, edit_routing, entropies_file, entropy_summary,
+                                       histogram, shift_summary, summary_line)
+from megedit.familiarity.threshold import routing_curve
+from megedit.handover import HandOver
+from megedit.resume import remove_checkpoints, resume_point_callback
 
-REPORT = "routing_report.json"
-HIST = "entropy_hist.png"
-CURVE = "routing_curve.png"
+# The calibration router's entropy groups: memorised pseudo prompts, held-out paraphrases, negatives.
+CALIBRATION_GROUPS = ("calib_prompts", "calib_positives", "calib_negatives")
 
 
 def random_labels(n: int, k: int, seed: int) -> torch.Tensor:
@@ -93,19 +91,30 @@ def uniform_kl(net: FamiliarityNet, x: torch.Tensor) -> torch.Tensor:
     return -F.log_softmax(net(x), dim=-1).mean(-1).mean() - math.log(net.num_classes)
 
 
+def check_threshold_options(threshold, num_classes: int, budget_kinds: list[str]) -> None:
+    """Refuse a threshold outside (0, ln K] nats and budget kinds that are not kinds of negatives."""
+    if isinstance(threshold, str) and threshold != "auto":
+        raise ValueError(f"model.threshold must be a number or 'auto', got {threshold!r}")
+    if not isinstance(threshold, str) and not 0 < threshold <= math.log(num_classes):
+        raise ValueError(f"model.threshold {threshold} is outside (0, ln K = {math.log(num_classes):.3f}] nats")
+    if not budget_kinds:
+        raise ValueError(f"model.budget_kinds must name at least one of {list(NEGATIVE_KINDS)}")
+    unknown = set(budget_kinds) - set(NEGATIVE_KINDS)
+    if unknown:
+        raise ValueError(f"model.budget_kinds: unknown kinds {sorted(unknown)}; known: {list(NEGATIVE_KINDS)}")
+
+
 class FamiliarityModule(L.LightningModule):
     resumable = True  # the stage CLI resumes checkpoints/last.ckpt of the same run (megedit.resume)
 
     def __init__(self, out_dir: str = "runs/familiarity", num_classes: int = 10, depth: int = 5, hidden_mult: int = 4,
-                 width: int | None = None, lr: float = 1e-3, seed: int = 0,
-                 converge_entropy: float = 0.01, min_epochs: int = 20,
-                 threshold: Union[float, Literal["auto"]] = "auto",
+                 width: int | None = None, lr: float = 1e-3, seed: int = 0, converge_entropy: float = 0.01,
+                 min_epochs: int = 20, threshold: Union[float, Literal["auto"]] = "auto",
                  calibration_rule: Literal["capped", "balanced", "max_fpr"] = "capped", target_fpr: float = 0.04,
-                 budget_kinds: list[str] = ["pseudo_irrelevant", "pseudo_locality"],
-                 hist_bins: int = 60, negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5,
-                 fence_weight: float = 0.5, shift_scale: float = 1.6, shift_weight: float = 1.0,
-                 plateau_patience: int = 100, plateau_factor: float = 0.5, min_lr: float = 1e-5,
-                 init_from: str | None = None):
+                 budget_kinds: list[str] = ["pseudo_irrelevant", "pseudo_locality"], hist_bins: int = 60,
+                 negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5, fence_weight: float = 0.5,
+                 shift_scale: float = 1.6, shift_weight: float = 1.0, plateau_patience: int = 100,
+                 plateau_factor: float = 0.5, min_lr: float = 1e-5, init_from: str | None = None):
         """
         Args:
             out_dir: where the router artifact goes.
@@ -120,8 +129,7 @@ class FamiliarityModule(L.LightningModule):
             min_epochs: train at least this many epochs.
             threshold: entropy threshold in nats (the paper uses 0.1 on Phi-2), or ``auto``.
             calibration_rule: on the pseudo calibration data, with FPR the worst over the kinds of negatives
-                (pseudo-irrelevant prompts; pseudo edits' locality prompts about another subject, about
-                their own subject; ``familiarity_datamodule.NEGATIVE_KINDS``): ``balanced``
+                (``familiarity_datamodule.NEGATIVE_KINDS``): ``balanced``
                 maximises TPR - FPR; ``max_fpr`` takes the largest threshold whose FPR <= target_fpr;
                 ``capped`` (default) is ``balanced`` but never above the ``max_fpr`` threshold.
             target_fpr: the FPR budget of ``max_fpr`` and ``capped``.
@@ -147,50 +155,43 @@ class FamiliarityModule(L.LightningModule):
             checkpoint_every_n_epochs: how often ``out_dir/checkpoints/last.ckpt`` is refreshed, so a
                 killed run resumes (0: never). Removed once the router is written.
             init_from: a familiarity artifact to fine-tune instead of starting from random weights (``megedit
-                edits add``): the main router starts from its router, the calibration router from its
-                calibration router (from scratch when the artifact saved none). Points a router already calls
-                familiar keep the class it gives them; the others (new edits) get balanced random labels
-                (``keep_familiar_labels``). The architecture must match.
+                edits add``): each router starts from its counterpart (the calibration router from scratch when
+                the artifact saved none). Points a router already calls familiar keep the class it gives them;
+                the others (new edits) get balanced random labels (``keep_familiar_labels``). Same architecture.
         """
         super().__init__()
         self.save_hyperparameters()
-        if isinstance(threshold, str) and threshold != "auto":
-            raise ValueError(f"model.threshold must be a number or 'auto', got {threshold!r}")
-        if not isinstance(threshold, str) and not 0 < threshold <= math.log(num_classes):
-            raise ValueError(f"model.threshold {threshold} is outside (0, ln K = {math.log(num_classes):.3f}] nats")
-        if not budget_kinds:
-            raise ValueError(f"model.budget_kinds must name at least one of {list(NEGATIVE_KINDS)}")
-        unknown = set(budget_kinds) - set(NEGATIVE_KINDS)
-        if unknown:
-            raise ValueError(f"model.budget_kinds: unknown kinds {sorted(unknown)}; known: {list(NEGATIVE_KINDS)}")
+        check_threshold_options(threshold, num_classes, budget_kinds)
+        self.inputs: RouterInputs | None = None  # received from the datamodule (megedit.handover)
         self.main_net: FamiliarityNet | None = None
         self.calib_net: FamiliarityNet | None = None
-        self._started = time.time()
-        self._epochs_run = 0
-        self._converged = False
+        self._started, self._epochs_run, self._converged = time.time(), 0, False
         self.resumed_from: str | None = None  # set by the stage CLI
 
     # ------------------------------------------------------------------ setup
+    def receive(self, inputs: RouterInputs) -> None:
+        if self.hparams.threshold == "auto" and not inputs.calibrate:
+            raise ValueError("model.threshold auto needs data.calibrate true (the calibration router)")
+        self.inputs = inputs
+
     def setup(self, stage: str) -> None:
         if self.main_net is not None:
             return
-        dm, hp = self.trainer.datamodule, self.hparams
-        if hp.threshold == "auto" and not dm.hparams.calibrate:
-            raise ValueError("model.threshold auto needs data.calibrate true (the calibration router)")
+        emb, hp = self.inputs.emb, self.hparams
         torch.manual_seed(hp.seed)  # identical nets on every rank and every run
-        make = lambda: FamiliarityNet(dm.dim, hp.num_classes, hp.depth, hp.hidden_mult, hp.width)  # noqa: E731
+        make = lambda: FamiliarityNet(self.inputs.dim, hp.num_classes, hp.depth, hp.hidden_mult, hp.width)  # noqa: E731
         self.main_net = make()
         # Plain tensors, not buffers: DDP would re-broadcast buffers on every step.
-        self.main_emb = dm.emb["edit_prompts"]
+        self.main_emb = emb["edit_prompts"]
         self.main_labels = random_labels(len(self.main_emb), hp.num_classes, hp.seed)
-        if dm.hparams.calibrate:
+        if self.inputs.calibrate:
             self.calib_net = make()
-            self.calib_emb = dm.emb["calib_prompts"]
+            self.calib_emb = emb["calib_prompts"]
             self.calib_labels = random_labels(len(self.calib_emb), hp.num_classes, hp.seed + 1)
         nonempty = lambda x: x if x is not None and len(x) > 0 else None  # noqa: E731
-        self.neg_emb = nonempty(dm.emb.get("train_negatives"))
-        self.shift_emb = nonempty(dm.emb.get("shifts"))
-        self.fence_emb, self.calib_fence_emb = nonempty(dm.emb.get("fences")), nonempty(dm.emb.get("calib_fences"))
+        self.neg_emb = nonempty(emb.get("train_negatives"))
+        self.shift_emb = nonempty(emb.get("shifts"))
+        self.fence_emb, self.calib_fence_emb = nonempty(emb.get("fences")), nonempty(emb.get("calib_fences"))
         self.warm_start = self._warm_start(Path(hp.init_from)) if hp.init_from else None
 
     def _warm_start(self, folder: Path) -> dict:
@@ -228,7 +229,7 @@ class FamiliarityModule(L.LightningModule):
 
     def configure_callbacks(self):
         # Replaces the Trainer's default checkpoint callback (which would write into the logger's folder).
-        return [resume_point_callback(self.hparams.out_dir, self.hparams.checkpoint_every_n_epochs)]
+        return [HandOver(), resume_point_callback(self.hparams.out_dir, self.hparams.checkpoint_every_n_epochs)]
 
     def on_fit_start(self) -> None:
         for name in ("main_emb", "main_labels", "calib_emb", "calib_labels", "neg_emb", "fence_emb", "calib_fence_emb",
@@ -321,7 +322,7 @@ class FamiliarityModule(L.LightningModule):
         if self.global_rank == 0:
             self._write()
             # The checkpoints only serve a resume; the router artifact is complete now.
-            shutil.rmtree(Path(self.hparams.out_dir) / CHECKPOINT_DIR, ignore_errors=True)
+            remove_checkpoints(self.hparams.out_dir)
         barrier()
 
     @torch.no_grad()
@@ -330,154 +331,58 @@ class FamiliarityModule(L.LightningModule):
         return router.entropy(emb.to(self.device)).cpu()
 
     def _write(self) -> None:
-        dm, hp = self.trainer.datamodule, self.hparams
-        out = Path(hp.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        hp, data = self.hparams, self.inputs
         self.main_net.eval()
-        ent = {name: self._entropies(self.main_net, dm.emb[name])
-               for name in ("edit_prompts", "edit_paraphrases", "locality")}
-        calibration = None
+        ent = {name: self._entropies(self.main_net, data.emb[name]) for name in MAIN_GROUPS}
+        cal = calibration = None
         if self.calib_net is not None:
             self.calib_net.eval()
-            cal = {name: self._entropies(self.calib_net, dm.emb[name])
-                   for name in ("calib_prompts", "calib_positives", "calib_negatives")}
-            calibration = choose_threshold(cal["calib_positives"], cal["calib_negatives"], hp.calibration_rule,
-                                           hp.target_fpr, unfamiliar_kind=dm.calibration_negative_kind,
-                                           kind_names=list(NEGATIVE_KINDS), budget_kinds=list(hp.budget_kinds))
-            calibration["auroc"] = auroc(-cal["calib_positives"], -cal["calib_negatives"])
-            calibration["counts"] = dm.calibration_counts
-        if hp.threshold == "auto":
-            threshold, source = calibration["threshold"], f"auto ({hp.calibration_rule} on pseudo calibration data)"
-        else:
-            threshold, source = float(hp.threshold), "fixed (config)"
-
-        def summary(x: torch.Tensor) -> dict:
-            if x.numel() == 0:
-                return {"n": 0}
-            q = torch.quantile(x.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.double)).tolist()
-            return {"n": int(x.numel()), "mean": float(x.mean()), "p05": q[0], "median": q[1], "p95": q[2]}
-
-        kinds = getattr(dm, "locality_kinds", ["other"] * len(ent["locality"]))
-        kind_mask = {k: torch.tensor([x == k for x in kinds], dtype=torch.bool) for k in LOCALITY_KINDS}
-        report = {
-            "threshold": threshold, "threshold_source": source, "entropy_units": "nats",
-            "max_entropy": math.log(hp.num_classes), "n_edits": len(dm.prepared.edits),
-            "rates": {
-                "edit_prompts_familiar": rate(ent["edit_prompts"], threshold, True),
-                "edit_paraphrases_familiar": rate(ent["edit_paraphrases"], threshold, True),
-                "locality_unfamiliar": rate(ent["locality"], threshold, False),
-                # Locality proper: without the prompts that ask the edited fact again (they should be familiar).
-                "locality_unfamiliar_excluding_restatements": rate(ent["locality"][~kind_mask["restates_edit"]], threshold,
-                                                                   False),
-            },
-            "locality_unfamiliar_by_kind": {k: rate(ent["locality"][m], threshold, False) for k, m in kind_mask.items()},
-            "n_locality_by_kind": {k: int(m.sum()) for k, m in kind_mask.items()},
-            "auroc": {
-                "edit_paraphrases_vs_locality": auroc(-ent["edit_paraphrases"], -ent["locality"]),
-                "edit_prompts_vs_locality": auroc(-ent["edit_prompts"], -ent["locality"]),
-            },
-            "entropy": {k: summary(v) for k, v in ent.items()},
-            "calibration": calibration,
-            "fences": {"per_edit": dm.hparams.fences_per_edit, "templates": len(dm.fence_templates),
-                       "main": len(dm.texts["fences"]), "used": hp.fence_weight > 0 and bool(dm.texts["fences"])},
-            "paraphrase_shifts": self._shift_summary(dm),
-            "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self.resumed_from,
-                    "warm_start": self.warm_start, **getattr(self, "_fit_states", {})},
-            "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
-                    "to pick the threshold",
-            "wall_seconds": round(time.time() - self._started, 1),
-        }
-        if calibration is not None:
-            report["calibration"]["entropy"] = {k: summary(v) for k, v in cal.items()}
+            cal = {name: self._entropies(self.calib_net, data.emb[name]) for name in CALIBRATION_GROUPS}
+            calibration = calibrate(cal, hp.calibration_rule, hp.target_fpr, data.negative_kind, list(NEGATIVE_KINDS),
+                                    list(hp.budget_kinds), data.calibration_counts)
+        threshold, source = chosen_threshold(hp.threshold, calibration, hp.calibration_rule)
+        report = self._report(ent, cal, calibration, threshold, source)
         router_cfg = {"architecture": self.main_net.config(), "K": hp.num_classes, "threshold": threshold,
                       "threshold_source": source, "calibration": calibration, "entropy_units": "nats",
-                      "encoder_dir": str(dm.hparams.encoder_dir), "encoder_manifest_sha256": dm.encoder_manifest_sha256}
-
-        from safetensors.torch import save_file
-
-        nets = {WEIGHTS: self.main_net} | ({CALIBRATION_WEIGHTS: self.calib_net} if self.calib_net is not None else {})
-        for name, net in nets.items():
-            with atomic_path(out / name) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        entropies = {f"main.{k}": v for k, v in ent.items()}
-        if calibration is not None:
-            entropies |= {f"calibration.{k}": v for k, v in cal.items()}
-            entropies["calibration.negative_kind"] = dm.calibration_negative_kind
-        with atomic_path(out / ENTROPIES) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in entropies.items()}, str(tmp),
-                      metadata={"units": "nats", "negative_kinds": ",".join(NEGATIVE_KINDS)})
-        atomic_write_json(out / CONFIG, router_cfg)
-        atomic_write_json(out / REPORT, report)
-        fig = self._histogram(ent, cal if calibration is not None else None, threshold)
-        with atomic_path(out / HIST) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+                      **data.encoder}
+        entropies = entropies_file(ent, cal, data.negative_kind)
+        hist = histogram(ent, cal, data.negative_kind, threshold, hp.num_classes, hp.hist_bins)
         curve = routing_curve(entropies, threshold, list(NEGATIVE_KINDS), max_entropy=math.log(hp.num_classes),
                               title=f"familiarity router, N={len(ent['edit_prompts'])}: threshold {threshold:.3g} "
                                     f"({source})")
-        with atomic_path(out / CURVE) as tmp:
-            curve.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        self._log_tensorboard({"familiarity/entropy_hist": fig, "familiarity/routing_curve": curve}, report)
+        outputs = write_router_artifact(hp.out_dir, self.main_net, self.calib_net, entropies, list(NEGATIVE_KINDS),
+                                        router_cfg, report, hist, curve)
+        self._log_tensorboard({"familiarity/entropy_hist": hist, "familiarity/routing_curve": curve}, report)
         import matplotlib.pyplot as plt
 
-        plt.close(fig)
+        plt.close(hist)
         plt.close(curve)
-        write_manifest(out, "familiarity", dm.prepared.lineage,
-                       config={"data": dict(dm.hparams), "model": dict(hp),
+        write_manifest(hp.out_dir, "familiarity", data.lineage,
+                       config={"data": data.data_config, "model": dict(hp),
                                "trainer": {"max_epochs": self.trainer.max_epochs,
                                            "world_size": self.trainer.world_size}},
-                       outputs=[*nets, CONFIG, REPORT, HIST, CURVE, ENTROPIES],
-                       upstream=upstream_dirs("familiarity", dm.hparams))
-        r, a = report["rates"], report["auroc"]
-        print(f"familiarity: threshold {threshold:.4f} ({source}); edit prompts familiar "
-              f"{r['edit_prompts_familiar']:.3f}, paraphrases familiar {r['edit_paraphrases_familiar']:.3f}, "
-              f"locality unfamiliar {r['locality_unfamiliar']:.3f} (without restatements of the edited fact "
-              f"{r['locality_unfamiliar_excluding_restatements'] or float('nan'):.3f}; by kind "
-              f"{ {k: None if v is None else round(v, 3) for k, v in report['locality_unfamiliar_by_kind'].items()} }); "
-              f"AUROC paraphrase/locality "
-              f"{a['edit_paraphrases_vs_locality']:.3f}; {self._epochs_run} epochs; wrote {out} "
-              f"({report['wall_seconds']} s)")
+                       outputs=outputs, upstream=data.upstream)
+        print(summary_line(report, Path(hp.out_dir), self._epochs_run))
 
-    def _shift_summary(self, dm) -> dict:
-        shifts, hp = dm.emb.get("shifts"), self.hparams
-        n = 0 if shifts is None else len(shifts)
-        out = {"pairs": n, "scale": hp.shift_scale, "weight": hp.shift_weight, "used": n > 0 and hp.shift_weight > 0}
-        if n:
-            out["median_displacement_norm"] = float(shifts.norm(dim=-1).median())
-        return out
-
-    def _histogram(self, ent: dict, cal: dict | None, threshold: float):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        hp, dm = self.hparams, self.trainer.datamodule
-        bins = torch.linspace(0, math.log(hp.num_classes), hp.hist_bins + 1).numpy()
-        ncols = 2 if cal is not None else 1
-        fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4), squeeze=False)
-        panels = [(axes[0, 0], "edits (evaluation; not used for the threshold)",
-                   [("edit prompts", ent["edit_prompts"]), ("paraphrases", ent["edit_paraphrases"]),
-                    ("locality prompts", ent["locality"])])]
-        if cal is not None:
-            panels.append((axes[0, 1], "pseudo calibration (picks the auto threshold)",
-                           [("memorised pseudo prompts", cal["calib_prompts"]),
-                            ("held-out pseudo paraphrases", cal["calib_positives"]),
-                            *[(label, cal["calib_negatives"][dm.calibration_negative_kind == k])
-                              for k, label in enumerate(("pseudo-irrelevant prompts", "pseudo locality prompts",
-                                                         "pseudo locality, same subject"))]]))
-        for ax, title, groups in panels:
-            for label, x in groups:
-                if x.numel():
-                    ax.hist(x.clamp(0, math.log(hp.num_classes)).numpy(), bins=bins, alpha=0.55,
-                            label=f"{label} (n={x.numel()})", density=True)
-            ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g}")
-            ax.set_yscale("log")
-            ax.set_xlabel("output entropy (nats)")
-            ax.set_ylabel("density (log)")
-            ax.set_title(title, fontsize=10)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"familiarity router, N={len(ent['edit_prompts'])}, K={hp.num_classes}")
-        return fig
+    def _report(self, ent: dict, cal: dict | None, calibration: dict | None, threshold: float, source: str) -> dict:
+        """``routing_report.json``: the edits' routing (a diagnostic), the calibration, fences, shifts, the fit."""
+        hp, data = self.hparams, self.inputs
+        routing = edit_routing(ent, threshold, data.locality_kinds)
+        report = {"threshold": threshold, "threshold_source": source, "entropy_units": "nats",
+                  "max_entropy": math.log(hp.num_classes), "n_edits": data.n_edits,
+                  **{k: routing[k] for k in ("rates", "locality_unfamiliar_by_kind", "n_locality_by_kind", "auroc",
+                                             "entropy")},
+                  "calibration": calibration,
+                  "fences": {**data.fences, "used": hp.fence_weight > 0 and data.fences["main"] > 0},
+                  "paraphrase_shifts": shift_summary(data.emb.get("shifts"), hp.shift_scale, hp.shift_weight),
+                  "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self.resumed_from,
+                          "warm_start": self.warm_start, **getattr(self, "_fit_states", {})},
+                  "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
+                          "to pick the threshold",
+                  "wall_seconds": round(time.time() - self._started, 1)}
+        if calibration is not None:
+            report["calibration"]["entropy"] = {k: entropy_summary(v) for k, v in cal.items()}
+        return report
 
     def _log_tensorboard(self, figures: dict, report: dict) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger

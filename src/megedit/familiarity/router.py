@@ -1,60 +1,8 @@
-"""Loading a trained familiarity router, and the threshold/AUROC helpers the stage uses."""
+"""The threshold and AUROC helpers of the familiarity stage (its files: ``megedit.familiarity.artifact``)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-
-from megedit.artifacts import ArtifactError, check_upstream, read_manifest
-from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter
-
-WEIGHTS = "router.safetensors"
-# The calibration router (same recipe, N pseudo prompts), kept so that a later run version can fine-tune it
-# beside the main router and recalibrate the threshold the same way (``megedit edits add``).
-CALIBRATION_WEIGHTS = "calibration_router.safetensors"
-CONFIG = "router.json"
-# Every entropy behind the report and the threshold, so a threshold can be re-picked (another rule or
-# FPR budget, with ``choose_threshold``; ``megedit threshold``) without retraining: ``main.*`` from the
-# router, ``calibration.*`` from the calibration router (``calibration.negative_kind`` indexes the kind
-# names in the file's ``negative_kinds`` metadata).
-ENTROPIES = "entropies.safetensors"
-
-
-def load_router(folder: str | Path, encoder_dir: str | Path | None = None,
-                device: str | torch.device = "cpu") -> FamiliarityRouter:
-    """The router of a familiarity artifact (eval mode, frozen).
-
-    With ``encoder_dir`` it refuses (``ArtifactError``) a router trained on another encoder
-    run's embeddings: its entropies, hence its threshold, mean nothing for that encoder.
-    """
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    manifest = read_manifest(folder, stage="familiarity")
-    if encoder_dir is not None:
-        check_upstream(manifest, "encoder", encoder_dir, where=f"familiarity router {folder}")
-    cfg = json.loads((folder / CONFIG).read_text())
-    try:
-        net = FamiliarityNet(**cfg["architecture"])
-        net.load_state_dict(load_file(folder / WEIGHTS))
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise ArtifactError(f"{folder}: {CONFIG} and {WEIGHTS} do not describe one familiarity net: {exc}") from exc
-    router = FamiliarityRouter(net, cfg["threshold"]).to(device)
-    return router.eval().requires_grad_(False)
-
-
-def load_router_states(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """``(router.json, main net state, calibration net state or None)`` of a familiarity artifact: what a
-    fine-tuning run starts from (an artifact written before the calibration router was saved has none)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    read_manifest(folder, stage="familiarity")
-    cfg = json.loads((folder / CONFIG).read_text())
-    calibration = folder / CALIBRATION_WEIGHTS
-    return cfg, load_file(folder / WEIGHTS), load_file(calibration) if calibration.is_file() else None
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float | None:

@@ -14,44 +14,19 @@ The stage writes the same curve as ``routing_curve.png`` (``routing_curve``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from megedit.artifacts import ArtifactError, atomic_path, atomic_write_json, read_manifest
-from megedit.familiarity.router import CALIBRATION_RULES, CONFIG, ENTROPIES, choose_threshold
+from megedit.artifacts import atomic_path, atomic_write_json
+from megedit.familiarity.artifact import load_entropies, read_router_config
+from megedit.familiarity.router import CALIBRATION_RULES, choose_threshold
 
 # The main router's groups and which way each should fall (True: below the threshold, i.e. familiar).
 EDIT_GROUPS = (("edit_prompts", "edit prompts familiar", True),
                ("edit_paraphrases", "paraphrases familiar", True),
                ("locality", "locality unfamiliar", False))
-
-
-def load_entropies(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[str], dict]:
-    """The entropies of a familiarity artifact, the names of its calibration negative kinds, and its
-    (verified) manifest."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    manifest = read_manifest(folder, stage="familiarity")
-    path = folder / ENTROPIES
-    if not path.is_file():
-        raise ArtifactError(f"{folder}: no {ENTROPIES} (written by the familiarity stage since it saves every "
-                            "entropy; re-run the stage to get it)")
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
-    missing = [f"main.{g}" for g, _, _ in EDIT_GROUPS if f"main.{g}" not in tensors]
-    if missing:
-        raise ArtifactError(f"{path}: missing tensors {missing} (expected main.edit_prompts, main.edit_paraphrases, "
-                            "main.locality)")
-    kinds = [k for k in meta.get("negative_kinds", "").split(",") if k]
-    if "calibration.calib_negatives" in tensors and ("calibration.negative_kind" not in tensors or not kinds):
-        raise ArtifactError(f"{path}: calibration entropies without calibration.negative_kind or the "
-                            "negative_kinds metadata; re-run the familiarity stage")
-    return tensors, kinds, manifest
 
 
 def rate(x: torch.Tensor, threshold: float, familiar: bool) -> float | None:
@@ -210,7 +185,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     folder = Path(args.familiarity_dir)
     ent, kinds, manifest = load_entropies(folder)
-    cfg = json.loads((folder / CONFIG).read_text())
+    cfg = read_router_config(folder)
     threshold, source, pick = _choose(args, folder, ent, kinds, cfg, manifest["config"]["model"])
     result: dict = {"familiarity_dir": str(folder), "trained_threshold": cfg["threshold"],
                     "trained_threshold_source": cfg.get("threshold_source")}
