@@ -39,6 +39,11 @@ import time
 from pathlib import Path
 
 from megedit.artifacts import atomic_write_json, atomic_write_text
+from megedit.collect.artifact import read_report as collect_report
+from megedit.diffusion.artifact import read_report as diffusion_report
+from megedit.encoder.artifact import read_report as encoder_report
+from megedit.familiarity.artifact import read_report as familiarity_report
+from megedit.prepare.artifact import read_report as prepare_report
 
 STAGES_COPIED = ("prepare", "encoder", "familiarity", "collect", "diffusion")
 GROWS_WITH_N = ("prepare", "familiarity", "collect", "diffusion")
@@ -149,11 +154,11 @@ def restoration_by_kind(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- cost
 # What each stage's own report says it took, for manifests written before they recorded ``resources``.
 REPORTED_SECONDS = {
-    "prepare": ("report.json", lambda r: r["wall_seconds"]),
-    "encoder": ("report.json", lambda r: r["wall_seconds"]),
-    "familiarity": ("routing_report.json", lambda r: r["wall_seconds"]),
-    "collect": ("report.json", lambda r: r["stage_wall_seconds"] + (r.get("transfer") or {}).get("seconds", 0.0)),
-    "diffusion": ("report.json", lambda r: r["wall_seconds_train"] + r["wall_seconds_report"]),
+    "prepare": (prepare_report, lambda r: r["wall_seconds"]),
+    "encoder": (encoder_report, lambda r: r["wall_seconds"]),
+    "familiarity": (familiarity_report, lambda r: r["wall_seconds"]),
+    "collect": (collect_report, lambda r: r["stage_wall_seconds"] + (r.get("transfer") or {}).get("seconds", 0.0)),
+    "diffusion": (diffusion_report, lambda r: r["wall_seconds_train"] + r["wall_seconds_report"]),
 }
 
 
@@ -165,10 +170,9 @@ def stage_cost(run: Path, stage: str, pipeline) -> dict | None:
     cost = pipeline.stage_costs(owner).get(stage)
     if cost is not None and not cost["estimated"]:
         return {"wall_seconds": cost["wall_seconds"], "source": "manifest resources"}
-    name, seconds = REPORTED_SECONDS[stage]
+    read, seconds = REPORTED_SECONDS[stage]
     try:
-        return {"wall_seconds": round(seconds(json.loads((owner / stage / name).read_text())), 1),
-                "source": f"{stage}/{name}"}
+        return {"wall_seconds": round(seconds(read(owner / stage)), 1), "source": f"{stage} report"}
     except (OSError, KeyError, TypeError, ValueError):
         return None if cost is None else {"wall_seconds": cost["wall_seconds"], "source": "manifest creation times"}
 
@@ -276,12 +280,13 @@ def copy_and_pick(args) -> tuple[Path, object, list[str], list[str], list[Path]]
 
 def add_remove_and_score(args, run: Path, prepared, old_ids, removed_ids, files) -> dict:
     """Steps 2-6 of the module docstring: every score, the two commands' times and version 1's record."""
+    from megedit.edits.versions import read_record, version_dirs
     from megedit.prepare.artifact import load_prepared
 
     vs, bs = args.value_scale, args.batch_size
     before = score(run, 0, {"old": items_for(prepared, old_ids), "removed": items_for(prepared, removed_ids)}, vs, bs)
     add_seconds = megedit_cli("edits", "add", "--run", str(run), *map(str, files), "--quiet", *args.add_args.split())
-    v1 = json.loads((run / "versions" / "1" / "version.json").read_text())
+    v1 = read_record(version_dirs(run)[1])
     prepared1 = load_prepared(run / "versions" / "1" / "prepare")
     new_ids = v1["change"]["added"]
     after_add = score(run, 1, {"new": items_for(prepared1, new_ids), "old": items_for(prepared1, old_ids),

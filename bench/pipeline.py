@@ -17,6 +17,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
+from megedit.artifacts import finished_manifest, read_manifest
 from megedit.graph import INPUTS, ORDER
 
 
@@ -26,8 +27,7 @@ def _created(manifest: dict) -> dt.datetime:
 
 def stage_costs(run: Path) -> dict:
     """``{stage: {wall_seconds, estimated, cpu_seconds, peak_rss_mib, load}}`` for every finished stage."""
-    manifests = {s: json.loads((run / s / "manifest.json").read_text()) for s in ORDER
-                 if (run / s / "manifest.json").is_file() and not (run / s).is_symlink()}
+    manifests = {s: m for s in ORDER if not (run / s).is_symlink() and (m := finished_manifest(run / s)) is not None}
     out = {}
     for stage, m in manifests.items():
         res = m.get("resources")
@@ -36,8 +36,7 @@ def stage_costs(run: Path) -> dict:
                           "cpu_seconds": res.get("cpu_seconds_process"), "peak_rss_mib": res.get("peak_rss_mib_process"),
                           "load": res.get("load_average_1_5_15")}
             continue
-        inputs = [_created(json.loads((run / i / "manifest.json").read_text())) for i in INPUTS[stage]
-                  if (run / i / "manifest.json").is_file()]
+        inputs = [_created(m) for i in INPUTS[stage] if (m := finished_manifest(run / i)) is not None]
         if inputs:
             out[stage] = {"wall_seconds": round((_created(m) - max(inputs)).total_seconds(), 1), "estimated": True,
                           "cpu_seconds": None, "peak_rss_mib": None, "load": None}
@@ -45,7 +44,7 @@ def stage_costs(run: Path) -> dict:
 
 
 def run_summary(run: Path) -> dict:
-    prep = json.loads((run / "prepare" / "manifest.json").read_text())
+    prep = read_manifest(run / "prepare", verify=False)
     costs = stage_costs(run)
     n = prep["lineage"]["n_edits"]
     total = sum(c["wall_seconds"] for c in costs.values())
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline"),
                         help="writes <out>.json, <out>.md and <out>.png")
     args = parser.parse_args(argv)
-    rows = sorted((run_summary(r) for r in args.runs if (r / "prepare" / "manifest.json").is_file()),
+    rows = sorted((run_summary(r) for r in args.runs if finished_manifest(r / "prepare") is not None),
                   key=lambda r: (r["dataset"], r["n_edits"]))
     if not rows:
         parser.error("none of the runs has a finished prepare stage")

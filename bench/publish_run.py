@@ -18,18 +18,30 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
+from megedit.artifacts import finished_manifest
+from megedit.collect.artifact import read_report as collect_report
+from megedit.diffusion.artifact import read_report as diffusion_report
+from megedit.evaluate.artifact import report_files, results_file
 from megedit.graph import ORDER as STAGES
 
 OUT_DIR = Path(__file__).resolve().parent / "results" / "runs"
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _manifest(folder: Path) -> dict:
+    return finished_manifest(folder) or {}
+
+
+def _report(read, folder: Path) -> dict:
+    """A stage's own report, or {} where the stage has not written one."""
+    try:
+        return read(folder)
+    except FileNotFoundError:
+        return {}
 
 
 def stage_times(run: Path) -> dict:
     """Each stage's manifest time (UTC) and the wall time since the stage that finished before it."""
-    created = {s: _json(run / s / "manifest.json").get("created") for s in STAGES}
+    created = {s: _manifest(run / s).get("created") for s in STAGES}
     done = sorted((datetime.fromisoformat(c), s) for s, c in created.items() if c)
     times, previous = {}, None
     for t, stage in done:
@@ -40,20 +52,20 @@ def stage_times(run: Path) -> dict:
 
 
 def collect_summary(run: Path) -> dict:
-    report = _json(run / "collect" / "report.json")
+    report = _report(collect_report, run / "collect")
     keep = ("success_rate", "reached_margin_rate", "steps_mean", "edits_per_second", "stage_wall_seconds")
     out = {k: report[k] for k in keep if k in report}
     transfer = report.get("transfer") or {}
     out["transfer"] = {name: {k: v for k, v in row.items() if not isinstance(v, (list, dict))}
                        for name, row in transfer.items() if isinstance(row, dict)}
     out["transfer"]["n_pseudo_edits"] = transfer.get("n_pseudo_edits")
-    out["options"] = _json(run / "collect" / "manifest.json").get("config", {}).get("model", {}).get("options")
+    out["options"] = _manifest(run / "collect").get("config", {}).get("model", {}).get("options")
     return out
 
 
 def diffusion_summary(run: Path) -> dict:
-    report = _json(run / "diffusion" / "report.json")
-    config = _json(run / "diffusion" / "manifest.json").get("config", {})
+    report = _report(diffusion_report, run / "diffusion")
+    config = _manifest(run / "diffusion").get("config", {})
     data = config.get("data", {})
     return {"generated_vs_collected": report.get("generated_vs_collected"),
             "pseudo_generality": report.get("pseudo_generality"),
@@ -66,16 +78,14 @@ def publish(run: Path, command: str, machine: str, out_dir: Path = OUT_DIR, eval
             name: str | None = None, commit: str | None = None) -> list[Path]:
     evaluate = run / evaluate_dir
     name = name or run.name
-    if not (evaluate / "results.json").is_file():
+    if not results_file(evaluate).is_file():
         raise SystemExit(f"{evaluate}: no results.json; has the evaluate stage finished?")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for suffix in ("json", "md", "png"):
-        src = evaluate / f"results.{suffix}"
-        if src.is_file():
-            dst = out_dir / f"{name}.{suffix}"
-            shutil.copyfile(src, dst)
-            written.append(dst)
+    for src in report_files(evaluate):
+        dst = out_dir / f"{name}{src.suffix}"
+        shutil.copyfile(src, dst)
+        written.append(dst)
     commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                       cwd=Path(__file__).resolve().parent).stdout.strip()
     stages = {"run": run.name, "evaluate_dir": evaluate_dir, "commit": commit, "command": command, "machine": machine,

@@ -181,3 +181,31 @@ def test_saved_peer_weights_are_reused_only_with_the_same_settings(tmp_path):
     assert module._saved_peers(["ft"], 5) == {}  # another edit count
     module.hparams.ft_lr = module.hparams.ft_lr * 2
     assert module._saved_peers(["ft"], 4) == {}  # another setting: edited again
+
+
+def test_results_written_and_read_back(tmp_path):
+    from megedit.evaluate.artifact import OUTPUTS, read_results, report_files, results_file, write_results
+
+    row = {m: 50.0 for m in metric_names()} | {"score": 50.0, "routing_familiar": {"rel": 100.0, "gen": 90.0, "loc": 3.0}}
+    summary = {"lineage": {"model": "m", "dataset": "d"},
+               "metric_meta": {"n_edits": 2, "ag_protocol": "official", "ag": "x", "tf": "y", "locality_reference": "z",
+                               "score": "hm", "sampler": "ddim", "steps": 50, "router_threshold": 0.3, "items": {}},
+               "results": {"meg": row}}
+    write_results(tmp_path, summary, [{"key": 0, "variant": "meg"}])
+    assert all((tmp_path / name).is_file() for name in OUTPUTS)
+    assert read_results(tmp_path) == summary == read_results(results_file(tmp_path))
+    assert [p.name for p in report_files(tmp_path)] == ["results.json", "results.md", "results.png"]
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        read_results(tmp_path / "elsewhere")
+
+
+def test_method_seconds_sums_meg_stages_only_when_each_is_known():
+    from types import SimpleNamespace
+
+    from megedit.evaluate.evaluate_module import method_seconds
+
+    peers = {"ft": SimpleNamespace(seconds=7.0)}
+    out = method_seconds(["meg", "ft"], {"meg": 1.04, "ft": 2.0}, peers, {"encoder": 10.0, "diffusion": 5.02})
+    assert out == {"meg": {"edit": 15.0, "evaluate": 1.0}, "ft": {"edit": 7.0, "evaluate": 2.0},
+                   "meg_stages": {"encoder": 10.0, "diffusion": 5.02}}
+    assert method_seconds(["meg"], {"meg": 0.0}, {}, {"encoder": None})["meg"]["edit"] is None

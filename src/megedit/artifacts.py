@@ -180,6 +180,13 @@ def read_manifest(artifact_dir: str | Path, stage: str | None = None, verify: bo
     return manifest
 
 
+def finished_manifest(artifact_dir: str | Path) -> dict | None:
+    """The manifest of a finished stage as written (not re-hashed: for what it records, such as its config or
+    resources), or None where the stage has not finished there."""
+    path = Path(artifact_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def check_lineage(manifests: dict[str, dict]) -> dict:
     """All inputs of a stage must come from the same run (model, weights, dataset, N, seed)."""
     items = list(manifests.items())

@@ -8,11 +8,11 @@ metric protocols are never put in one column by mistake), ``report.json`` and ``
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from megedit.artifacts import atomic_path, atomic_write_json, atomic_write_text
+from megedit.evaluate.artifact import read_results, results_file
 from megedit.evaluate.metrics import metric_names
 from megedit.evaluate.report import LABELS
 
@@ -20,11 +20,7 @@ from megedit.evaluate.report import LABELS
 def collect(paths) -> list[dict]:
     rows = []
     for p in paths:
-        p = Path(p)
-        f = p / "results.json" if p.is_dir() else p
-        if not f.is_file():
-            raise FileNotFoundError(f"{p}: no results.json (run the evaluate stage there first)")
-        s = json.loads(f.read_text())
+        f, s = results_file(p), read_results(p)
         meta, lin = s["metric_meta"], s["lineage"]
         for variant, r in s["results"].items():
             rows.append({"run": str(f.parent), "model": lin["model"], "dataset": lin["dataset"], "n": meta["n_edits"],

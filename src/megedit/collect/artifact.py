@@ -23,11 +23,38 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from megedit.artifacts import ArtifactError, atomic_path, read_manifest
+from megedit.artifacts import ArtifactError, atomic_path, atomic_write_json, atomic_write_jsonl, read_manifest
 
 FILES = {"neurons": "neurons.safetensors", "per_edit": "per_edit.jsonl", "report": "report.json"}
 SHARD_DIR = "shards"
 PSEUDO_FILE = "pseudo_neurons.safetensors"
+
+
+def write_neurons(out_dir: Path, weights: torch.Tensor, success: torch.Tensor, records: list[dict]) -> None:
+    """``neurons.safetensors`` (weights float32 [N, D], success uint8 [N]) and ``per_edit.jsonl``."""
+    with atomic_path(Path(out_dir) / FILES["neurons"]) as tmp:
+        save_file({"weights": weights.contiguous(), "success": success}, str(tmp))
+    atomic_write_jsonl(Path(out_dir) / FILES["per_edit"], records)
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    atomic_write_json(Path(out_dir) / FILES["report"], report)
+
+
+def written_outputs(out_dir: Path) -> list[str]:
+    """The files the manifest lists: the fixed ones, and the pseudo neurons where the diagnostic saved them."""
+    return list(FILES.values()) + ([PSEUDO_FILE] if (Path(out_dir) / PSEUDO_FILE).is_file() else [])
+
+
+def remove_pseudo_neurons(out_dir: Path) -> None:
+    (Path(out_dir) / PSEUDO_FILE).unlink(missing_ok=True)
+
+
+def remove_shards(out_dir: Path) -> None:
+    """Drop ``shards/``: the merged artifact holds every neuron now."""
+    import shutil
+
+    shutil.rmtree(Path(out_dir) / SHARD_DIR, ignore_errors=True)
 
 
 def save_pseudo_neurons(out_dir: Path, ids: list[str], weights: torch.Tensor, success: torch.Tensor) -> None:
@@ -124,3 +151,8 @@ def read_shard(out_dir: str | Path, shard: int, fingerprint: str) -> tuple[dict[
                             f"(fingerprint {meta.get('fingerprint')} != {fingerprint}); use a fresh --model.out_dir "
                             f"or delete {path.parent} to start over")
     return tensors, json.loads(meta["records"])
+
+
+def read_report(collect_dir: str | Path) -> dict:
+    """``report.json`` of a collect artifact (success rate, speed, the transfer diagnostic)."""
+    return json.loads((Path(collect_dir) / FILES["report"]).read_text())

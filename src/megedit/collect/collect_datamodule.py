@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from megedit.prepare.artifact import load_prepared
+from megedit.graph import upstream_dirs
+from megedit.prepare.artifact import Prepared, load_prepared
+
+
+@dataclass
+class CollectInputs:
+    """What the collect module receives from its datamodule (``megedit.handover``); batches are shards."""
+    prepared: Prepared  # the prepare artifact: the edits, their pseudo edits, the model spec and lineage
+    n_edits: int  # how many edits get a neuron (the first n_edits; ``limit``)
+    shards: list[dict]  # every shard {shard, start, end}: what the merge puts together
+    data_config: dict  # the datamodule's arguments, for the manifest and the shards' fingerprint
+    upstream: dict  # {input stage: folder}, for the manifest
 
 
 class CollectDataModule(L.LightningDataModule):
@@ -45,6 +57,10 @@ class CollectDataModule(L.LightningDataModule):
         size = self.hparams.shard_size
         return [{"shard": k, "start": s, "end": min(s + size, self.n_edits)}
                 for k, s in enumerate(range(0, self.n_edits, size))]
+
+    def handover(self) -> CollectInputs:
+        return CollectInputs(self.prepared, self.n_edits, self.shards, dict(self.hparams),
+                             upstream_dirs("collect", self.hparams))
 
     def predict_dataloader(self) -> DataLoader:
         items = list(self.shards)

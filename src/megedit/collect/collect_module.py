@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from megedit.artifacts import (ArtifactError, atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json,
-                               write_manifest)
-from megedit.collect.artifact import FILES, PSEUDO_FILE, SHARD_DIR, read_shard, save_pseudo_neurons, write_shard
+from megedit.artifacts import MANIFEST, ArtifactError, sha256_file, sha256_json, write_manifest
+from megedit.collect.artifact import (SHARD_DIR, read_shard, remove_pseudo_neurons, remove_shards, save_pseudo_neurons,
+                                     write_neurons, write_report, write_shard, written_outputs)
+from megedit.collect.collect_datamodule import CollectInputs
 from megedit.collect.engine import CollectItem, CollectOptions, CollectResult, NeuronCollector, generate_prefixes
 from megedit.collect.transfer import measure_transfer, sample_pseudo
 from megedit.collect.views import LeakGuard, edit_views, evaluation_texts, relation_views
 from megedit.components.neuron import DynamicNeuron
 from megedit.distributed import barrier, gather_objects
-from megedit.graph import upstream_dirs
+from megedit.handover import HandOver
 from megedit.loading import load_lm, state_dict_sha256
 from megedit.scoring import greedy_match
 
@@ -90,18 +90,24 @@ class CollectModule(L.LightningModule):
         if n_prefixes < 0 or transfer_n < 0 or relation_views < 0:
             raise ValueError("model.n_prefixes, model.relation_views and model.transfer_n must be >= 0")
         self.lm = None
+        self.inputs: CollectInputs | None = None  # received from the datamodule (megedit.handover)
         self._created = time.time()
 
     # ------------------------------------------------------------------ setup
+    def receive(self, inputs: CollectInputs) -> None:
+        self.inputs = inputs
+
+    def configure_callbacks(self):
+        return [HandOver()]
+
     def setup(self, stage: str | None = None) -> None:
         if self.lm is not None:
             return
         # The per-edit optimisation needs gradients inside predict: the loop runs under no_grad (which the
         # engine lifts) instead of inference mode (which nothing inside can lift), whatever the trainer flag says.
         self.trainer.predict_loop.inference_mode = False
-        dm = self.trainer.datamodule
-        dm.setup("predict")
-        self.prepared = dm.prepared
+        data = self.inputs
+        self.prepared = data.prepared
         self.spec = self.prepared.spec
         self.lm, self.tokenizer = load_lm(self.spec)
         self.lm.to(self.device)
@@ -124,12 +130,13 @@ class CollectModule(L.LightningModule):
                                               LeakGuard(evaluation_texts(self.prepared.edits)))
         self.fingerprint = sha256_json({
             "options": {**self.options.result_fields(), **{k: self.hparams[k] for k in _RESULT_OPTIONS}},
-            "prefixes": self.prefixes, "relation_views": self.extra_views, "shard_size": dm.hparams.shard_size, "n_edits": dm.n_edits,
-            "prepare_manifest": sha256_file(Path(self.prepared.dir) / "manifest.json"),
+            "prefixes": self.prefixes, "relation_views": self.extra_views, "shard_size": data.data_config["shard_size"],
+            "n_edits": data.n_edits,
+            "prepare_manifest": sha256_file(Path(self.prepared.dir) / MANIFEST),
         })[:16]
         self.out_dir = Path(self.hparams.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.shard_sizes = {s["shard"]: s["end"] - s["start"] for s in dm.shards}
+        self.shard_sizes = {s["shard"]: s["end"] - s["start"] for s in data.shards}
         self._buffers: dict[int, dict[int, tuple[CollectResult, dict]]] = {}
         self.engine = NeuronCollector(self.lm, self.tokenizer, self.spec, self.options, neuron=self.neuron,
                                       on_result=self._on_result)
@@ -207,42 +214,35 @@ class CollectModule(L.LightningModule):
 
     # ------------------------------------------------------------------ merge + report
     def _merge(self, per_rank: list[dict]) -> None:
-        dm = self.trainer.datamodule
+        data = self.inputs
         weights, success, records = self._read_shards()
-        from safetensors.torch import save_file
-        from megedit.artifacts import atomic_path
-
-        with atomic_path(self.out_dir / FILES["neurons"]) as tmp:
-            save_file({"weights": weights.contiguous(), "success": success}, str(tmp))
-        atomic_write_jsonl(self.out_dir / FILES["per_edit"], records)
+        write_neurons(self.out_dir, weights, success, records)
         report = self._report(per_rank, weights, success, records)
-        (self.out_dir / PSEUDO_FILE).unlink(missing_ok=True)  # a stale one from an earlier config
+        remove_pseudo_neurons(self.out_dir)  # a stale one from an earlier config
         if self.hparams.transfer_n:
             t0 = time.time()
             report["transfer"] = self.transfer_diagnostic()
             report["transfer"]["seconds"] = round(time.time() - t0, 1)
-        atomic_write_json(self.out_dir / FILES["report"], report)
-        outputs = list(FILES.values()) + ([PSEUDO_FILE] if (self.out_dir / PSEUDO_FILE).is_file() else [])
+        write_report(self.out_dir, report)
         write_manifest(self.out_dir, "collect", self.prepared.lineage,
-                       config={"data": dict(dm.hparams), "model": dict(self.hparams)},
-                       outputs=outputs, upstream=upstream_dirs("collect", dm.hparams),
+                       config={"data": data.data_config, "model": dict(self.hparams)},
+                       outputs=written_outputs(self.out_dir), upstream=data.upstream,
                        extra={"n_edits": len(records), "neuron_dim": self.spec.neuron_dim,
                               "model_spec": self.spec.to_dict(), "prefixes": self.prefixes,
                               "fingerprint": self.fingerprint})
         if not self.hparams.keep_shards:
-            shutil.rmtree(self.out_dir / SHARD_DIR, ignore_errors=True)
+            remove_shards(self.out_dir)
         self._print_summary(report)
 
     def _read_shards(self) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
         """Every finished shard put together: ``(weights [N, D], success [N] uint8, per-edit records)``,
         checked to hold each edit of this prepare run exactly where it belongs."""
-        dm = self.trainer.datamodule
-        n = dm.n_edits
+        n = self.inputs.n_edits
         weights = torch.zeros(n, self.spec.neuron_dim)
         success = torch.zeros(n, dtype=torch.uint8)
         seen = torch.zeros(n, dtype=torch.bool)
         records: list[dict | None] = [None] * n
-        for s in dm.shards:
+        for s in self.inputs.shards:
             got = read_shard(self.out_dir, s["shard"], self.fingerprint)
             if got is None:
                 raise ArtifactError(f"collect: shard {s['shard']} (edits {s['start']}..{s['end'] - 1}) is missing "

@@ -69,3 +69,8 @@ def hard_negative_groups(encoder_dir: str | Path) -> set[str]:
     """The pseudo edits the encoder's hard-negative triples came from (it may have trained on their
     locality prompts, so calibration must not score those)."""
     return set(read_heldout(encoder_dir).get("hard_negative_groups", []))
+
+
+def read_report(encoder_dir: str | Path) -> dict:
+    """``report.json`` of an encoder artifact (retrieval tuned vs frozen, timings)."""
+    return json.loads((Path(encoder_dir) / REPORT).read_text())

@@ -1,4 +1,12 @@
-"""The evaluate stage's files that other code reads: the peers' edited weights.
+"""The evaluate artifact, as the evaluate stage writes it and reports, benches and the general stage read it.
+
+``<out_dir>/``
+  ``results.json``        {lineage, metric_meta, results (per variant: the six metrics, Score, locality by
+                          kind), timings_seconds, method_seconds, peers, skipped}
+  ``results.md``, ``results.png``  the table and the bar chart of ``results.json`` (``megedit.evaluate.report``)
+  ``per_example.jsonl``   one row per (variant, item): query, target, familiar, entropy, tf, ag, answer
+  ``peers/``              the peers' edited weights (below)
+  ``manifest.json``       stage "evaluate", upstream: the run's stages it read
 
 A peer file ``<out_dir>/peers/<method>.safetensors`` holds only the tensors the method changed (FT, MEMIT,
 AlphaEdit), by parameter name, with metadata ``method``, ``lineage_id`` (the run's, as in its manifests),
@@ -14,9 +22,46 @@ from pathlib import Path
 
 import torch
 
-from megedit.artifacts import ArtifactError, atomic_path, sha256_json
+from megedit.artifacts import (ArtifactError, atomic_path, atomic_write_json, atomic_write_jsonl, atomic_write_text,
+                               sha256_json)
 
+RESULTS = "results.json"
+TABLE = "results.md"
+CHART = "results.png"
+PER_EXAMPLE = "per_example.jsonl"
+OUTPUTS = [RESULTS, TABLE, CHART, PER_EXAMPLE]  # the manifest's (the peer files are a cache, not outputs)
 PEERS_FOLDER = "peers"
+
+
+def write_results(out_dir: str | Path, summary: dict, rows: list[dict]) -> None:
+    """``results.json``, ``per_example.jsonl`` and the report made from the summary (table and chart)."""
+    from megedit.evaluate.report import bar_chart, results_table
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RESULTS, summary)
+    atomic_write_jsonl(out / PER_EXAMPLE, rows)
+    atomic_write_text(out / TABLE, results_table(summary))
+    bar_chart(summary, out / CHART)
+
+
+def results_file(path: str | Path) -> Path:
+    """``results.json`` of an evaluate folder (or the file itself, given one)."""
+    path = Path(path)
+    return path / RESULTS if path.is_dir() else path
+
+
+def read_results(path: str | Path) -> dict:
+    """The summary an evaluate run wrote: ``path`` is its folder or its ``results.json``."""
+    f = results_file(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: no {RESULTS} (run the evaluate stage there first)")
+    return json.loads(f.read_text())
+
+
+def report_files(out_dir: str | Path) -> list[Path]:
+    """The evaluate run's shareable files that exist: results.json, .md and .png."""
+    return [p for p in (Path(out_dir) / name for name in (RESULTS, TABLE, CHART)) if p.is_file()]
 
 
 def peer_file(folder: str | Path, method: str) -> Path:

@@ -3,12 +3,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import lightning as L
 from torch.utils.data import DataLoader
 
 from megedit.edits.versions import resolve_version
 from megedit.evaluate.items import edit_items
 from megedit.prepare.artifact import load_prepared
+
+
+@dataclass
+class EvaluationInputs:
+    """What the evaluate module receives from its datamodule (``megedit.handover``); batches are the items."""
+    run_dir: Path  # the run folder scored (a version's folder when the run has versions)
+    version: int | None  # which version of the run that is
+    items: list[dict]  # every evaluation item, in batch order
+    data_config: dict  # the datamodule's arguments, for the manifest
+
+    @property
+    def edit_indices(self) -> list[int]:
+        """The edits this evaluation serves (all, or the first ``limit``): what the peers edit."""
+        return sorted({it["edit"] for it in self.items})
 
 
 class EvaluateDataModule(L.LightningDataModule):
@@ -39,10 +56,8 @@ class EvaluateDataModule(L.LightningDataModule):
             item["key"] = k
         self.items = items
 
-    def edit_indices(self) -> list[int]:
-        """The edits this evaluation serves (all, or the first ``limit``): what the peers edit."""
-        self.setup("test")
-        return sorted({it["edit"] for it in self.items})
+    def handover(self) -> EvaluationInputs:
+        return EvaluationInputs(self.run_dir, self.version, self.items, dict(self.hparams))
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.items, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=list)

@@ -4,26 +4,44 @@ with the same items and metrics, and writes results.json / results.md / results.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from megedit.artifacts import ArtifactError, atomic_write_json, atomic_write_jsonl, write_manifest
+from megedit.artifacts import ArtifactError, finished_manifest, write_manifest
 from megedit.baselines.memit import swapped_weights
 from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
 from megedit.evaluate.items import AG_PROTOCOLS, greedy_scores, reference_tokens, teacher_forced_scores
 from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, summarise
-from megedit.evaluate.artifact import PEERS_FOLDER, load_peer_weights, peer_account, peer_file, save_peer_weights
+from megedit.evaluate.artifact import (OUTPUTS, PEERS_FOLDER, load_peer_weights, peer_account, peer_file,
+                                      save_peer_weights, write_results)
+from megedit.evaluate.evaluate_datamodule import EvaluationInputs
 from megedit.evaluate.peers import PEERS, PeerEdit, edit_all, memit_settings
-from megedit.evaluate.report import write_reports
+from megedit.evaluate.report import results_table
 from megedit.graph import upstream_dirs
+from megedit.handover import HandOver
 
 VARIANTS = ("meg", "meg_no_router", "meg_retrieval", *PEERS)
 MEG_STAGES = ("encoder", "familiarity", "collect", "diffusion")  # what MeG's edit costs (prepare is shared)
+
+def meg_stage_seconds(run_dir: Path) -> dict:
+    """The wall seconds of each of MeG's stages that has finished in ``run_dir`` (from their manifests)."""
+    manifests = {name: finished_manifest(Path(run_dir) / name) for name in MEG_STAGES}
+    return {name: m.get("resources", {}).get("wall_seconds") for name, m in manifests.items() if m is not None}
+
+
+def method_seconds(variants: list[str], eval_seconds: dict, peers: dict, stages: dict) -> dict:
+    """Per variant: the wall seconds its edit took (MeG: its stages' sum, None when one is unknown; a peer: its
+    edit in this stage) and those of scoring it here (this process's share under DDP)."""
+    meg_edit = round(sum(stages.values()), 1) if stages and None not in stages.values() else None
+    out = {v: {"edit": peers[v].seconds if v in peers else meg_edit, "evaluate": round(eval_seconds[v], 1)}
+           for v in variants}
+    out["meg_stages"] = stages
+    return out
+
 
 class EvaluateModule(L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
@@ -66,6 +84,7 @@ class EvaluateModule(L.LightningModule):
         self.variants = list(variants)
         self.metrics = make_metrics(self.variants)
         self.edited: EditedLM | None = None
+        self.inputs: EvaluationInputs | None = None  # received from the datamodule (megedit.handover)
         self._rows: list[dict] = []
         self._timing = {"route": 0.0, "lm": 0.0}
         self._eval_seconds = {v: 0.0 for v in self.variants}
@@ -73,22 +92,27 @@ class EvaluateModule(L.LightningModule):
         self.skipped: dict[str, str] = {}
 
     # ------------------------------------------------------------------ setup
+    def receive(self, inputs: EvaluationInputs) -> None:
+        self.inputs = inputs
+
+    def configure_callbacks(self):
+        return [HandOver()]
+
     def setup(self, stage: str | None = None) -> None:
         if self.edited is not None:
             return
-        dm = self.trainer.datamodule
-        dm.setup("test")
-        self.edited = EditedLM.load(dm.run_dir, steps=self.hparams.steps, sampler=self.hparams.sampler,
+        data = self.inputs
+        self.edited = EditedLM.load(data.run_dir, steps=self.hparams.steps, sampler=self.hparams.sampler,
                                     seed=self.hparams.seed, use_router=True, noise_scale=self.hparams.noise_scale,
                                     value_scale=self.hparams.value_scale)
         if self.hparams.router_threshold is not None:
             self.edited.router.threshold = float(self.hparams.router_threshold)
-        self._skip_peers(len(dm.edit_indices()))
+        self._skip_peers(len(data.edit_indices))
         self.collected = None
         if "meg_retrieval" in self.variants:
             from megedit.collect.artifact import load_collected
 
-            collect_dir = dm.run_dir / "collect"
+            collect_dir = data.run_dir / "collect"
             self.collected = load_collected(collect_dir)[0]
             if self.collected.shape[0] != len(self.edited.prepared.edits):
                 raise ValueError(f"{collect_dir}: {self.collected.shape[0]} neurons for "
@@ -106,7 +130,7 @@ class EvaluateModule(L.LightningModule):
     def on_test_start(self) -> None:
         self._started = time.time()
         e = self.edited
-        edits = [e.prepared.edits[i] for i in self.trainer.datamodule.edit_indices()]
+        edits = [e.prepared.edits[i] for i in self.inputs.edit_indices]
         methods = [v for v in self.variants if v in PEERS]
         self.peers = self._saved_peers(methods, len(edits))
         missing = [m for m in methods if m not in self.peers]
@@ -224,60 +248,45 @@ class EvaluateModule(L.LightningModule):
             self._write(results, rows)
 
     def _write(self, results: dict, rows: list[dict]) -> None:
-        dm, e = self.trainer.datamodule, self.edited
-        out = Path(self.hparams.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        data, e = self.inputs, self.edited
         rows = sorted({(r["variant"], r["key"]): r for r in rows}.values(), key=lambda r: (r["variant"], r["key"]))
-        n_edits = len({it["edit"] for it in dm.items})
-        meta = {
-            "protocol": "megedit/1",
-            "tf": "token-level accuracy of argmax under teacher forcing on the target tokens (locality: on the "
-                  "pre-edit greedy answer's tokens)",
-            "ag_protocol": self.hparams.ag_protocol, "ag": AG_PROTOCOLS[self.hparams.ag_protocol],
-            "locality_reference": "pre-edit greedy answers recorded by the prepare stage (not ground truth)",
-            "score": "harmonic mean of the six metrics",
-            "sampler": self.hparams.sampler, "steps": self.hparams.steps, "seed": self.hparams.seed,
-            "noise_scale": e.generator.noise_scale if e.noise_scale is None else e.noise_scale,
-            "value_scale": e.value_scale,
-            "router_threshold": float(e.router.threshold), "n_edits": n_edits,
-            "run_version": {"folder": str(dm.run_dir), "version": dm.version, "removed_edits": len(e.removed_ids)},
-            "items": {g: sum(1 for it in dm.items if it["group"] == g) for g in ("reliability", "generality", "locality")},
-        }
         for variant, extra in locality_breakdown(rows, results).items():
             results[variant]["locality"] = extra
-        summary = {"lineage": e.prepared.lineage, "metric_meta": meta, "results": results,
+        summary = {"lineage": e.prepared.lineage, "metric_meta": self._metric_meta(), "results": results,
                    "timings_seconds": {k: round(v, 1) for k, v in self._timing.items()} |
                    {"total": round(time.time() - self._started, 1)}}
-        summary["method_seconds"] = self._method_seconds(dm)
+        summary["method_seconds"] = method_seconds(self.variants, self._eval_seconds, self.peers,
+                                                   meg_stage_seconds(data.run_dir))
         if self.peers:
             summary["peers"] = {v: p.account for v, p in self.peers.items()}
         if self.skipped:
             summary["skipped"] = self.skipped
-        atomic_write_json(out / "results.json", summary)
-        atomic_write_jsonl(out / "per_example.jsonl", rows)
-        write_reports(out, summary)
+        write_results(self.hparams.out_dir, summary, rows)
         # the collected neurons are read only by the retrieval variant
-        upstream = {n: d for n, d in upstream_dirs("evaluate", {"run_dir": dm.run_dir}).items()
+        upstream = {n: d for n, d in upstream_dirs("evaluate", {"run_dir": data.run_dir}).items()
                     if n != "collect" or "meg_retrieval" in self.variants}
-        write_manifest(out, "evaluate", e.prepared.lineage, config={"model": dict(self.hparams), "data": dict(dm.hparams)},
-                       outputs=["results.json", "results.md", "results.png", "per_example.jsonl"], upstream=upstream)
-        print((out / "results.md").read_text())
+        write_manifest(self.hparams.out_dir, "evaluate", e.prepared.lineage,
+                       config={"model": dict(self.hparams), "data": data.data_config}, outputs=OUTPUTS,
+                       upstream=upstream)
+        print(results_table(summary))
 
-    def _method_seconds(self, dm) -> dict:
-        """Per variant: the wall seconds its edit took (MeG: its four stages, from their manifests; a peer: its
-        edit in this stage) and those of scoring it here (this process's share under DDP)."""
-        stages = {}
-        for name in MEG_STAGES:
-            manifest = dm.run_dir / name / "manifest.json"
-            if manifest.is_file():
-                stages[name] = json.loads(manifest.read_text()).get("resources", {}).get("wall_seconds")
-        meg_edit = round(sum(stages.values()), 1) if stages and None not in stages.values() else None
-        out = {}
-        for v in self.variants:
-            edit = self.peers[v].seconds if v in self.peers else meg_edit
-            out[v] = {"edit": edit, "evaluate": round(self._eval_seconds[v], 1)}
-        out["meg_stages"] = stages
-        return out
+    def _metric_meta(self) -> dict:
+        """What the numbers in results.json mean and what they were measured on."""
+        data, e, hp = self.inputs, self.edited, self.hparams
+        return {
+            "protocol": "megedit/1",
+            "tf": "token-level accuracy of argmax under teacher forcing on the target tokens (locality: on the "
+                  "pre-edit greedy answer's tokens)",
+            "ag_protocol": hp.ag_protocol, "ag": AG_PROTOCOLS[hp.ag_protocol],
+            "locality_reference": "pre-edit greedy answers recorded by the prepare stage (not ground truth)",
+            "score": "harmonic mean of the six metrics",
+            "sampler": hp.sampler, "steps": hp.steps, "seed": hp.seed,
+            "noise_scale": e.generator.noise_scale if e.noise_scale is None else e.noise_scale,
+            "value_scale": e.value_scale,
+            "router_threshold": float(e.router.threshold), "n_edits": len(data.edit_indices),
+            "run_version": {"folder": str(data.run_dir), "version": data.version, "removed_edits": len(e.removed_ids)},
+            "items": {g: sum(1 for it in data.items if it["group"] == g) for g in ("reliability", "generality", "locality")},
+        }
 
     def configure_optimizers(self):
         return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megedit.artifacts import atomic_write_text
 from megedit.evaluate.metrics import metric_names
 from megedit.plots import grouped_bars
 
@@ -95,8 +94,3 @@ def bar_chart(summary: dict, path: Path) -> None:
     grouped_bars(path, series, [n.replace("_", " ").upper() for n in names], ylabel="%", ylim=105,
                  title=f"{lin['model']} / {lin['dataset']} / N={summary['metric_meta']['n_edits']}",
                  legend_loc="lower right")
-
-
-def write_reports(out: Path, summary: dict) -> None:
-    atomic_write_text(out / "results.md", results_table(summary))
-    bar_chart(summary, out / "results.png")

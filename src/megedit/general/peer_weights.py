@@ -11,12 +11,12 @@ general-ability numbers belong to the same edited models as the editing metrics.
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from megedit.artifacts import finished_manifest
 from megedit.evaluate.artifact import load_peer_weights, peer_file, save_peer_weights
 
 __all__ = ["load_peer_weights", "peer_file", "peer_weights", "save_peer_weights", "evaluate_options"]
@@ -33,9 +33,9 @@ def evaluate_options(run_dir: str | Path) -> tuple[dict, int | None]:
     defaults = {k: p.default for k, p in inspect.signature(EvaluateModule.__init__).parameters.items()}
     options = {k: defaults[k] for k in PEER_OPTIONS}
     limit = inspect.signature(EvaluateDataModule.__init__).parameters["limit"].default
-    manifest = Path(run_dir) / "evaluate" / "manifest.json"
-    if manifest.is_file():
-        config = json.loads(manifest.read_text()).get("config", {})
+    manifest = finished_manifest(Path(run_dir) / "evaluate")
+    if manifest is not None:
+        config = manifest.get("config", {})
         options |= {k: v for k, v in config.get("model", {}).items() if k in PEER_OPTIONS}
         limit = config.get("data", {}).get("limit", limit)
     return options, limit

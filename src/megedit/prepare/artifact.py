@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,3 +53,8 @@ def load_prepared(path: str | Path) -> Prepared:
         pseudo_pairs=read_jsonl(path / FILES["pseudo_pairs"]),
         pseudo_irrelevant=read_jsonl(path / FILES["pseudo_irrelevant"]),
     )
+
+
+def read_report(path: str | Path) -> dict:
+    """``report.json`` of a prepare artifact (drop counts, split counts, timings)."""
+    return json.loads((Path(path) / FILES["report"]).read_text())
