@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from megedit.artifacts import atomic_write_json
+from megedit.cli import STAGES, stage_classes
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
 from megedit.data.locality_kinds import normalise
 from megedit.encoder.artifact import hard_negative_groups, heldout_groups, load_encoder
@@ -53,29 +53,20 @@ from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS, interleav
 from megedit.familiarity.familiarity_module import random_labels, router_loss
 from megedit.familiarity.router import auroc, choose_threshold
 from megedit.prepare.artifact import load_prepared
+from megedit.stage_cli import parse_stage_args
 
-STAGE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stages" / "familiarity.yaml"
 KIND = {name: k for k, name in enumerate(NEGATIVE_KINDS)}
 
 
-def stage_recipe(path: Path = STAGE_CONFIG, override: Path | None = None) -> dict:
-    """The familiarity stage's shipped training recipe (its model and data defaults), with the ``model`` and
-    ``data`` keys of ``override`` (an experiment's familiarity.yaml, e.g. configs/experiments/large-n) on top."""
-    cfg = yaml.safe_load(path.read_text())
-    if override is not None:
-        extra = yaml.safe_load(Path(override).read_text()) or {}
-        for section in ("model", "data"):
-            cfg[section] = {**cfg[section], **(extra.get(section) or {})}
-    m, d = cfg["model"], cfg["data"]
-    return {"num_classes": m["num_classes"], "depth": m["depth"], "hidden_mult": m["hidden_mult"],
-            "width": m["width"], "lr": m["lr"], "seed": m["seed"], "converge_entropy": m["converge_entropy"],
-            "min_epochs": m["min_epochs"], "max_epochs": cfg["trainer"]["max_epochs"],
-            "plateau_patience": m["plateau_patience"], "plateau_factor": m["plateau_factor"], "min_lr": m["min_lr"],
-            "negative_weight": m["negative_weight"], "target_fpr": m["target_fpr"], "batch_size": d["batch_size"],
-            "budget_kinds": m["budget_kinds"],
-            "train_negatives": d["train_negatives"], "negatives_per_edit": d["negatives_per_edit"],
-            "paraphrase_shifts": d["paraphrase_shifts"], "shift_scale": m["shift_scale"],
-            "shift_weight": m["shift_weight"]}
+def stage_recipe(override: Path | None = None) -> dict:
+    """The familiarity stage's training recipe as its own CLI parses it (the code defaults under
+    ``configs/stages/familiarity.yaml``), with ``override`` (an experiment's familiarity.yaml, e.g.
+    configs/experiments/large-n) read as ``--config`` on top: the model and data options by name (the model's
+    ``seed`` where both have one), and the trainer's ``max_epochs``; run folders left out."""
+    cfg = parse_stage_args("familiarity", *stage_classes("familiarity"), STAGES["familiarity"].links,
+                           ["--config", str(override)] if override is not None else [])
+    options = {**cfg.data.as_dict(), **cfg.model.as_dict(), "max_epochs": cfg.trainer.max_epochs}
+    return {k: v for k, v in options.items() if not k.endswith("_dir")}
 
 
 @torch.no_grad()

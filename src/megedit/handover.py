@@ -20,3 +20,16 @@ class HandOver(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pl_module.receive(trainer.datamodule.handover())
+
+
+class ReceivesInputs:
+    """For a LightningModule that only keeps what it is handed (``self.inputs``) and needs no other callback;
+    one that checks its inputs or has callbacks of its own implements ``receive`` and ``configure_callbacks``."""
+
+    inputs = None
+
+    def receive(self, inputs) -> None:
+        self.inputs = inputs
+
+    def configure_callbacks(self):
+        return [HandOver()]

@@ -25,7 +25,7 @@ from megedit.collect.transfer import measure_transfer, sample_pseudo
 from megedit.collect.views import LeakGuard, edit_views, evaluation_texts, relation_views
 from megedit.components.neuron import DynamicNeuron
 from megedit.distributed import barrier, gather_objects
-from megedit.handover import HandOver
+from megedit.handover import ReceivesInputs
 from megedit.loading import load_lm, state_dict_sha256
 from megedit.scoring import greedy_match
 
@@ -52,7 +52,7 @@ def per_edit_record(index: int, edit_id: str, result: CollectResult, success: bo
             "reached_margin": result.reached_margin, "rank": rank, "relation_views": relation_views}
 
 
-class CollectModule(L.LightningModule):
+class CollectModule(ReceivesInputs, L.LightningModule):
     def __init__(self, out_dir: str = "runs/collect", options: CollectOptions = CollectOptions(),
                  n_prefixes: int = 0, prefix_tokens: int = 10, prefix_seed: int = 0, relation_views: int = 0,
                  verify: bool = True, drop_failed: bool = True,
@@ -90,16 +90,10 @@ class CollectModule(L.LightningModule):
         if n_prefixes < 0 or transfer_n < 0 or relation_views < 0:
             raise ValueError("model.n_prefixes, model.relation_views and model.transfer_n must be >= 0")
         self.lm = None
-        self.inputs: CollectInputs | None = None  # received from the datamodule (megedit.handover)
+        self.inputs: CollectInputs | None = None  # received from the datamodule (ReceivesInputs)
         self._created = time.time()
 
     # ------------------------------------------------------------------ setup
-    def receive(self, inputs: CollectInputs) -> None:
-        self.inputs = inputs
-
-    def configure_callbacks(self):
-        return [HandOver()]
-
     def setup(self, stage: str | None = None) -> None:
         if self.lm is not None:
             return

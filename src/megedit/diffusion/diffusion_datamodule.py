@@ -293,14 +293,6 @@ class DiffusionDataModule(L.LightningDataModule):
         return emb[len(originals):] - emb[: len(originals)]
 
     @property
-    def cond_dim(self) -> int:
-        return self.edit_cond.shape[1]
-
-    @property
-    def neuron_dim(self) -> int:
-        return self.edit_weights.shape[1]
-
-    @property
     def normalisation_weights(self) -> torch.Tensor:
         """Weights the normalisation statistics come from: the edits' neurons, never the zero vectors."""
         return self.train_weights[: self.n_train_edits]

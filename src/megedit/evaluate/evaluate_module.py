@@ -19,10 +19,10 @@ from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, su
 from megedit.evaluate.artifact import (OUTPUTS, PEERS_FOLDER, load_peer_weights, peer_account, peer_file,
                                       save_peer_weights, write_results)
 from megedit.evaluate.evaluate_datamodule import EvaluationInputs
-from megedit.evaluate.peers import PEERS, PeerEdit, edit_all, memit_settings
+from megedit.evaluate.peers import PEERS, PeerEdit, check_variants, edit_all, memit_settings
 from megedit.evaluate.report import results_table
 from megedit.graph import upstream_dirs
-from megedit.handover import HandOver
+from megedit.handover import ReceivesInputs
 
 VARIANTS = ("meg", "meg_no_router", "meg_retrieval", *PEERS)
 MEG_STAGES = ("encoder", "familiarity", "collect", "diffusion")  # what MeG's edit costs (prepare is shared)
@@ -43,7 +43,7 @@ def method_seconds(variants: list[str], eval_seconds: dict, peers: dict, stages:
     return out
 
 
-class EvaluateModule(L.LightningModule):
+class EvaluateModule(ReceivesInputs, L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
                  variants: list[str] = ["meg", "meg_retrieval", "ft", "memit", "alphaedit"], steps: int = 10,
                  sampler: str = "ddim", seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 30,
@@ -76,15 +76,12 @@ class EvaluateModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        unknown = set(variants) - set(VARIANTS)
-        if unknown:
-            raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+        self.variants = check_variants(variants, VARIANTS)
         if ag_protocol not in AG_PROTOCOLS:
             raise ValueError(f"ag_protocol must be one of {list(AG_PROTOCOLS)}, got {ag_protocol!r}")
-        self.variants = list(variants)
         self.metrics = make_metrics(self.variants)
         self.edited: EditedLM | None = None
-        self.inputs: EvaluationInputs | None = None  # received from the datamodule (megedit.handover)
+        self.inputs: EvaluationInputs | None = None  # received from the datamodule (ReceivesInputs)
         self._rows: list[dict] = []
         self._timing = {"route": 0.0, "lm": 0.0}
         self._eval_seconds = {v: 0.0 for v in self.variants}
@@ -92,12 +89,6 @@ class EvaluateModule(L.LightningModule):
         self.skipped: dict[str, str] = {}
 
     # ------------------------------------------------------------------ setup
-    def receive(self, inputs: EvaluationInputs) -> None:
-        self.inputs = inputs
-
-    def configure_callbacks(self):
-        return [HandOver()]
-
     def setup(self, stage: str | None = None) -> None:
         if self.edited is not None:
             return

@@ -29,6 +29,14 @@ class PeerEdit:
     seconds: float
 
 
+def check_variants(variants: Sequence[str], known: Sequence[str]) -> list[str]:
+    """``variants`` as a list, refused (ValueError) when one is not ``known``."""
+    unknown = set(variants) - set(known)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(known)}")
+    return list(variants)
+
+
 def edit_all(methods: Sequence[str], lm, tokenizer, spec, records: Sequence, **options) -> dict[str, PeerEdit]:
     """``edit_weights`` for each method. MEMIT and AlphaEdit share their target values ``z`` (the same
     optimisation, most of their cost), computed once; each method's ``seconds`` still counts it, as it would

@@ -18,7 +18,7 @@ import lightning as L
 from megedit.artifacts import atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json, write_manifest
 from megedit.baselines.memit import swapped_weights
 from megedit.edited_model import EditedLM
-from megedit.evaluate.peers import PEERS
+from megedit.evaluate.peers import PEERS, check_variants
 from megedit.general.answering import answer_items, fit_prompt
 from megedit.general.item_cache import ItemCache
 from megedit.general.items import Item
@@ -55,9 +55,7 @@ class GeneralModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        unknown = set(variants) - set(VARIANTS)
-        if unknown:
-            raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+        check_variants(variants, VARIANTS)
         if route_on not in ROUTE_ON:
             raise ValueError(f"route_on must be one of {ROUTE_ON}, got {route_on!r}")
         self.variants = [v for v in VARIANTS if v in variants]
