@@ -22,12 +22,11 @@ seeded sample of the run's edits (confirmation only). Prints a table, writes JSO
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from generated_neurons import items, rates
+from generated_neurons import items, load_run, print_table, rates, write_result
 from neuron_recipe import rate  # noqa: F401  (rates() reports n and a 95% interval through it)
 
 
@@ -66,6 +65,29 @@ def swap_value(keys_from: torch.Tensor, values_from: torch.Tensor, spec) -> torc
     return join_neuron(key, split_neuron(values_from, spec)[2], bias, spec)
 
 
+def variants_of(run, s: dict, prompts: list[str], steps: int, seed: int) -> tuple[dict, dict]:
+    """The neurons each row of the table scores on set ``s``, and the mean pre-activations of the query keys."""
+    from megedit.components.neuron import scale_value, split_neuron
+
+    spec, gen = run.prepared.spec, run.generator
+    h_query = last_token_inputs(run.lm, run.tokenizer, spec, prompts)
+    own = [i for i, g in enumerate(s["groups"]) if g == "prompt"]
+    # each row's edit prompt: rows of one record are contiguous, its prompt first
+    owner = torch.tensor([max(j for j in own if j <= i) for i in range(len(prompts))])
+    a_collected = (h_query[owner] * split_neuron(s["neurons"], spec)[0]).sum(-1)
+    generated = scale_value(gen.sample(run.encoder.embed(s["texts"]), steps=steps, seed=seed), spec, gen.value_scale)
+    a_generated = (h_query * split_neuron(generated, spec)[0]).sum(-1)
+    variants = {"collected": s["neurons"],
+                "collected value, query key": with_query_key(s["neurons"], h_query, a_collected, spec),
+                "generated": generated,
+                "generated value, query key": with_query_key(generated, h_query, a_generated, spec),
+                # which half does the generator get wrong? swap one half for the collected one
+                "collected key, generated value": swap_value(s["neurons"], generated, spec),
+                "generated key, collected value": swap_value(generated, s["neurons"], spec)}
+    return variants, {"collected_mean": round(float(a_collected.mean()), 3),
+                      "generated_mean": round(float(a_generated.mean()), 3)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, type=Path)
@@ -77,56 +99,22 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from megedit.artifacts import read_manifest
-    from megedit.components.neuron import DynamicNeuron, scale_value, split_neuron
-    from megedit.diffusion.artifact import load_generator
-    from megedit.encoder.artifact import load_encoder
-    from megedit.loading import load_lm
-    from megedit.prepare.artifact import load_prepared
     from megedit.scoring import greedy_match
 
-    manifest = read_manifest(args.run / "diffusion", "diffusion")
-    up = {k: Path(v["dir"]) for k, v in manifest["inputs"]["upstream"].items()}
-    prepared = load_prepared(up["prepare"])
-    spec = prepared.spec
-    lm, tok = load_lm(spec)
-    neuron = DynamicNeuron(lm, spec)
-    encoder = load_encoder(up["encoder"])
-    gen = load_generator(args.run / "diffusion")
-    result = {"run": str(args.run), "value_scale": gen.value_scale, "steps": args.steps, "sets": {}}
-    for name, s in items(prepared, up["collect"], args.n_eval, args.seed, args.eval).items():
+    run = load_run(args.run)
+    spec = run.prepared.spec
+    result = {"run": str(args.run), "value_scale": run.generator.value_scale, "steps": args.steps, "sets": {}}
+    for name, s in items(run.prepared, run.upstream["collect"], args.n_eval, args.seed, args.eval).items():
         t0 = time.time()
         prompts = [spec.format_prompt(t, k) for t, k in zip(s["texts"], s["kinds"])]
-        h_query = last_token_inputs(lm, tok, spec, prompts)
-        own = [i for i, g in enumerate(s["groups"]) if g == "prompt"]
-        # each row's edit prompt: rows of one record are contiguous, its prompt first
-        owner = torch.tensor([max(j for j in own if j <= i) for i in range(len(prompts))])
-        key_c = split_neuron(s["neurons"], spec)[0]
-        a_collected = (h_query[owner] * key_c).sum(-1)
-        generated = scale_value(gen.sample(encoder.embed(s["texts"]), steps=args.steps, seed=args.seed), spec,
-                                gen.value_scale)
-        a_generated = (h_query * split_neuron(generated, spec)[0]).sum(-1)
-        variants = {"collected": s["neurons"],
-                    "collected value, query key": with_query_key(s["neurons"], h_query, a_collected, spec),
-                    "generated": generated,
-                    "generated value, query key": with_query_key(generated, h_query, a_generated, spec),
-                    # which half does the generator get wrong? swap one half for the collected one
-                    "collected key, generated value": swap_value(s["neurons"], generated, spec),
-                    "generated key, collected value": swap_value(generated, s["neurons"], spec)}
-        rows = []
-        for label, weights in variants.items():
-            ok = greedy_match(lm, tok, neuron, prompts, s["targets"], weights)
-            rows.append({"neuron": label, **rates(ok, s["groups"])})
+        variants, pre_activation = variants_of(run, s, prompts, args.steps, args.seed)
+        rows = [{"neuron": label, **rates(greedy_match(run.lm, run.tokenizer, run.neuron, prompts, s["targets"],
+                                                       weights), s["groups"])}
+                for label, weights in variants.items()]
         result["sets"][name] = {"n_records": s["n_records"], "seconds": round(time.time() - t0, 1), "rows": rows,
-                                "pre_activation": {"collected_mean": round(float(a_collected.mean()), 3),
-                                                   "generated_mean": round(float(a_generated.mean()), 3)}}
-        print(f"\n{name} ({s['n_records']} records)\n| neuron | prompt | paraphrase |\n|---|---|---|")
-        for r in rows:
-            print(f"| {r['neuron']} | {r['prompt']['rate']} {r['prompt']['ci95']} | "
-                  f"{r['paraphrase']['rate']} {r['paraphrase']['ci95']} |", flush=True)
-    out = args.out or Path("bench/results") / f"query_key-{args.run.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+                                "pre_activation": pre_activation}
+        print_table(f"{name} ({s['n_records']} records)", rows, {"neuron": lambda r: r["neuron"]})
+    write_result(result, args.out or Path("bench/results") / f"query_key-{args.run.name}.json")
     return result
 
 
