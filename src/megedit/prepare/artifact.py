@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from megedit.artifacts import read_jsonl, read_manifest
+from megedit.artifacts import atomic_write_json, atomic_write_jsonl, read_jsonl, read_manifest
 from megedit.data.records import EditRecord
 
 FILES = {
@@ -38,6 +38,19 @@ class Prepared:
         from megedit.registry import spec_from_dict
 
         return spec_from_dict(self.manifest["model_spec"], where=f"{self.dir}/manifest.json")
+
+
+def write_prepared(out_dir: str | Path, rows: list[dict], splits, report: dict) -> list[str]:
+    """Every file but the manifest: the edits (``rows``, with their pre-edit answers), the split's pseudo data
+    and the report; returns their names for the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(out / FILES["edits"], rows)
+    atomic_write_jsonl(out / FILES["pseudo_edits"], [r.to_dict() for r in splits.pseudo_edits])
+    atomic_write_jsonl(out / FILES["pseudo_pairs"], splits.pseudo_pairs)
+    atomic_write_jsonl(out / FILES["pseudo_irrelevant"], splits.pseudo_irrelevant)
+    atomic_write_json(out / FILES["report"], report)
+    return list(FILES.values())
 
 
 def load_prepared(path: str | Path) -> Prepared:

@@ -4,6 +4,7 @@ prompts whose pre-edit greedy answers the prepare module records."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +18,17 @@ from megedit.loading import load_tokenizer
 from megedit.paths import data_dir as resolve_data_dir
 from megedit.prepare.answers import answer_requests, collate_requests
 from megedit.registry import load_model_spec
+
+
+@dataclass
+class PrepareInputs:
+    """What the prepare module receives from its datamodule (``megedit.handover``); batches are the prompts."""
+    splits: object  # ``megedit.data.splits.Splits``: the candidate edits, pseudo edits, pairs, irrelevant prompts
+    requests: list[dict]  # every prompt whose pre-edit answer is recorded (``answer_requests``)
+    drops: dict  # the duplicate policy's drop counts per file, for the report
+    dataset: str  # the dataset preset's name, for the lineage
+    input_files: dict  # the benchmark files read, for the manifest
+    data_config: dict  # the datamodule's arguments, for the manifest
 
 
 def check_targets(records, tokenizer, model_name: str) -> None:
@@ -75,6 +87,10 @@ class PrepareDataModule(L.LightningDataModule):
         self.splits = make_splits(unique, groups, n_candidates, hp.seed, hp.n_pseudo_irrelevant, hp.max_pseudo_edits)
         check_targets(self.splits.edits, self.tokenizer, self.spec.name)
         self.requests = answer_requests(self.splits.edits, self.spec.format_prompt)
+
+    def handover(self) -> PrepareInputs:
+        return PrepareInputs(self.splits, self.requests, self.report.to_dict(), self.dataset_cfg.name,
+                             self.input_files, dict(self.hparams))
 
     def predict_dataloader(self) -> DataLoader:
         # Sorting by length keeps padding (and wasted compute) small; keys restore the order.

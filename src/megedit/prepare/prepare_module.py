@@ -9,15 +9,16 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from megedit.artifacts import atomic_write_json, atomic_write_jsonl, write_manifest
+from megedit.artifacts import write_manifest
 from megedit.distributed import gather_objects
 from megedit.loading import load_lm, state_dict_sha256
 from megedit.prepare.answers import edit_rows, greedy_answers
-from megedit.prepare.artifact import FILES
+from megedit.handover import ReceivesInputs
+from megedit.prepare.artifact import write_prepared
 from megedit.registry import load_model_spec
 
 
-class PrepareModule(L.LightningModule):
+class PrepareModule(ReceivesInputs, L.LightningModule):
     def __init__(self, model: str = "smollm2", out_dir: str = "runs/prepare", max_new_tokens: int = 20):
         """
         Args:
@@ -45,34 +46,29 @@ class PrepareModule(L.LightningModule):
             self._write(answers)
 
     def _write(self, answers: dict[int, list[int]]) -> None:
-        dm = self.trainer.datamodule
-        hp, splits = dm.hparams, dm.splits
-        rows = edit_rows(splits.edits, dm.requests, answers, self.tokenizer)
+        data = self.inputs
+        hp, splits = data.data_config, data.splits
+        rows = edit_rows(splits.edits, data.requests, answers, self.tokenizer)
         n_candidates = len(rows)
-        if hp.only_wrong:
+        if hp["only_wrong"]:
             rows = [r for r in rows if not r["base_correct"]]
-            if len(rows) < hp.n_edits:
+            if len(rows) < hp["n_edits"]:
                 raise RuntimeError(f"only_wrong: {len(rows)} of {n_candidates} candidates are wrong for the base "
-                                   f"model, fewer than N={hp.n_edits}; raise data.oversample or lower N")
-            rows = rows[: hp.n_edits]
+                                   f"model, fewer than N={hp['n_edits']}; raise data.oversample or lower N")
+            rows = rows[: hp["n_edits"]]
         base_correct = sum(r["base_correct"] for r in rows)
 
         out = Path(self.hparams.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_jsonl(out / FILES["edits"], rows)
-        atomic_write_jsonl(out / FILES["pseudo_edits"], [r.to_dict() for r in splits.pseudo_edits])
-        atomic_write_jsonl(out / FILES["pseudo_pairs"], splits.pseudo_pairs)
-        atomic_write_jsonl(out / FILES["pseudo_irrelevant"], splits.pseudo_irrelevant)
-        report = {"drops": dm.report.to_dict(), "split_counts": splits.counts,
+        report = {"drops": data.drops, "split_counts": splits.counts,
                   "edits": len(rows), "candidates_answered": n_candidates,
-                  "base_model_already_correct": base_correct, "prompts_answered": len(dm.requests),
+                  "base_model_already_correct": base_correct, "prompts_answered": len(data.requests),
                   "wall_seconds": round(time.time() - self._started, 1)}
-        atomic_write_json(out / FILES["report"], report)
+        outputs = write_prepared(out, rows, splits, report)
         lineage = {"model": self.spec.name, "model_source": self.spec.source,
                    "model_weights_sha256": state_dict_sha256(self.lm), "edit_layer": self.spec.edit_layer,
-                   "dataset": dm.dataset_cfg.name, "n_edits": hp.n_edits, "seed": hp.seed, "only_wrong": hp.only_wrong}
-        write_manifest(out, "prepare", lineage, config={"data": dict(hp), "model": dict(self.hparams)},
-                       outputs=list(FILES.values()), input_files=dm.input_files,
+                   "dataset": data.dataset, "n_edits": hp["n_edits"], "seed": hp["seed"], "only_wrong": hp["only_wrong"]}
+        write_manifest(out, "prepare", lineage, config={"data": hp, "model": dict(self.hparams)},
+                       outputs=outputs, input_files=data.input_files,
                        extra={"model_spec": self.spec.to_dict()})
         print(f"prepare: wrote {len(rows)} edits, {len(splits.pseudo_edits)} pseudo edits, "
               f"{len(splits.pseudo_pairs)} pseudo pairs, {len(splits.pseudo_irrelevant)} pseudo-irrelevant prompts "
