@@ -329,3 +329,12 @@ def test_restoration_items_judge_an_edits_own_prompts_against_the_pre_edit_answe
     m = summarise_rows(rows)
     assert (m["rel_tf"], m["rel_ag"], m["gen_ag"], m["loc_ag"]) == (50.0, 0.0, 100.0, 100.0)
     assert m["score"] == 0.0 and m["n"] == {"rel": 1, "gen": 1, "loc": 1}
+
+
+def test_a_version_warm_starts_its_routers_only_where_the_parent_saved_both(tmp_path):
+    from megedit.edits.retrain import warm_router
+    from megedit.familiarity.artifact import CALIBRATION_WEIGHTS
+
+    assert not warm_router(tmp_path)  # an older artifact: main router only, so both are trained cold
+    (tmp_path / CALIBRATION_WEIGHTS).write_bytes(b"")
+    assert warm_router(tmp_path)
