@@ -20,12 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--replace", action="store_true",
                      help="an edit with the subject and prompt of one of the run's, but another target, replaces it "
                           "(default: refused)")
-    add.add_argument("--draws-per-new-edit", type=int, default=300,
-                     help="generator fine-tuning budget: how often each new edit is drawn (default 300)")
-    add.add_argument("--new-share", type=float, default=0.5,
-                     help="share of every generator batch that goes to the new edits (default 0.5)")
-    add.add_argument("--lr-scale", type=float, default=0.5,
-                     help="generator fine-tuning peak learning rate, as a factor on the parent's (default 0.5)")
+    from megedit.edits.retrain import GeneratorBudget  # here: it loads Lightning, which `list` never needs
+
+    budget = GeneratorBudget()  # one place for the defaults
+    add.add_argument("--draws-per-new-edit", type=int, default=budget.draws_per_new_edit,
+                     help=f"generator fine-tuning budget: how often each new edit is drawn (default {budget.draws_per_new_edit})")
+    add.add_argument("--new-share", type=float, default=budget.new_share,
+                     help=f"share of every generator batch that goes to the new edits (default {budget.new_share})")
+    add.add_argument("--lr-scale", type=float, default=budget.lr_scale,
+                     help=f"generator fine-tuning peak learning rate, as a factor on the parent's (default {budget.lr_scale})")
     add.add_argument("--quiet", action="store_true", help="no progress bars")
     rm = sub.add_parser("remove", help="make edits answer as before editing, at once, in a new run version")
     rm.add_argument("--run", required=True)
@@ -42,7 +45,6 @@ def main(argv=None) -> int:
     try:
         if args.command == "add":
             from megedit.edits.add import add_edits
-            from megedit.edits.retrain import GeneratorBudget
 
             budget = GeneratorBudget(draws_per_new_edit=args.draws_per_new_edit, new_share=args.new_share,
                                      lr_scale=args.lr_scale)
