@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megedit.artifacts import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from megedit.artifacts import write_summary_files
 
 RESULTS = "results.json"
 TABLE = "results.md"
@@ -34,12 +34,8 @@ def write_results(out_dir: str | Path, summary: dict, rows: list[dict]) -> None:
     """``results.json``, ``per_item.jsonl`` and the report made from the summary (table and chart)."""
     from megedit.general.report import bar_chart, results_table
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RESULTS, summary)
-    atomic_write_jsonl(out / PER_ITEM, rows)
-    atomic_write_text(out / TABLE, results_table(summary))
-    bar_chart(summary, out / CHART)
+    write_summary_files(out_dir, (RESULTS, PER_ITEM, TABLE, CHART), summary, rows, results_table(summary),
+                        lambda path: bar_chart(summary, path))
 
 
 def read_results(out_dir: str | Path) -> dict:
