@@ -12,10 +12,13 @@ memorised or scored (checked). The same texts and embeddings serve three routers
   halved on an entropy plateau; the stage's convergence rule), or an experiment's with ``--config``
   (``configs/experiments/large-n``: memorised points also learnt at paraphrase displacements of pseudo
   pairs, ``data.paraphrase_shifts``; the bench, like the stage's calibration router, may draw a
-  displacement from a memorised text's own pair, which the stage's main router never does). Differences from the stage: one router,
-  not the main and calibration routers side by side (the stage's plateau and stop watch the worse of
-  the two), and no fences (they need relation templates; CounterFact has none, so there it is the
-  stage's recipe);
+  displacement from a memorised text's own pair, which the stage's main router never does). The router is
+  trained by the stage's own ``FamiliarityModule`` through Lightning, on the stage's batches
+  (``router_loader``), so its loss, draws, schedule and stopping rule are the stage's. Differences from the
+  stage: one router, not the main and calibration routers side by side (the stage's plateau and stop watch
+  the worse of the two), and no fences (they need relation templates; CounterFact has none, so there it is
+  the stage's recipe). Results written before the bench trained through the module drew its batches and
+  negatives from a generator of its own: the same recipe, other draws;
 * ``paper``: positives only at a constant lr (the paper's eq. 6 recipe), the baseline;
 * ``nearest-neighbour``: a query is familiar when its best cosine to the memorised set is high.
 
@@ -33,24 +36,28 @@ Prints a table (ratios megedit / paper) and writes JSON (default bench/results/f
 from __future__ import annotations
 
 import argparse
+import inspect
+import logging
 import math
 import os
 import platform
 import random
+import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from megedit.artifacts import atomic_write_json
 from megedit.cli import STAGES, stage_classes
-from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
+from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter
 from megedit.data.locality_kinds import normalise
 from megedit.encoder.artifact import hard_negative_groups, heldout_groups, load_encoder
 from megedit.encoder.encoder_datamodule import group_pairs
-from megedit.data.locality_kinds import mentions_subject
-from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS, interleave, shift_pairs
-from megedit.familiarity.familiarity_module import random_labels, router_loss
+from megedit.familiarity.familiarity_datamodule import (NEGATIVE_KINDS, RouterInputs, encoder_trained_prompts,
+                                                        interleave, pseudo_locality_kind, router_loader, shift_pairs)
+from megedit.familiarity.familiarity_module import FamiliarityModule
 from megedit.familiarity.router import auroc, choose_threshold
 from megedit.prepare.artifact import load_prepared
 from megedit.stage_cli import parse_stage_args
@@ -69,45 +76,50 @@ def stage_recipe(override: Path | None = None) -> dict:
     return {k: v for k, v in options.items() if not k.endswith("_dir")}
 
 
-@torch.no_grad()
-def fit_state(net: FamiliarityNet, emb: torch.Tensor, labels: torch.Tensor) -> tuple[bool, float]:
-    net.eval()
-    logits = torch.cat([net(emb[i:i + 4096]) for i in range(0, len(emb), 4096)])
-    net.train()
-    return bool((logits.argmax(-1) == labels).all()), float(entropy_from_logits(logits).mean())
+class _RouterOnly(FamiliarityModule):
+    """The stage's module as it trains its main router, without writing an artifact: the bench reads the
+    trained net itself."""
+
+    def on_fit_end(self) -> None:
+        self.main_net.eval()
+
+
+class _RouterData(L.LightningDataModule):
+    """Hands the module its memorised points (and training negatives and shift displacements) as the stage's
+    datamodule does, with the stage's training batches; no calibration router."""
+
+    def __init__(self, emb: dict[str, torch.Tensor], batch_size: int):
+        super().__init__()
+        self.emb, self.batch_size = emb, batch_size
+
+    def handover(self) -> RouterInputs:
+        # Only the report reads the other fields; this module writes none.
+        return RouterInputs(emb=self.emb, calibrate=False, negative_kind=None, calibration_counts=None,
+                            locality_kinds=[], fences={"per_edit": 0, "templates": 0, "main": 0},
+                            n_edits=len(self.emb["edit_prompts"]), lineage={}, encoder={}, data_config={}, upstream={})
+
+    def train_dataloader(self):
+        return router_loader(len(self.emb["edit_prompts"]), 0, self.batch_size)
 
 
 def train_router(emb: torch.Tensor, negatives: torch.Tensor | None, r: dict,
                  plateau: bool, shifts: torch.Tensor | None = None) -> tuple[FamiliarityNet, int, bool]:
-    """One router, trained as the stage trains its main router (same loss, schedule and stopping rule)."""
-    torch.manual_seed(r["seed"])
-    net = FamiliarityNet(emb.shape[1], r["num_classes"], r["depth"], r["hidden_mult"], r["width"])
-    labels = random_labels(len(emb), r["num_classes"], r["seed"])
-    opt = torch.optim.Adam(net.parameters(), lr=r["lr"])
-    bs = min(r["batch_size"], len(emb))
-    steps_per_epoch = math.ceil(len(emb) / bs)
-    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=r["plateau_factor"],
-                                                        patience=math.ceil(r["plateau_patience"] / steps_per_epoch),
-                                                        min_lr=r["min_lr"])
-             if plateau and r["plateau_patience"] > 0 else None)
-    gen = torch.Generator().manual_seed(r["seed"])
-    for epoch in range(1, r["max_epochs"] + 1):
-        for idx in torch.randperm(len(emb), generator=gen).split(bs):
-            neg = None
-            if negatives is not None:
-                neg = negatives[torch.randint(len(negatives), (len(idx),), generator=gen)]
-            shift = None if shifts is None else shifts[torch.randint(len(shifts), (len(idx),), generator=gen)]
-            loss, _ = router_loss(net, emb[idx], labels[idx], neg, r["negative_weight"], shift, r["shift_scale"],
-                                  r["shift_weight"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        all_right, mean_entropy = fit_state(net, emb, labels)
-        if all_right and mean_entropy < r["converge_entropy"] and epoch >= r["min_epochs"]:
-            return net.eval(), epoch, True
-        if sched is not None:
-            sched.step(mean_entropy)
-    return net.eval(), r["max_epochs"], False
+    """One router, trained by the familiarity stage's own module (``FamiliarityModule``: same loss, schedule and
+    stopping rule) through Lightning; ``plateau`` False keeps the lr constant. Returns (net, epochs, converged)."""
+    options = {k: v for k, v in r.items() if k in inspect.signature(FamiliarityModule.__init__).parameters}
+    groups = {"edit_prompts": emb, "train_negatives": negatives, "shifts": shifts}
+    with tempfile.TemporaryDirectory() as out:
+        module = _RouterOnly(**options | {"out_dir": out, "threshold": math.log(r["num_classes"]),
+                                          "checkpoint_every_n_epochs": 0, "init_from": None}
+                             | ({} if plateau else {"plateau_patience": 0}))
+        # On the CPU, where the embeddings are and where the committed results were measured.
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=r["max_epochs"], logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0)
+        trainer.fit(module, datamodule=_RouterData({k: v for k, v in groups.items() if v is not None},
+                                                   r["batch_size"]))
+    fit = module.fit_summary()
+    return module.main_net, fit["epochs"], fit["converged"]
 
 
 def read_out(pos: torch.Tensor, neg: torch.Tensor, neg_kind: torch.Tensor, r: dict) -> dict:
@@ -129,16 +141,15 @@ def select_texts(prep, heldout: set[str], hard_groups: set[str], max_n: int, max
     groups = group_pairs(prep.pseudo_pairs)
     irrelevant = sorted({key(r["prompt"]): r["prompt"] for r in prep.pseudo_irrelevant}.values())
     irrelevant_keys = {key(t) for t in irrelevant}
-    # Locality prompts per pseudo edit, with their kind (about the pseudo edit's own subject or not).
+    # Locality prompts per pseudo edit, with their kind (about the pseudo edit's own subject or not), as the
+    # stage tells the kinds apart.
     locality_of: dict[str, list[tuple[str, int]]] = {}
-    encoder_trained = set()  # same-subject prompts the encoder drew hard negatives from: never scored
     for r in prep.pseudo_edits:
         for p in r.locality:
-            same = mentions_subject(r.subject, p.prompt)
-            locality_of.setdefault(key(r.prompt), []).append((p.prompt, KIND["pseudo_same_subject" if same
-                                                                               else "pseudo_locality"]))
-            if same and r.id in hard_groups:
-                encoder_trained.add(key(p.prompt))
+            locality_of.setdefault(key(r.prompt), []).append((p.prompt, KIND[pseudo_locality_kind(r.subject,
+                                                                                                  p.prompt)]))
+    # Prompts the encoder may have trained on (its hard negatives' sources): never scored, as in the stage.
+    encoder_trained = {key(t) for t in encoder_trained_prompts(prep.pseudo_edits, hard_groups)}
     locality_keys = {key(t) for ts in locality_of.values() for t, _ in ts}
     held = [g for gid, g in groups.items() if gid in heldout and key(g["anchor"]) not in irrelevant_keys]
     rng.shuffle(held)
@@ -204,6 +215,7 @@ def main(argv=None) -> dict:
                     help="familiarity.yaml of an experiment whose settings replace the stage defaults "
                          "(e.g. configs/experiments/large-n/familiarity.yaml)")
     args = ap.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one Trainer per router: no banners
     recipe = stage_recipe(override=args.config)
     prep = load_prepared(args.prepare)
     heldout, hard_groups = heldout_groups(args.encoder), hard_negative_groups(args.encoder)

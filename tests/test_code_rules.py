@@ -1,5 +1,5 @@
-"""The written rules of docs/contributing.md that a machine can check: short functions, and config comments
-whose pointers to docs/ lead somewhere."""
+"""The written rules of docs/contributing.md that a machine can check: short functions, modules that never
+reach into their datamodule, and config comments whose pointers to docs/ lead somewhere."""
 
 from __future__ import annotations
 
@@ -32,6 +32,48 @@ def test_long_functions_counts_lines(tmp_path):
     body = [f"    x{i} = {i}" for i in range(60)]
     (tmp_path / "m.py").write_text("\n".join(["def ok():", *body[:59], "", "def long():", *body]) + "\n")
     assert long_functions(tmp_path, base=tmp_path) == {"m.py::long": 61}
+
+
+DATAMODULE_NAMES = {"dm", "datamodule"}
+
+
+def datamodule_reaches(path: Path) -> list[str]:
+    """``"line: what"`` for each place the module file ``path`` reaches into a datamodule: an attribute named
+    ``datamodule`` (``self.trainer.datamodule``), a variable ``dm`` / ``datamodule`` used at all, or a
+    ``.setup(`` call on anything but ``super()`` (Lightning sets a datamodule up; a module sets up only itself).
+    Static, so a string or comment naming them is fine."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr == "datamodule":
+            out.append((node.lineno, ".datamodule"))
+        elif isinstance(node, ast.Name) and node.id in DATAMODULE_NAMES:
+            out.append((node.lineno, node.id))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setup"
+              and not (isinstance(node.func.value, ast.Call) and getattr(node.func.value.func, "id", "") == "super")):
+            out.append((node.lineno, ".setup("))
+    return [f"{line}: {what}" for line, what in sorted(out)]
+
+
+def test_no_module_reaches_into_its_datamodule():
+    """docs/contributing.md, 'Modules see data through batches and a handover': a stage's LightningModule gets
+    what its datamodule prepared through ``handover()`` / ``receive()`` (``megedit.handover``), never by reading
+    the datamodule or setting it up."""
+    modules = sorted((ROOT / "src" / "megedit").rglob("*_module.py"))
+    assert len(modules) >= 7
+    found = {str(p.relative_to(ROOT)): r for p in modules if (r := datamodule_reaches(p))}
+    assert not found, f"hand these over instead (megedit.handover): {found}"
+
+
+def test_datamodule_reaches_finds_each_kind(tmp_path):
+    (tmp_path / "x_module.py").write_text(
+        "class M:\n"
+        "    def setup(self, stage):\n"
+        "        super().setup(stage)  # fine: its own\n"
+        "        n = len(self.trainer.datamodule.items)\n"
+        "        dm = self.trainer\n"
+        "        self.data.setup('fit')\n"
+        "        return 'dm.items in a string is fine'\n")
+    assert datamodule_reaches(tmp_path / "x_module.py") == ["4: .datamodule", "5: dm", "6: .setup("]
 
 
 def heading_anchors(markdown: str) -> set[str]:

@@ -439,3 +439,35 @@ def test_calibration_texts_are_disjoint_and_seeded():
     scored = set(a.prompts) | set(a.positives) | set(a.negatives)
     assert not scored & set(a.train_negatives)
     assert len(a.negative_kind) == len(a.negatives) == a.counts["negatives"]
+
+
+def test_pseudo_locality_kinds_and_encoder_trained_prompts():
+    from megedit.familiarity.familiarity_datamodule import encoder_trained_prompts, pseudo_locality_kind
+
+    pseudo = [_pseudo(0, "Paris", ["Paris is in", "Rome is in"]), _pseudo(1, "Oslo", ["Oslo lies in"])]
+    assert pseudo_locality_kind("Paris", "Paris is in") == "pseudo_same_subject"
+    assert pseudo_locality_kind("Paris", "Rome is in") == "pseudo_locality"
+    # Only the hard-negative groups' own-subject prompts: the encoder may have trained on those alone.
+    assert encoder_trained_prompts(pseudo, {"p0"}) == {"Paris is in"}
+
+
+def test_familiarity_scale_bench_trains_through_the_stage_module(one_thread):
+    """bench/familiarity_scale.py trains its routers with the stage's module and recipe, not a loop of its own."""
+    import sys
+
+    from megedit.paths import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        import familiarity_scale
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    recipe = familiarity_scale.stage_recipe()
+    assert recipe["num_classes"] == 10 and recipe["plateau_patience"] > 0  # the stage's defaults
+    emb = F.normalize(torch.randn(24, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    neg = F.normalize(torch.randn(32, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    small = recipe | {"depth": 2, "max_epochs": 400, "min_epochs": 1, "lr": 1e-2}  # a few seconds
+    net, epochs, converged = familiarity_scale.train_router(emb, neg, small, plateau=True)
+    assert converged and epochs < 400 and not net.training
+    labels = random_labels(24, 10, recipe["seed"])  # the stage's labels, so the module's own
+    assert torch.equal(net(emb).argmax(-1), labels)

@@ -277,10 +277,11 @@ def test_summary_counts_accuracy_changes_and_routing():
 
 
 def test_report_is_shaped_like_table_3(tmp_path):
-    from megedit.general.report import write_reports
+    from megedit.general.artifact import read_results, read_table, write_results
 
-    write_reports(tmp_path, _summary())
-    text = (tmp_path / "results.md").read_text()
+    write_results(tmp_path, _summary(), [])
+    assert read_results(tmp_path) == _summary()
+    text = read_table(tmp_path)
     assert "| Variant | RTE | Average |" in text and "| Before edit (base LM) | 75.00 | **75.00** |" in text
     assert "| MeG | 1 (routed 1) |" in text and "RTE 4 of 277" in text
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"

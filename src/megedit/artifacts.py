@@ -120,6 +120,20 @@ def atomic_write_jsonl(path: str | Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def write_summary_files(out_dir: str | Path, names: tuple[str, str, str, str], summary: dict, rows: list[dict],
+                        table: str, chart) -> None:
+    """A scoring stage's results (evaluate, general), each file atomically: ``names`` are those of the summary
+    (JSON), its rows (JSONL, one per scored item), its table (Markdown, ``table``) and its chart (drawn by
+    ``chart(path)``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_name, rows_name, table_name, chart_name = names
+    atomic_write_json(out / summary_name, summary)
+    atomic_write_jsonl(out / rows_name, rows)
+    atomic_write_text(out / table_name, table)
+    chart(out / chart_name)
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:

@@ -51,6 +51,18 @@ def write_heldout(out_dir: str | Path, groups: list[str], seed: int, hard_negati
                                                 "hard_negative_groups": hard_negative_groups})
 
 
+def write_encoder_artifact(out_dir: str | Path, encoder: TextEncoder, heldout: list[str], seed: int,
+                           hard_negative_groups: list[str], report: dict) -> list[str]:
+    """Write every file of the artifact but the manifest: ``encoder/``, ``heldout_groups.json`` and
+    ``report.json``; returns their names, in the order the manifest lists them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = save_encoder(out, encoder)
+    write_heldout(out, heldout, seed, hard_negative_groups)
+    atomic_write_json(out / REPORT, report)
+    return [*files, HELDOUT, REPORT]
+
+
 def read_heldout(encoder_dir: str | Path) -> dict:
     """``heldout_groups.json`` as written, or ``{"groups": [], "hard_negative_groups": []}`` when the
     artifact has none (an encoder that held nothing out)."""

@@ -18,14 +18,17 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from megedit.data.locality_kinds import locality_kind
 from megedit.distributed import world
 from megedit.encoder.hard_negatives import HardNegativeTriples, build_sources
+from megedit.graph import upstream_dirs
 from megedit.prepare.artifact import Prepared, load_prepared
 
 
@@ -131,6 +134,49 @@ def split_groups(groups: dict[str, dict], seed: int, val_fraction: float, min_va
     return train, val
 
 
+@dataclass
+class RetrievalTexts:
+    """Queries scored against keys: query ``i``'s right key is ``keys[targets[i]]``."""
+    keys: list[str]
+    queries: list[str]
+    targets: list[int]
+
+    @property
+    def texts(self) -> list[str]:
+        """Keys then queries: the order of the validation batches' ``index``."""
+        return self.keys + self.queries
+
+
+@dataclass
+class EncoderInputs:
+    """What the encoder module receives from its datamodule (``megedit.handover``); batches are the training
+    pairs (and triples) and the held-out texts."""
+    heldout: RetrievalTexts  # held-out pseudo originals (keys) and their paraphrases (queries): never trained on
+    edits: RetrievalTexts  # the edit prompts (keys) and their evaluation paraphrases (queries): never trained on
+    same_subject: list[tuple[int, str]]  # (edit index, a locality prompt about that edit's subject)
+    counts: dict  # {train_groups, heldout_groups, heldout_queries, edits}, for the report
+    hard_negative_counts: dict  # what ``hard_negatives.build_sources`` found, for the report
+    triples: bool  # whether the training batches carry hard-negative triples
+    heldout_groups: list[str]  # the held-out group ids (``heldout_groups.json``)
+    hard_negative_groups: list[str]  # the pseudo edits the served triples come from (empty: none served)
+    seed: int  # the split's seed, recorded beside the held-out groups
+    lineage: dict  # the prepare artifact's, for the manifest
+    data_config: dict  # the datamodule's arguments, for the manifest
+    upstream: dict  # {input stage: folder}, for the manifest
+
+
+def edit_retrieval_texts(edits: list) -> RetrievalTexts:
+    """The edit prompts against their evaluation paraphrases: never trained on."""
+    return RetrievalTexts([e.prompt for e in edits], [p for e in edits for p in e.paraphrases],
+                          [k for k, e in enumerate(edits) for _ in e.paraphrases])
+
+
+def same_subject_prompts(edits: list) -> list[tuple[int, str]]:
+    """(edit index, locality prompt) for each locality prompt about its edit's own subject: whether a paraphrase
+    is closer to its edit than another fact about the same subject is (never trained on)."""
+    return [(k, p.prompt) for k, e in enumerate(edits) for p in e.locality if locality_kind(e, p) == "same_subject"]
+
+
 class EncoderDataModule(L.LightningDataModule):
     def __init__(self, prepare_dir: str, batch_size: int = 64, val_fraction: float = 0.05,
                  min_val_per_source: int = 256, max_val_per_source: int = 300, max_train_groups: int | None = None,
@@ -186,17 +232,23 @@ class EncoderDataModule(L.LightningDataModule):
         self.val_texts = self.val_anchors + self.val_queries
         self.hard_set, self.hard_negative_counts = None, {"sources": 0}
         if hp.hard_negatives and hp.hard_negative_batch_size > 0:
-            evaluation = {t for e in self.prepared.edits
-                          for t in (e.prompt, *e.paraphrases, *(p.prompt for p in e.locality))}
-            sources, templates, self.hard_negative_counts = build_sources(
-                self.prepared.pseudo_edits, set(self.train_ids), evaluation)
-            if sources:
-                # As many triple batches per rank as pair batches (each loader is sharded on its own).
-                size = world()[1]
-                per_rank = math.ceil(len(self.train_set) / size)
-                pair_batches = per_rank // max(1, min(hp.batch_size, len(self.train_set)))
-                self.hard_set = HardNegativeTriples(sources, templates, hp.seed,
-                                                    length=pair_batches * hp.hard_negative_batch_size * size)
+            self.hard_set = self._hard_set()
+
+    def _hard_set(self) -> HardNegativeTriples | None:
+        """Triples from the training pseudo edits, never an evaluation text (None: the data has no source)."""
+        hp = self.hparams
+        evaluation = {t for e in self.prepared.edits
+                      for t in (e.prompt, *e.paraphrases, *(p.prompt for p in e.locality))}
+        sources, templates, self.hard_negative_counts = build_sources(
+            self.prepared.pseudo_edits, set(self.train_ids), evaluation)
+        if not sources:
+            return None
+        # As many triple batches per rank as pair batches (each loader is sharded on its own).
+        size = world()[1]
+        per_rank = math.ceil(len(self.train_set) / size)
+        pair_batches = per_rank // max(1, min(hp.batch_size, len(self.train_set)))
+        return HardNegativeTriples(sources, templates, hp.seed,
+                                   length=pair_batches * hp.hard_negative_batch_size * size)
 
     @property
     def hard_negative_groups(self) -> list[str]:
@@ -204,15 +256,29 @@ class EncoderDataModule(L.LightningDataModule):
         natural negatives or rebuilt from a template), so calibration must not score those."""
         return sorted(s.group for s in self.hard_set.sources) if self.hard_set else []
 
-    def edit_retrieval_texts(self) -> tuple[list[str], list[str], list[int]]:
-        """(edit prompts, their evaluation paraphrases, index of each paraphrase's prompt): never trained on."""
-        prompts = [e.prompt for e in self.prepared.edits]
-        queries, targets = [], []
-        for k, e in enumerate(self.prepared.edits):
-            for p in e.paraphrases:
-                queries.append(p)
-                targets.append(k)
-        return prompts, queries, targets
+    def request(self, triples: bool = True) -> None:
+        """What the module will train on (``megedit.handover``, before ``handover``): without ``triples`` no
+        triple loader is built, so the pair batches are those of ``hard_negatives: false`` (no loader draws from
+        the RNG for them), and the artifact names no hard-negative group."""
+        if not triples:
+            self.hard_set = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """A fresh paraphrase (and triple) draw per group each epoch. ``megedit.handover.DataEpoch`` calls it at
+        an epoch's start: Lightning's own ``set_epoch`` reaches the samplers only, which it replaces under DDP."""
+        self.train_set.epoch = epoch
+        if self.hard_set is not None:
+            self.hard_set.epoch = epoch
+
+    def handover(self) -> EncoderInputs:
+        hp, edits = self.hparams, self.prepared.edits
+        heldout = RetrievalTexts(self.val_anchors, self.val_queries, self.val_targets)
+        counts = {"train_groups": len(self.train_ids), "heldout_groups": len(self.val_ids),
+                  "heldout_queries": len(self.val_queries), "edits": len(edits)}
+        return EncoderInputs(heldout, edit_retrieval_texts(edits), same_subject_prompts(edits), counts,
+                             self.hard_negative_counts, self.hard_set is not None, list(self.val_ids),
+                             self.hard_negative_groups, hp.seed, self.prepared.lineage, dict(hp),
+                             upstream_dirs("encoder", hp))
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
@@ -257,9 +323,7 @@ class EncoderDataModule(L.LightningDataModule):
         else:
             epoch = self.trainer.current_epoch if self.trainer is not None else None
         if epoch is not None:
-            self.train_set.epoch = epoch
-            if self.hard_set is not None:
-                self.hard_set.epoch = epoch
+            self.set_epoch(epoch)
         self._samplers = {}
         pairs = self._loader("pairs", self.train_set, min(self.hparams.batch_size, len(self.train_set)),
                              _collate_pairs, resume)

@@ -25,16 +25,16 @@ import lightning as L
 import numpy as np
 import torch
 
-from megedit.artifacts import atomic_write_json, read_manifest, write_manifest
+from megedit.artifacts import read_manifest, write_manifest
 from megedit.components.contrastive import (info_nce, info_nce_with_hard_negatives, mse_alignment, pairwise_auc,
                                            retrieval_metrics)
 from megedit.components.text_encoder import TextEncoder
-from megedit.data.locality_kinds import locality_kind
 from megedit.distributed import barrier, gather_objects, world
-from megedit.encoder.artifact import HELDOUT, REPORT, save_encoder, write_heldout
+from megedit.encoder.artifact import write_encoder_artifact
+from megedit.encoder.encoder_datamodule import EncoderInputs, RetrievalTexts
 from megedit.encoder.hard_negatives import first_triple_per_anchor
+from megedit.handover import DataEpoch, HandOver
 from megedit.resume import CHECKPOINT_DIR, StepResumePoint
-from megedit.graph import upstream_dirs
 
 
 class EncoderModule(L.LightningModule):
@@ -75,6 +75,7 @@ class EncoderModule(L.LightningModule):
         prepare_manifest = read_manifest(prepare_dir, stage="prepare", verify=False)
         self.encoder_source = encoder or prepare_manifest["model_spec"]["encoder"]
         self.encoder = self._load_base()
+        self.inputs: EncoderInputs | None = None  # received from the datamodule (megedit.handover)
         self._val_store: dict[int, torch.Tensor] = {}
         self._started = time.time()
         self.resumed_from: str | None = None  # set by the stage CLI
@@ -91,17 +92,24 @@ class EncoderModule(L.LightningModule):
         return enc
 
     # ------------------------------------------------------------------ training
+    @property
+    def trains_on_triples(self) -> bool:
+        """Only infonce with a positive weight adds the hard-negative loss to eq. 5."""
+        return self.hparams.objective == "infonce" and self.hparams.hard_negative_weight > 0
+
+    def data_request(self) -> dict:
+        # Without triples the run is eq. 5's alone, on the same batches as data.hard_negatives false.
+        return {"triples": self.trains_on_triples}
+
+    def receive(self, inputs: EncoderInputs) -> None:
+        self.inputs = inputs
+
     def setup(self, stage: str) -> None:
-        # Runs after the datamodule's setup. Only infonce uses triples; without them the run is eq. 5's alone
-        # (the same batches as data.hard_negatives false: no extra loader draws from the RNG).
-        dm = self.trainer.datamodule
-        if dm is not None and (self.hparams.objective != "infonce" or self.hparams.hard_negative_weight <= 0):
-            dm.hard_set = None
         if self.hparams.objective == "frozen":
             self.trainer.limit_train_batches = 0  # the fit loop is skipped; on_fit_end still packages the encoder
 
     def configure_callbacks(self):
-        return [StepResumePoint(self.hparams.out_dir, self.hparams.checkpoint_every_n_steps)]
+        return [HandOver(), DataEpoch(), StepResumePoint(self.hparams.out_dir, self.hparams.checkpoint_every_n_steps)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The RNG streams (dropout; the next pass's shuffle seed) as they are after this step, so a resumed run
@@ -133,12 +141,6 @@ class EncoderModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.encoder.train()  # from_pretrained returns eval mode; dropout is part of the fine-tuning recipe
 
-    def on_train_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
-        dm.train_set.epoch = self.current_epoch  # a fresh paraphrase draw per group
-        if dm.hard_set is not None:
-            dm.hard_set.epoch = self.current_epoch
-
     def _embed_batch(self, texts: list[str]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in self.encoder.tokenize(texts).items()}
         return self.encoder(**batch)
@@ -163,7 +165,7 @@ class EncoderModule(L.LightningModule):
             loss = info_nce(paraphrases, originals, self.hparams.temperature)
         with torch.no_grad():
             pos = (paraphrases * originals).sum(-1).mean()
-        if triples is not None and self.hparams.objective == "infonce" and self.hparams.hard_negative_weight > 0:
+        if triples is not None and self.trains_on_triples:
             a, p, n = (self._embed_batch(triples[k]) for k in ("anchor", "positive", "negative"))
             hard = info_nce_with_hard_negatives(a, p, n, self.hparams.temperature)
             loss = loss + self.hparams.hard_negative_weight * hard
@@ -204,12 +206,12 @@ class EncoderModule(L.LightningModule):
         for part in gather_objects(self._val_store):  # DDP: each rank embedded a shard (padded with repeats)
             store.update(part)
         self._val_store = {}
-        dm = self.trainer.datamodule
-        if len(store) < len(dm.val_texts):  # sanity check ran only a few batches
+        heldout = self.inputs.heldout
+        if len(store) < len(heldout.texts):  # sanity check ran only a few batches
             return
-        emb = torch.stack([store[i] for i in range(len(dm.val_texts))])
-        n = len(dm.val_anchors)
-        m = retrieval_metrics(emb[n:], emb[:n], torch.tensor(dm.val_targets))
+        emb = torch.stack([store[i] for i in range(len(heldout.texts))])
+        n = len(heldout.keys)
+        m = retrieval_metrics(emb[n:], emb[:n], torch.tensor(heldout.targets))
         self.log("val/recall@1", m["recall@1"], sync_dist=True)  # equal on every rank
         self.log("val/mrr", m["mrr"], sync_dist=True)  # equal on every rank
 
@@ -221,26 +223,24 @@ class EncoderModule(L.LightningModule):
             shutil.rmtree(Path(self.hparams.out_dir) / CHECKPOINT_DIR, ignore_errors=True)
         barrier()
 
-    def _retrieval(self, encoder: TextEncoder, dm) -> dict:
-        bs = self.hparams.eval_batch_size
+    def _retrieval(self, encoder: TextEncoder) -> dict:
+        bs, data = self.hparams.eval_batch_size, self.inputs
         out = {}
-        n = len(dm.val_anchors)
-        emb = encoder.embed(dm.val_texts, bs, progress=True)
-        out["heldout_pseudo_pairs"] = retrieval_metrics(emb[n:], emb[:n], torch.tensor(dm.val_targets, dtype=torch.long))
-        prompts, queries, targets = dm.edit_retrieval_texts()
-        emb_p = encoder.embed(prompts, bs, progress=True)
-        emb_q = encoder.embed(queries, bs, progress=True)
-        out["edit_paraphrases"] = retrieval_metrics(emb_q, emb_p, torch.tensor(targets, dtype=torch.long))
+        emb = encoder.embed(data.heldout.texts, bs, progress=True)
+        out["heldout_pseudo_pairs"] = _retrieval_of(emb[len(data.heldout.keys):], emb[:len(data.heldout.keys)],
+                                                    data.heldout)
+        edits = data.edits
+        emb_p = encoder.embed(edits.keys, bs, progress=True)
+        emb_q = encoder.embed(edits.queries, bs, progress=True)
+        out["edit_paraphrases"] = _retrieval_of(emb_q, emb_p, edits)
         # Same-subject separation: is a paraphrase closer to its edit prompt than another fact about the
         # edit's subject (a locality prompt) is? Never trained on; None when the dataset has no such prompt.
-        same = [(k, p.prompt) for k, e in enumerate(dm.prepared.edits) for p in e.locality
-                if locality_kind(e, p) == "same_subject"]
-        own_para = (emb_q * emb_p[targets]).sum(-1)
-        if same:
-            emb_s = encoder.embed([t for _, t in same], bs, progress=True)
-            own_same = (emb_s * emb_p[[k for k, _ in same]]).sum(-1)
+        own_para = (emb_q * emb_p[edits.targets]).sum(-1)
+        if data.same_subject:
+            emb_s = encoder.embed([t for _, t in data.same_subject], bs, progress=True)
+            own_same = (emb_s * emb_p[[k for k, _ in data.same_subject]]).sum(-1)
             out["same_subject_locality"] = {
-                "n": len(same), "paraphrase_cosine_mean": float(own_para.mean()),
+                "n": len(data.same_subject), "paraphrase_cosine_mean": float(own_para.mean()),
                 "same_subject_cosine_mean": float(own_same.mean()),
                 "auc_paraphrase_closer": pairwise_auc(own_para, own_same)}
         else:
@@ -249,20 +249,15 @@ class EncoderModule(L.LightningModule):
 
     @torch.no_grad()
     def _write(self) -> None:
-        dm, hp = self.trainer.datamodule, self.hparams
-        out = Path(hp.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        hp, data = self.hparams, self.inputs
         train_seconds = time.time() - self._started
         self.encoder.cpu()
-        tuned = self._retrieval(self.encoder, dm)
-        frozen = self._retrieval(self._load_base(), dm)
+        tuned = self._retrieval(self.encoder)
+        frozen = self._retrieval(self._load_base())
         report = {
             "objective": hp.objective, "pooling": hp.pooling, "temperature": hp.temperature,
-            "encoder_source": self.encoder_source,
-            "train_groups": len(dm.train_ids), "heldout_groups": len(dm.val_ids),
-            "heldout_queries": len(dm.val_queries), "edits": len(dm.prepared.edits),
-            "hard_negatives": dm.hard_negative_counts | {"weight": hp.hard_negative_weight,
-                                                         "used": dm.hard_set is not None},
+            "encoder_source": self.encoder_source, **data.counts,
+            "hard_negatives": data.hard_negative_counts | {"weight": hp.hard_negative_weight, "used": data.triples},
             "epochs": self.current_epoch if hp.objective != "frozen" else 0,
             "steps": int(self.global_step), "resumed_from": self.resumed_from,
             "tuned": tuned, "frozen": frozen,
@@ -272,23 +267,34 @@ class EncoderModule(L.LightningModule):
             "wall_seconds": round(time.time() - self._started, 1),
             "world_size": world()[1],
         }
-        enc_files = save_encoder(out, self.encoder)
-        write_heldout(out, dm.val_ids, dm.hparams.seed, dm.hard_negative_groups)
-        atomic_write_json(out / REPORT, report)
-        write_manifest(out, "encoder", dm.prepared.lineage,
-                       config={"data": dict(dm.hparams), "model": dict(hp),
+        outputs = write_encoder_artifact(hp.out_dir, self.encoder, data.heldout_groups, data.seed,
+                                         data.hard_negative_groups, report)
+        write_manifest(hp.out_dir, "encoder", data.lineage,
+                       config={"data": data.data_config, "model": dict(hp),
                                "trainer": {"max_epochs": self.trainer.max_epochs, "max_steps": self.trainer.max_steps,
                                            "world_size": world()[1]}},
-                       outputs=[*enc_files, HELDOUT, REPORT], upstream=upstream_dirs("encoder", dm.hparams),
+                       outputs=outputs, upstream=data.upstream,
                        extra={"encoder": {"source": self.encoder_source, "pooling": hp.pooling,
                                           "max_length": hp.max_length, "dim": self.encoder.dim,
                                           "objective": hp.objective}})
-        t, f = tuned["edit_paraphrases"], frozen["edit_paraphrases"]
-        auc = tuned["same_subject_locality"]["auc_paraphrase_closer"]
-        if auc is not None:
-            print(f"encoder: paraphrase closer to its edit than a same-subject locality prompt: AUC {auc:.3f} (frozen "
-                  f"{frozen['same_subject_locality']['auc_paraphrase_closer']:.3f})")
-        print(f"encoder ({hp.objective}): edit-paraphrase recall@1 {t['recall@1']:.3f} (frozen {f['recall@1']:.3f}), "
-              f"MRR {t['mrr']:.3f} (frozen {f['mrr']:.3f}); held-out pseudo recall@1 "
-              f"{tuned['heldout_pseudo_pairs']['recall@1']:.3f} (frozen "
-              f"{frozen['heldout_pseudo_pairs']['recall@1']:.3f}); wrote {out} ({report['wall_seconds']} s)")
+        print(summary_lines(report, hp.out_dir))
+
+
+def _retrieval_of(queries: torch.Tensor, keys: torch.Tensor, texts: RetrievalTexts) -> dict:
+    return retrieval_metrics(queries, keys, torch.tensor(texts.targets, dtype=torch.long))
+
+
+def summary_lines(report: dict, out_dir) -> str:
+    """What the stage prints when it is done: retrieval tuned vs frozen (and same-subject separation)."""
+    tuned, frozen = report["tuned"], report["frozen"]
+    t, f = tuned["edit_paraphrases"], frozen["edit_paraphrases"]
+    lines = []
+    auc = tuned["same_subject_locality"]["auc_paraphrase_closer"]
+    if auc is not None:
+        lines.append(f"encoder: paraphrase closer to its edit than a same-subject locality prompt: AUC {auc:.3f} "
+                     f"(frozen {frozen['same_subject_locality']['auc_paraphrase_closer']:.3f})")
+    lines.append(f"encoder ({report['objective']}): edit-paraphrase recall@1 {t['recall@1']:.3f} (frozen "
+                 f"{f['recall@1']:.3f}), MRR {t['mrr']:.3f} (frozen {f['mrr']:.3f}); held-out pseudo recall@1 "
+                 f"{tuned['heldout_pseudo_pairs']['recall@1']:.3f} (frozen "
+                 f"{frozen['heldout_pseudo_pairs']['recall@1']:.3f}); wrote {out_dir} ({report['wall_seconds']} s)")
+    return "\n".join(lines)

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from megedit.artifacts import (ArtifactError, atomic_path, atomic_write_json, atomic_write_jsonl, atomic_write_text,
-                               sha256_json)
+from megedit.artifacts import ArtifactError, atomic_path, sha256_json, write_summary_files
 
 RESULTS = "results.json"
 TABLE = "results.md"
@@ -37,12 +36,8 @@ def write_results(out_dir: str | Path, summary: dict, rows: list[dict]) -> None:
     """``results.json``, ``per_example.jsonl`` and the report made from the summary (table and chart)."""
     from megedit.evaluate.report import bar_chart, results_table
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RESULTS, summary)
-    atomic_write_jsonl(out / PER_EXAMPLE, rows)
-    atomic_write_text(out / TABLE, results_table(summary))
-    bar_chart(summary, out / CHART)
+    write_summary_files(out_dir, (RESULTS, PER_EXAMPLE, TABLE, CHART), summary, rows, results_table(summary),
+                        lambda path: bar_chart(summary, path))
 
 
 def results_file(path: str | Path) -> Path:

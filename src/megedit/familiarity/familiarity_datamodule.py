@@ -61,6 +61,13 @@ class PairedIndices(Dataset):
         return i % self.n_main, i % max(1, self.n_calib)
 
 
+def router_loader(n_main: int, n_calib: int, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """The routers' training batches: shuffled ``PairedIndices`` (the calibration router's index is 0 when
+    there is none)."""
+    ds = PairedIndices(n_main, n_calib)
+    return DataLoader(ds, batch_size=min(batch_size, len(ds)), shuffle=True, num_workers=num_workers)
+
+
 def embed_sharded(encoder: TextEncoder, texts: list[str], batch_size: int, progress: bool) -> torch.Tensor:
     """Embed ``texts`` split across DDP ranks (each rank a strided shard), gathered back in order."""
     rank, size = world()
@@ -181,9 +188,22 @@ def split_off_train_negatives(irrelevant: list[str], locality: list[str], neighb
     return irrelevant, locality, interleave(train_irrelevant, train_locality, others)[:limit]
 
 
+def pseudo_locality_kind(subject: str, prompt: str) -> str:
+    """The kind (``NEGATIVE_KINDS``) of a pseudo edit's locality prompt: about that edit's own subject or not."""
+    return "pseudo_same_subject" if mentions_subject(subject, prompt) else "pseudo_locality"
+
+
+def encoder_trained_prompts(pseudo_edits: list, hard_groups: set[str]) -> set[str]:
+    """Same-subject locality prompts of the pseudo edits the encoder drew hard negatives from: it may have
+    trained on them, so they are not honest calibration data."""
+    return {p.prompt for r in pseudo_edits if r.id in hard_groups for p in r.locality
+            if pseudo_locality_kind(r.subject, p.prompt) == "pseudo_same_subject"}
+
+
 def negative_kinds(negatives: list[str], irrelevant: set[str], pseudo_edits: list) -> torch.Tensor:
     """Which kind (``NEGATIVE_KINDS``) each negative is: the threshold must hold for the hardest kind alone."""
-    same_subject = {p.prompt for r in pseudo_edits for p in r.locality if mentions_subject(r.subject, p.prompt)}
+    same_subject = {p.prompt for r in pseudo_edits for p in r.locality
+                    if pseudo_locality_kind(r.subject, p.prompt) == "pseudo_same_subject"}
     kind = {name: NEGATIVE_KINDS.index(name) for name in NEGATIVE_KINDS}
     return torch.tensor([kind["pseudo_irrelevant"] if t in irrelevant else
                          kind["pseudo_same_subject"] if t in same_subject else kind["pseudo_locality"]
@@ -196,10 +216,7 @@ def calibration_texts(prep, heldout: set[str], hard_groups: set[str], pseudo_loc
     """The calibration set of a prepare artifact (one seeded stream, drawn in a fixed order), from pseudo data
     only: no evaluation text, no text the encoder trained on."""
     n = len(prep.edits)
-    # Same-subject locality prompts of the pseudo edits the encoder drew hard negatives from: it may have
-    # trained on them, so they are not honest calibration data.
-    encoder_trained = {p.prompt for r in prep.pseudo_edits if r.id in hard_groups for p in r.locality
-                       if mentions_subject(r.subject, p.prompt)}
+    encoder_trained = encoder_trained_prompts(prep.pseudo_edits, hard_groups)
     rng = random.Random(seed)
     groups = heldout_pseudo_groups(prep, heldout, where)
     prompts, positives = memorised_pseudo_prompts(groups, prep, n, max_positives, rng)
@@ -395,6 +412,5 @@ class FamiliarityDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         n_calib = len(self.emb["calib_prompts"]) if self.hparams.calibrate else 0
-        ds = PairedIndices(len(self.emb["edit_prompts"]), n_calib)
-        return DataLoader(ds, batch_size=min(self.hparams.batch_size, len(ds)), shuffle=True,
-                          num_workers=self.hparams.num_workers)
+        return router_loader(len(self.emb["edit_prompts"]), n_calib, self.hparams.batch_size,
+                             self.hparams.num_workers)

@@ -317,6 +317,10 @@ class FamiliarityModule(L.LightningModule):
         if self._converged and self._epochs_run >= hp.min_epochs:
             self.trainer.should_stop = True
 
+    def fit_summary(self) -> dict:
+        """How training ended: epochs run and whether every router met the convergence rule at the last one."""
+        return {"epochs": self._epochs_run, "converged": self._converged}
+
     # ------------------------------------------------------------------ outputs
     def on_fit_end(self) -> None:
         if self.global_rank == 0:
@@ -375,8 +379,8 @@ class FamiliarityModule(L.LightningModule):
                   "calibration": calibration,
                   "fences": {**data.fences, "used": hp.fence_weight > 0 and data.fences["main"] > 0},
                   "paraphrase_shifts": shift_summary(data.emb.get("shifts"), hp.shift_scale, hp.shift_weight),
-                  "fit": {"epochs": self._epochs_run, "converged": self._converged, "resumed_from": self.resumed_from,
-                          "warm_start": self.warm_start, **getattr(self, "_fit_states", {})},
+                  "fit": {**self.fit_summary(), "resumed_from": self.resumed_from, "warm_start": self.warm_start,
+                          **getattr(self, "_fit_states", {})},
                   "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "
                           "to pick the threshold",
                   "wall_seconds": round(time.time() - self._started, 1)}

@@ -3,17 +3,36 @@ batches that never mix benchmarks (each benchmark is scored its own way)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import lightning as L
 from torch.utils.data import DataLoader
 
 from megedit.general.bbh import PROMPTINGS
 from megedit.general.benchmarks import BENCHMARKS, benchmark_files, check_names, load_benchmark
 from megedit.general.items import Item, seeded_subset
+from megedit.graph import upstream_dirs
 from megedit.paths import data_dir as resolve_data_dir
 
 
 def _as_is(batch):
     return batch
+
+
+@dataclass
+class GeneralInputs:
+    """What the general module receives from its datamodule (``megedit.handover``); batches are the items."""
+    run_dir: Path  # the edited run scored
+    benchmarks: list[str]  # in the order they are reported
+    items: dict[str, list[Item]]  # each benchmark's scored items (a seeded subset, in file order)
+    totals: dict[str, int]  # each benchmark's item count before the subset
+    bbh_prompting: str  # answer_only or cot: part of a BBH row's fingerprint
+    lm_batch_size: int  # prompts per LM batch
+    subset: dict  # {items_per_benchmark, seed}: how the items were drawn, for the report
+    input_files: dict  # {name: path} of the benchmark files read, for the manifest
+    data_config: dict  # the datamodule's arguments, for the manifest
+    upstream: dict  # {input stage: folder}, for the manifest
 
 
 class GeneralDataModule(L.LightningDataModule):
@@ -53,6 +72,12 @@ class GeneralDataModule(L.LightningDataModule):
             self.totals[name] = len(every)
             self.items[name] = seeded_subset(every, hp.items_per_benchmark, hp.seed)
             self.input_files |= benchmark_files(name, self.data_root)
+
+    def handover(self) -> GeneralInputs:
+        hp = self.hparams
+        return GeneralInputs(Path(hp.run_dir), list(hp.benchmarks), self.items, self.totals, hp.bbh_prompting,
+                             hp.batch_size, {"items_per_benchmark": hp.items_per_benchmark, "seed": hp.seed},
+                             self.input_files, dict(hp), upstream_dirs("general", hp))
 
     def batches(self) -> list[list[Item]]:
         """Each benchmark's items in batches of similar prompt length (less padding)."""

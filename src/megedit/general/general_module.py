@@ -15,24 +15,26 @@ from pathlib import Path
 
 import lightning as L
 
-from megedit.artifacts import atomic_write_json, atomic_write_jsonl, sha256_file, sha256_json, write_manifest
+from megedit.artifacts import MANIFEST, sha256_file, sha256_json, write_manifest
 from megedit.baselines.memit import swapped_weights
 from megedit.edited_model import EditedLM
+from megedit.evaluate.artifact import PEERS_FOLDER as EVALUATE_PEERS
 from megedit.evaluate.peers import PEERS, check_variants
 from megedit.general.answering import answer_items, fit_prompt
+from megedit.general.artifact import ITEMS_FOLDER, OUTPUTS, PEERS_FOLDER, read_table, write_results
+from megedit.general.general_datamodule import GeneralInputs
 from megedit.general.item_cache import ItemCache
 from megedit.general.items import Item
 from megedit.general.peer_weights import peer_weights
-from megedit.general.report import write_reports
 from megedit.general.summary import PROTOCOLS, summarise
-from megedit.graph import upstream_dirs
+from megedit.handover import ReceivesInputs
 
 VARIANTS = ("base", "meg", *PEERS)  # scored in this order: meg reuses base's answers to unrouted queries
 ROUTE_ON = ("item", "prompt")
 PROTOCOL = "megedit-general/1"  # bump when a prompt or a scoring rule changes: cached rows are then not reused
 
 
-class GeneralModule(L.LightningModule):
+class GeneralModule(ReceivesInputs, L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/general", variants: list[str] = ["base", "meg"],
                  gsm8k_max_new_tokens: int = 256, bbh_max_new_tokens: int = 64, max_prompt_tokens: int | None = 2048,
                  route_on: str = "item", steps: int = 10, sampler: str = "ddim", seed: int = 0,
@@ -59,7 +61,8 @@ class GeneralModule(L.LightningModule):
         if route_on not in ROUTE_ON:
             raise ValueError(f"route_on must be one of {ROUTE_ON}, got {route_on!r}")
         self.variants = [v for v in VARIANTS if v in variants]
-        self.cache = ItemCache(Path(out_dir) / "items")
+        self.cache = ItemCache(Path(out_dir) / ITEMS_FOLDER)
+        self.inputs: GeneralInputs | None = None  # received from the datamodule (ReceivesInputs)
         self.edited: EditedLM | None = None
         self.peers: dict[str, tuple[dict, Path]] = {}
         self.costs = {v: {"items": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0} for v in self.variants}
@@ -68,9 +71,7 @@ class GeneralModule(L.LightningModule):
     def setup(self, stage: str | None = None) -> None:
         if self.edited is not None:
             return
-        dm = self.trainer.datamodule
-        dm.setup("test")
-        hp, run = self.hparams, Path(dm.hparams.run_dir)
+        hp, run = self.hparams, self.inputs.run_dir
         self.edited = EditedLM.load(run, steps=hp.steps, sampler=hp.sampler, seed=hp.seed, use_router=True,
                                     noise_scale=hp.noise_scale, value_scale=hp.value_scale)
         if hp.router_threshold is not None:
@@ -78,25 +79,26 @@ class GeneralModule(L.LightningModule):
         methods = [v for v in self.variants if v in PEERS]
         if methods:
             out = Path(hp.out_dir)
-            search = [Path(p) for p in (hp.peer_weights_dir, run / "evaluate" / "peers", out / "peers") if p]
-            self.peers = peer_weights(methods, self.edited, run, search, out / "peers")
+            search = [Path(p) for p in (hp.peer_weights_dir, run / "evaluate" / EVALUATE_PEERS, out / PEERS_FOLDER)
+                      if p]
+            self.peers = peer_weights(methods, self.edited, run, search, out / PEERS_FOLDER)
         self.fingerprints = {(v, b): self._fingerprint(v, b, run)
-                             for v in {"base", *self.variants} for b in dm.hparams.benchmarks}
+                             for v in {"base", *self.variants} for b in self.inputs.benchmarks}
 
     def max_new_tokens(self, benchmark: str) -> int:
         return {"gsm8k": self.hparams.gsm8k_max_new_tokens, "bbh": self.hparams.bbh_max_new_tokens}.get(benchmark, 0)
 
     def _fingerprint(self, variant: str, benchmark: str, run: Path) -> str:
         """What decides a (variant, benchmark) row's result; a cached row counts only under the same one."""
-        e, hp, dm = self.edited, self.hparams, self.trainer.datamodule
+        e, hp = self.edited, self.hparams
         parts = {"protocol": PROTOCOL, "benchmark": benchmark, "lineage": e.prepared.lineage,
                  "max_prompt_tokens": hp.max_prompt_tokens, "max_new_tokens": self.max_new_tokens(benchmark),
-                 "bbh_prompting": dm.hparams.bbh_prompting if benchmark == "bbh" else None, "variant": variant}
+                 "bbh_prompting": self.inputs.bbh_prompting if benchmark == "bbh" else None, "variant": variant}
         if variant == "meg":
             parts["meg"] = {"steps": hp.steps, "sampler": hp.sampler, "seed": hp.seed, "route_on": hp.route_on,
                             "threshold": float(e.router.threshold), "noise_scale": e.noise_scale,
                             "value_scale": e.value_scale,
-                            "artifacts": {n: sha256_file(run / n / "manifest.json")
+                            "artifacts": {n: sha256_file(run / n / MANIFEST)
                                           for n in ("encoder", "familiarity", "diffusion")}}
         if variant in PEERS:
             parts["weights"] = sha256_file(self.peers[variant][1])
@@ -131,7 +133,7 @@ class GeneralModule(L.LightningModule):
     def _rows(self, variant: str, items: list[Item], fitted: list[tuple[str, int]], weights) -> list[dict]:
         e = self.edited
         answers = answer_items(e.lm, e.tokenizer, e.neuron, items, [p for p, _ in fitted], weights,
-                               self.max_new_tokens(items[0].benchmark), self.trainer.datamodule.hparams.batch_size)
+                               self.max_new_tokens(items[0].benchmark), self.inputs.lm_batch_size)
         return [{"key": it.key, "benchmark": it.benchmark, "id": it.id, "group": it.group, "variant": variant,
                  "fingerprint": self.fingerprints[(variant, it.benchmark)], "n_shots": n, "gold": it.gold, **a,
                  "routed": None}
@@ -159,36 +161,36 @@ class GeneralModule(L.LightningModule):
 
     # ------------------------------------------------------------------ outputs
     def on_test_epoch_end(self) -> None:
-        dm = self.trainer.datamodule
-        rows = {v: [self._cached(v, it) for items in dm.items.values() for it in items] for v in self.variants}
+        rows = {v: [self._cached(v, it) for items in self.inputs.items.values() for it in items]
+                for v in self.variants}
         missing = {v: sum(r is None for r in rs) for v, rs in rows.items() if None in rs}
         if missing:
             raise RuntimeError(f"general: items left unscored {missing} (a bug: every batch scores every variant)")
         self._write(rows)
 
-    def _write(self, rows: dict[str, list[dict]]) -> None:
-        dm, e, hp = self.trainer.datamodule, self.edited, self.hparams
-        out = Path(hp.out_dir)
-        settings = {"items_per_benchmark": dm.hparams.items_per_benchmark, "seed": dm.hparams.seed,
-                    "items": {b: len(items) for b, items in dm.items.items()}, "of": dm.totals,
-                    "bbh_prompting": dm.hparams.bbh_prompting, "max_prompt_tokens": hp.max_prompt_tokens,
+    def _settings(self) -> dict:
+        """How the items were drawn, prompted and answered (and MeG routed): the report's ``settings``."""
+        data, hp = self.inputs, self.hparams
+        settings = {**data.subset, "items": {b: len(items) for b, items in data.items.items()}, "of": data.totals,
+                    "bbh_prompting": data.bbh_prompting, "max_prompt_tokens": hp.max_prompt_tokens,
                     "max_new_tokens": {b: self.max_new_tokens(b) for b in ("gsm8k", "bbh")},
-                    "protocols": {b: PROTOCOLS[b] for b in dm.hparams.benchmarks}, "protocol_version": PROTOCOL}
+                    "protocols": {b: PROTOCOLS[b] for b in data.benchmarks}, "protocol_version": PROTOCOL}
         if "meg" in self.variants:
-            settings["meg"] = {"route_on": hp.route_on, "router_threshold": float(e.router.threshold),
+            settings["meg"] = {"route_on": hp.route_on, "router_threshold": float(self.edited.router.threshold),
                                "steps": hp.steps, "sampler": hp.sampler, "seed": hp.seed}
-        summary = {"lineage": e.prepared.lineage, "n_edits": len(e.prepared.edits), "settings": settings,
-                   "results": summarise(rows, list(dm.hparams.benchmarks)),
+        return settings
+
+    def _write(self, rows: dict[str, list[dict]]) -> None:
+        data, e, hp = self.inputs, self.edited, self.hparams
+        summary = {"lineage": e.prepared.lineage, "n_edits": len(e.prepared.edits), "settings": self._settings(),
+                   "results": summarise(rows, data.benchmarks),
                    "peers": {m: str(path) for m, (_, path) in self.peers.items()},
                    "costs_this_process": {v: {k: round(x, 1) for k, x in c.items()} for v, c in self.costs.items()}}
-        atomic_write_json(out / "results.json", summary)
-        atomic_write_jsonl(out / "per_item.jsonl", [r for v in self.variants for r in rows[v]])
-        write_reports(out, summary)
-        inputs = dm.input_files | {f"peer_weights/{m}": path for m, (_, path) in self.peers.items()}
-        write_manifest(out, "general", e.prepared.lineage, config={"model": dict(hp), "data": dict(dm.hparams)},
-                       outputs=["results.json", "results.md", "results.png", "per_item.jsonl"], input_files=inputs,
-                       upstream=upstream_dirs("general", dm.hparams))
-        print((out / "results.md").read_text())
+        write_results(hp.out_dir, summary, [r for v in self.variants for r in rows[v]])
+        inputs = data.input_files | {f"peer_weights/{m}": path for m, (_, path) in self.peers.items()}
+        write_manifest(hp.out_dir, "general", e.prepared.lineage, config={"model": dict(hp), "data": data.data_config},
+                       outputs=OUTPUTS, input_files=inputs, upstream=data.upstream)
+        print(read_table(hp.out_dir))
 
     def configure_optimizers(self):
         return None

@@ -1,10 +1,10 @@
-"""Readable outputs of the general stage: a table shaped like the paper's Table 3 and a bar chart."""
+"""Readable outputs of the general stage: a table shaped like the paper's Table 3 and a bar chart
+(``megedit.general.artifact`` writes them)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from megedit.artifacts import atomic_write_text
 from megedit.general.benchmarks import TITLES
 from megedit.plots import grouped_bars
 
@@ -58,8 +58,3 @@ def bar_chart(summary: dict, path: Path) -> None:
     grouped_bars(path, series, [TITLES.get(b, "Average") for b in names], ylabel="accuracy (%)", ylim=100,
                  title=f"General ability: {lin['model']} / {lin['dataset']} / N={summary['n_edits']}",
                  legend_loc="upper right", legend_size=8)
-
-
-def write_reports(out: Path, summary: dict) -> None:
-    atomic_write_text(out / "results.md", results_table(summary))
-    bar_chart(summary, out / "results.png")
