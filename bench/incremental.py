@@ -45,6 +45,7 @@ from megedit.encoder.artifact import read_report as encoder_report
 from megedit.familiarity.artifact import read_report as familiarity_report
 from megedit.prepare.artifact import read_report as prepare_report
 
+ADDED_PREFIX = "added-"  # the new edits' file names, so their ids are the benchmark's with this prefix
 STAGES_COPIED = ("prepare", "encoder", "familiarity", "collect", "diffusion")
 GROWS_WITH_N = ("prepare", "familiarity", "collect", "diffusion")
 
@@ -61,7 +62,8 @@ def unused_records(prepared, k: int) -> list:
     records, _, _ = read_dataset(load_dataset_config(cfg["dataset"]), data_dir(cfg.get("data_dir")))
     order = dedupe_by_subject(records, DropReport())
     random.Random(cfg["seed"]).shuffle(order)  # make_splits' order
-    used = ({e.id for e in prepared.edits} | {r.id for r in prepared.pseudo_edits}
+    # an edit this bench added earlier carries its record's id behind ADDED_PREFIX (write_raw_rows)
+    used = ({e.id.removeprefix(ADDED_PREFIX) for e in prepared.edits} | {r.id for r in prepared.pseudo_edits}
             | {r["id"] for r in prepared.pseudo_irrelevant} | {p["group"] for p in prepared.pseudo_pairs})
     pseudo_texts = ({t for p in prepared.pseudo_pairs for t in (p["anchor"], p["positive"])}
                     | {r["prompt"] for r in prepared.pseudo_irrelevant}
@@ -94,7 +96,7 @@ def write_raw_rows(records, prepared, folder: Path) -> list[Path]:
         chosen = [rows[r.index] for r in records if r.source == source]
         if entries.get(source) is None:
             raise SystemExit(f"{source}: not a file of the dataset preset {cfg['dataset']}")
-        out = folder / f"added-{Path(source).stem}.json"
+        out = folder / f"{ADDED_PREFIX}{Path(source).stem}.json"
         atomic_write_text(out, json.dumps(chosen, ensure_ascii=False, indent=1) + "\n")
         paths.append(out)
     return paths
