@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     try:
         if args.command == "add":
             from megedit.edits.add import add_edits
+            from megedit.edits.retrain import GeneratorBudget
 
             budget = GeneratorBudget(draws_per_new_edit=args.draws_per_new_edit, new_share=args.new_share,
                                      lr_scale=args.lr_scale)
