@@ -95,12 +95,21 @@ FREE_ANSWER_TOKENS = 20  # the official protocol's answer length; multi-hop answ
 
 def answer_matches(tokenizer, tokens: Sequence[int], item: dict) -> bool:
     """A free greedy answer, decoded, lower-cased and stripped: a locality item's must equal the pre-edit
-    answer; any other's must start with the target or one of the item's ``aliases`` (MQuAKE's new answers)."""
+    answer; a multi-hop item's must start with the target or one of its ``aliases`` (MQuAKE's new answers) as
+    whole words; any other's must start with the target (the official protocol)."""
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip().lower()
     if item["group"] == "locality":
         return answer == tokenizer.decode(item["pre_tokens"], skip_special_tokens=True).strip().lower()
-    accepted = [item["target"], *item.get("aliases", [])]
-    return any(a.strip() and answer.startswith(a.strip().lower()) for a in accepted)
+    if item["group"] != "multi_hop":
+        return answer.startswith(item["target"].strip().lower())
+    return any(starts_with_words(answer, a) for a in [item["target"], *item.get("aliases", [])])
+
+
+def starts_with_words(answer: str, accepted: str) -> bool:
+    """``answer`` (lower-cased) starts with ``accepted`` as whole words: "ar." and "ar" match the alias "ar",
+    "arab" does not."""
+    want = accepted.strip().lower()
+    return bool(want) and answer.startswith(want) and (len(answer) == len(want) or not answer[len(want)].isalnum())
 
 
 def greedy_scores(lm, tokenizer, neuron, prompts: Sequence[str], items: Sequence[dict], forced: dict,
