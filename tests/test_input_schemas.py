@@ -195,7 +195,7 @@ def test_a_bad_rewrite_loses_its_whole_mquake_case_and_nothing_else(tmp_path):
         read_file(path)
     invalid: list = []
     _, recs = read_file(path, on_invalid="drop", invalid=invalid)
-    assert [r.id for r in recs] == ["mq:11/0", "mq:11/1"] and [i for i, _ in invalid] == [1]
+    assert [r.id for r in recs] == ["mq:11"] and [i for i, _ in invalid] == [1]
 
 
 @pytest.mark.parametrize("fmt,row,field", [

@@ -74,11 +74,37 @@ def test_zsre_mend_and_knowedit_records(tmp_path):
     assert ke.portability[0].answer == "Owlet moths"
 
 
-def test_mquake_gives_one_record_per_rewrite(tmp_path):
-    _, recs = read_file(write(tmp_path, [MQUAKE], "mq.json"))
-    assert [r.id for r in recs] == ["mq:11/0", "mq:11/1"]
-    assert recs[0].prompt == "Hey Jude was performed by" and recs[0].paraphrases == ["Who performed Hey Jude?"]
-    assert recs[0].multi_hop[0].answer == "India" and recs[1].multi_hop == []
+def test_mquake_gives_one_record_per_instance_with_its_atoms(tmp_path):
+    row = dict(MQUAKE, new_answer_alias=["Republic of India"], single_hops=[
+        {"question": "Who performed Hey Jude?", "cloze": "Hey Jude was performed by", "answer": "The Beatles"},
+        {"question": "Which country is The Beatles from?", "cloze": "The Beatles is a citizen of", "answer": "UK"}])
+    _, [rec] = read_file(write(tmp_path, [row], "mq.json"))
+    assert rec.id == "mq:11" and rec.prompt == "Hey Jude was performed by" and rec.target_new == "Madonna"
+    assert rec.paraphrases == ["Who performed Hey Jude?"]
+    assert [(a.prompt, a.subject, a.target_new, a.target_true) for a in rec.atoms] == [
+        ("Madonna is a citizen of", "Madonna", "India", "USA")]
+    assert [a.target_new for a in rec.all_atoms()] == ["Madonna", "India"]
+    hop = rec.multi_hop[0]
+    assert (hop.answer, hop.aliases, hop.kind) == ("India", ["Republic of India"], "question")
+    # the edited hop is no locality prompt; the unedited one is, with its original answer
+    assert [(p.prompt, p.answer) for p in rec.locality] == [("The Beatles is a citizen of", "UK")]
+
+
+def test_mquake_record_round_trips_through_dict(tmp_path):
+    from megedit.data.records import EditRecord
+
+    _, [rec] = read_file(write(tmp_path, [MQUAKE], "mq.json"))
+    assert EditRecord.from_dict(rec.to_dict()) == rec
+
+
+def test_mquake_questions_without_new_answer_name_the_field(tmp_path):
+    row = {k: v for k, v in MQUAKE.items() if k != "new_answer"}
+    with pytest.raises(DataFormatError, match=r"mq.json: record 0 \(case_id=11\): field 'new_answer': is missing, "
+                                              "but 'questions' is given"):
+        read_file(write(tmp_path, [row], "mq.json"))
+    bad = dict(MQUAKE, single_hops=[{"question": "q", "cloze": "", "answer": "x"}])
+    with pytest.raises(DataFormatError, match=r"field 'single_hops\[0\].cloze'"):
+        read_file(write(tmp_path, [bad], "mq.json"))
 
 
 def test_format_override_is_honoured(tmp_path):

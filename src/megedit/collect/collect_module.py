@@ -22,7 +22,7 @@ from megedit.collect.artifact import (SHARD_DIR, read_shard, remove_pseudo_neuro
 from megedit.collect.collect_datamodule import CollectInputs
 from megedit.collect.engine import CollectItem, CollectOptions, CollectResult, NeuronCollector, generate_prefixes
 from megedit.collect.transfer import measure_transfer, sample_pseudo
-from megedit.collect.views import LeakGuard, edit_views, evaluation_texts, relation_views
+from megedit.collect.views import LeakGuard, atom_queries, collect_item, evaluation_texts, relation_views
 from megedit.components.neuron import DynamicNeuron
 from megedit.distributed import barrier, gather_objects
 from megedit.handover import ReceivesInputs
@@ -38,10 +38,13 @@ def peak_rss_mib() -> float:
 
 
 def greedy_verified(lm, tokenizer, neuron: DynamicNeuron, spec, edits, weights: torch.Tensor) -> torch.Tensor:
-    """Bool [n]: real batched greedy decoding with each edit's neuron attached emits its target (the
-    engine's teacher-forced test says the same for a causal LM; this checks it)."""
-    return greedy_match(lm, tokenizer, neuron, [spec.format_prompt(e.prompt, e.prompt_kind) for e in edits],
-                        [e.target_new for e in edits], weights, batch_size=64)
+    """Bool [n]: real batched greedy decoding with each edit's neuron attached emits its target, on each of
+    its atoms (the engine's teacher-forced test says the same for a causal LM; this checks it)."""
+    owner, prompts, targets = atom_queries(edits)  # an edit with several atoms must get every one right
+    hits = greedy_match(lm, tokenizer, neuron, [spec.format_prompt(p, e.prompt_kind) for p, e in
+                                                zip(prompts, (edits[k] for k in owner))],
+                        targets, weights[owner], batch_size=64)
+    return torch.zeros(len(edits), dtype=torch.long).index_add(0, torch.tensor(owner), (~hits).long()) == 0
 
 
 def per_edit_record(index: int, edit_id: str, result: CollectResult, success: bool, rank: int,
@@ -141,8 +144,8 @@ class CollectModule(ReceivesInputs, L.LightningModule):
     def configure_optimizers(self):
         return None  # the per-edit Adam lives in the engine (one state per row)
 
-    def views(self, i: int) -> list[str]:
-        return edit_views(self.prepared.edits[i], self.spec.format_prompt, self.prefixes, self.extra_views[i])
+    def item(self, i: int) -> CollectItem:
+        return collect_item(i, self.prepared.edits[i], self.spec.format_prompt, self.prefixes, self.extra_views[i])
 
     # ------------------------------------------------------------------ work
     def predict_step(self, batch: dict, batch_idx: int):
@@ -153,8 +156,7 @@ class CollectModule(ReceivesInputs, L.LightningModule):
             self.stats["shards_resumed"] += 1
             return None
         start, end = int(batch["start"]), int(batch["end"])
-        edits = self.prepared.edits
-        items = [CollectItem(i, self.views(i), edits[i].target_new, edits[i].subject) for i in range(start, end)]
+        items = [self.item(i) for i in range(start, end)]
         t0 = time.time()
         self._buffers[shard] = {}
         self.engine.add(items, extra={"shard": shard})

@@ -78,6 +78,11 @@ class CollectItem:
     views: list[str]
     target: str
     subject: str | None = None  # needed by key_init="subject" (found in the first view)
+    targets: list[str] | None = None  # per view, where views answer different targets (an edit's atoms)
+    required: int = 1  # the first ``required`` views must be answered right for success (the others generalise)
+
+    def view_target(self, v: int) -> str:
+        return self.targets[v] if self.targets is not None else self.target
 
 
 @dataclass
@@ -246,7 +251,7 @@ class NeuronCollector:
         for start in range(0, len(flat), bs):
             chunk = flat[start:start + bs]
             batch = target_batch(self.tokenizer, [items[i].views[v] for i, v in chunk],
-                                 [items[i].target for i, v in chunk])
+                                 [items[i].view_target(v) for i, v in chunk])
             layer_in, mlp_input = self.split.lower(batch["input_ids"].to(self.device),
                                                    batch["attention_mask"].to(self.device),
                                                    batch["position_ids"].to(self.device))
@@ -342,6 +347,7 @@ class NeuronCollector:
             "labels": torch.cat(labels).to(self.device), "token_row": torch.tensor(token_row, device=self.device),
             "row_slot": torch.tensor([s for s, _ in rows], device=self.device),
             "row_view": torch.tensor([v for _, v in rows], device=self.device),
+            "row_required": torch.tensor([v < self.slots[s].item.required for s, v in rows], device=self.device),
         }
 
     def step(self) -> int:
@@ -393,10 +399,11 @@ class NeuronCollector:
         others = logits.clone()
         others.scatter_(1, b["labels"][:, None], float("-inf"))
         margin = target_logit - others.max(1).values
-        # Two tests per token: on the prompt, beating the runner-up at all (greedy decoding emits the
-        # target: success; the other views only help it generalise), and, on the views ``stop_on`` names,
+        # Two tests per token: on the required views (the prompt; every atom's prompt for a several-atom
+        # edit), beating the runner-up at all (greedy decoding emits the target: success; the other views
+        # only help it generalise), and, on the views ``stop_on`` names,
         # beating it by the stop margin (the slack the generator's copies need: when to stop).
-        other_view = b["row_view"][b["token_row"]] != 0
+        other_view = ~b["row_required"][b["token_row"]]
         tok_ok = (margin > 0) | other_view
         tok_pass = margin > self.opt.stop_margin if self.opt.stop_margin > 0 else margin > 0
         if self.opt.stop_on == "prompt":
@@ -455,7 +462,7 @@ def collect(model, tokenizer, spec: ModelSpec, items: Sequence[CollectItem], opt
             neuron: DynamicNeuron | None = None, progress: bool = False) -> list[CollectResult]:
     """Collect neurons for ``items`` in one go (benchmarks, diagnostics); results in the input order."""
     results: dict[int, CollectResult] = {}
-    keyed = [CollectItem(i, it.views, it.target) for i, it in enumerate(items)]
+    keyed = [dataclasses.replace(it, key=i) for i, it in enumerate(items)]
     bar = None
     if progress:
         from tqdm.auto import tqdm

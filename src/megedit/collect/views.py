@@ -20,7 +20,7 @@ import re
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-from megedit.collect.engine import with_prefix
+from megedit.collect.engine import CollectItem, with_prefix
 
 _BREAK = re.compile(r"(?<=[.?!;:\n])\s+")
 _MIN_CORE_WORDS = 3  # a shorter tail ("It is") is shared by unrelated prompts: never a reason to match
@@ -121,7 +121,8 @@ def relation_views(records: Sequence, pool: Sequence, k: int, guard: LeakGuard, 
     return out
 
 
-__all__ = ["LeakGuard", "cores", "evaluation_texts", "normalise", "relation_template", "relation_views"]
+__all__ = ["LeakGuard", "atom_queries", "collect_item", "cores", "evaluation_texts", "normalise",
+           "relation_template", "relation_views"]
 
 
 def edit_views(edit, format_prompt, prefixes: Sequence[str], extra: Sequence[str]) -> list[str]:
@@ -129,3 +130,23 @@ def edit_views(edit, format_prompt, prefixes: Sequence[str], extra: Sequence[str
     relation views (``extra``), each in the model's template for the edit's prompt kind."""
     texts = [edit.prompt] + [with_prefix(p, edit.prompt) for p in prefixes] + list(extra)
     return [format_prompt(t, edit.prompt_kind) for t in texts]
+
+
+def collect_item(key, edit, format_prompt, prefixes: Sequence[str], extra: Sequence[str]) -> CollectItem:
+    """What the engine optimises an edit's one neuron on. A one-atom edit: ``edit_views`` toward its target.
+    An edit with several atoms (an MQuAKE instance): every atom's prompt first, each toward its own target and
+    each required for success, then their context-prefixed copies, then the relation views (``extra``, lent
+    for the first atom's prompt)."""
+    if not edit.atoms:
+        return CollectItem(key, edit_views(edit, format_prompt, prefixes, extra), edit.target_new, edit.subject)
+    atoms = edit.all_atoms()
+    texts = [a.prompt for a in atoms] + [with_prefix(p, a.prompt) for p in prefixes for a in atoms] + list(extra)
+    targets = [a.target_new for a in atoms] * (1 + len(prefixes)) + [edit.target_new] * len(extra)
+    return CollectItem(key, [format_prompt(t, edit.prompt_kind) for t in texts], edit.target_new, edit.subject,
+                       targets=targets, required=len(atoms))
+
+
+def atom_queries(edits: Sequence) -> tuple[list[int], list[str], list[str]]:
+    """Every atom of ``edits`` flattened: (owner position in ``edits``, prompt, target)."""
+    flat = [(k, a.prompt, a.target_new) for k, e in enumerate(edits) for a in e.all_atoms()]
+    return [k for k, _, _ in flat], [p for _, p, _ in flat], [t for _, _, t in flat]

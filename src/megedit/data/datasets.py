@@ -24,6 +24,7 @@ class DatasetConfig:
     name: str
     files: list[FileEntry]
     paraphrase_files: list[FileEntry] = field(default_factory=list)
+    dedupe: str = "subject"  # duplicate policy (megedit.data.splits.DEDUPE_POLICIES): subject | atoms
 
 
 def load_dataset_config(name_or_path: str, config_dir: Path = CONFIG_DIR) -> DatasetConfig:
@@ -37,8 +38,13 @@ def load_dataset_config(name_or_path: str, config_dir: Path = CONFIG_DIR) -> Dat
     for key in ("name", "files"):
         if key not in raw:
             raise ValueError(f"{path}: field '{key}' is missing")
+    from megedit.data.splits import DEDUPE_POLICIES
+
+    dedupe = raw.get("dedupe", "subject")
+    if dedupe not in DEDUPE_POLICIES:
+        raise ValueError(f"{path}: field 'dedupe': expected one of {', '.join(DEDUPE_POLICIES)}, got {dedupe!r}")
     return DatasetConfig(name=raw["name"], files=[FileEntry(**f) for f in raw["files"]],
-                         paraphrase_files=[FileEntry(**f) for f in raw.get("paraphrase_files") or []])
+                         paraphrase_files=[FileEntry(**f) for f in raw.get("paraphrase_files") or []], dedupe=dedupe)
 
 
 def read_dataset(cfg: DatasetConfig, data_dir: Path, invalid: dict | None = None

@@ -7,7 +7,8 @@ Formats (``FORMATS``):
   ``paraphrase_prompts``, ``neighborhood_prompts``)
 - ``zsre_mend``: MEND ZsRE (``src, alt, rephrase, loc, loc_ans``)
 - ``zsre_knowedit``: KnowEdit ZsRE (``prompt, target_new, ground_truth[], rephrase_prompt, locality{}``)
-- ``mquake``: MQuAKE (``requested_rewrite[]`` plus multi-hop ``questions``)
+- ``mquake``: MQuAKE (one record per case: ``requested_rewrite[]`` as atoms, multi-hop ``questions``,
+  unedited ``single_hops`` as locality)
 - ``paraphrase_groups``: PokeMQA-style ``{edit, questions[]}`` paraphrase corpus
 
 Every field is checked against its format's schema (``docs/input-checks.md`` lists each check): a field is
@@ -22,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from megedit.data.records import EditRecord, ParaphraseGroup, Probe
+from megedit.data.records import Atom, EditRecord, ParaphraseGroup, Probe
 
 
 class DataFormatError(ValueError):
@@ -332,27 +333,63 @@ def read_zsre_knowedit(rows: list, file: str, start: int = 0) -> list[EditRecord
                       portability=lambda ctx, raw: _probes(ctx, raw, "portability", "question"))
 
 
+def _mquake_atoms(ctx: _Ctx, raw: dict) -> list[Atom]:
+    """Every requested rewrite of an MQuAKE case, as an atom (its ``question`` is the atom's paraphrase)."""
+    rewrites = ctx.get(raw, "requested_rewrite", "requested_rewrite")
+    if not isinstance(rewrites, list) or not rewrites:
+        ctx.expect("requested_rewrite", "a non-empty list of rewrites", rewrites)
+    atoms = []
+    for j, rw in enumerate(rewrites):
+        p = f"requested_rewrite[{j}]"
+        if not isinstance(rw, dict):
+            ctx.expect(p, "an object", rw)
+        subject, prompt, target_new, target_true = _rewrite(ctx, rw, p)
+        question = ctx.string(rw, "question", f"{p}.question", optional=True)
+        atoms.append(Atom(prompt, subject, target_new, target_true, [question] if question else []))
+    return atoms
+
+
+def _mquake_multi_hop(ctx: _Ctx, raw: dict) -> list[Probe]:
+    """The case's multi-hop questions, answered by ``new_answer`` or one of ``new_answer_alias``."""
+    questions = ctx.string_list(raw, "questions", optional=True)
+    answer = ctx.string(raw, "new_answer", optional=True)
+    if questions and answer is None:
+        ctx.fail("new_answer", "is missing, but 'questions' is given (a multi-hop question needs its new answer)")
+    aliases = ctx.string_list(raw, "new_answer_alias", optional=True)
+    return [Probe(q, answer, "question", list(aliases)) for q in questions]
+
+
+def _mquake_locality(ctx: _Ctx, raw: dict, atoms: list[Atom]) -> list[Probe]:
+    """The original chain's single hops that no rewrite of the case edits (their cloze is no rewrite's
+    prompt): facts next to the edit that it must leave alone, judged against the pre-edit answer."""
+    hops = ctx.get(raw, "single_hops", "single_hops", optional=True)
+    if hops is _ABSENT:
+        return []
+    if not isinstance(hops, list):
+        ctx.expect("single_hops", "a list of {question, cloze, answer} objects", hops)
+    edited = {a.prompt for a in atoms}
+    out = []
+    for k, hop in enumerate(hops):
+        cloze = ctx.string(hop, "cloze", f"single_hops[{k}].cloze")
+        answer = ctx.string(hop, "answer", f"single_hops[{k}].answer")
+        if cloze not in edited:
+            out.append(Probe(cloze, answer, "completion"))
+    return out
+
+
 def read_mquake(rows: list, file: str, start: int = 0) -> list[EditRecord]:
-    """One record per requested rewrite; the case's multi-hop questions ride on its first rewrite."""
+    """One record per MQuAKE case (instance): its first rewrite is the record's prompt, the others its
+    ``atoms``; the multi-hop ``questions`` (answer ``new_answer`` or an alias) are its ``multi_hop`` probes;
+    the unedited hops of the original chain (``single_hops``) are its locality prompts."""
     out = []
     for i, raw in enumerate(rows, start):
         ctx = _Ctx(file, i, raw, "case_id")
-        rewrites = ctx.get(raw, "requested_rewrite", "requested_rewrite")
-        if not isinstance(rewrites, list) or not rewrites:
-            ctx.expect("requested_rewrite", "a non-empty list of rewrites", rewrites)
-        answer = ctx.string(raw, "new_answer", optional=True)
-        hops = [Probe(q, answer, "question") for q in ctx.string_list(raw, "questions", optional=True)]
-        case = ctx.case_id(raw, i)
-        for j, rw in enumerate(rewrites):
-            p = f"requested_rewrite[{j}]"
-            if not isinstance(rw, dict):
-                ctx.expect(p, "an object", rw)
-            subject, prompt, target_new, target_true = _rewrite(ctx, rw, p)
-            question = ctx.string(rw, "question", f"{p}.question", optional=True)
-            out.append(EditRecord(
-                id=f"{Path(file).stem}:{case}/{j}", subject=subject, prompt=prompt, prompt_kind="completion",
-                target_new=target_new, target_true=target_true, paraphrases=[question] if question else [],
-                multi_hop=hops if j == 0 else [], source=file, index=i))
+        first, *rest = _mquake_atoms(ctx, raw)
+        out.append(EditRecord(
+            id=f"{Path(file).stem}:{ctx.case_id(raw, i)}", subject=first.subject, prompt=first.prompt,
+            prompt_kind="completion", target_new=first.target_new, target_true=first.target_true,
+            paraphrases=first.paraphrases, multi_hop=_mquake_multi_hop(ctx, raw),
+            locality=_mquake_locality(ctx, raw, [first, *rest]), atoms=rest, source=file, index=i))
     return out
 
 

@@ -8,6 +8,12 @@ is kept and every later one is dropped with a reason:
 - ``same_subject``: same subject, another prompt.
 Records that cannot serve as edits (no paraphrase or no locality prompt) stay available for
 the pseudo sets and are counted, not dropped silently.
+
+A dataset whose records carry several atomic rewrites (MQuAKE instances, ``EditRecord.atoms``) shares
+subjects between records by design (one instance's new object is the next hop's subject), so its preset
+says ``dedupe: atoms``: a record is dropped only when one of its atoms contradicts a kept record's atom
+(``conflicting_edit``: same subject and prompt, another target) or all its atoms repeat one kept record's
+(``duplicate_edit``).
 """
 
 from __future__ import annotations
@@ -65,6 +71,51 @@ def dedupe_by_subject(records: list[EditRecord], report: DropReport) -> list[Edi
     return out
 
 
+def dedupe_by_atoms(records: list[EditRecord], report: DropReport) -> list[EditRecord]:
+    """The ``atoms`` policy (module docstring): keep every record whose atoms agree with the kept ones."""
+    targets: dict[tuple[str, str], str] = {}
+    signatures: set[tuple] = set()
+    out = []
+    for rec in records:
+        report.read[rec.source] += 1
+        atoms = rec.all_atoms()
+        signature = tuple(sorted((a.subject, a.prompt, a.target_new) for a in atoms))
+        if any(targets.get((a.subject, a.prompt), a.target_new) != a.target_new for a in atoms):
+            report.drop(rec.source, "conflicting_edit", rec.id)
+        elif signature in signatures:
+            report.drop(rec.source, "duplicate_edit", rec.id)
+        else:
+            signatures.add(signature)
+            targets.update(((a.subject, a.prompt), a.target_new) for a in atoms)
+            out.append(rec)
+            report.kept[rec.source] += 1
+    return out
+
+
+DEDUPE_POLICIES = {"subject": dedupe_by_subject, "atoms": dedupe_by_atoms}
+
+
+def dedupe(records: list[EditRecord], report: DropReport, policy: str = "subject") -> list[EditRecord]:
+    """The duplicate policy a dataset preset names (``dedupe:``, default ``subject``)."""
+    if policy not in DEDUPE_POLICIES:
+        raise ValueError(f"dedupe policy {policy!r}: expected one of {', '.join(DEDUPE_POLICIES)}")
+    return DEDUPE_POLICIES[policy](records, report)
+
+
+def record_texts(rec: EditRecord) -> list[str]:
+    """Every text a record holds about its own facts: each atom's prompt and paraphrases, its multi-hop
+    questions (for a one-atom record without multi-hop questions: its prompt and paraphrases)."""
+    return [t for a in rec.all_atoms() for t in (a.prompt, *a.paraphrases)] + [q.prompt for q in rec.multi_hop]
+
+
+def pseudo_group_pairs(rec: EditRecord) -> list[dict]:
+    """A pseudo record's encoder pairs, one group per record: its prompt as the anchor; its paraphrases, its
+    other atoms' prompts and paraphrases and its multi-hop questions as positives (a multi-hop question
+    lands near the atomic facts it is made of)."""
+    return [{"anchor": rec.prompt, "positive": p, "group": rec.id, "source": rec.source}
+            for p in record_texts(rec)[1:]]
+
+
 def _key(text: str) -> tuple[str, ...]:
     return tuple(w.lower() for w in _WORD.findall(text))
 
@@ -91,10 +142,11 @@ class PseudoFilter:
     portability or multi-hop prompt) or mentions an edit's subject (whole words, case-insensitive)."""
 
     def __init__(self, edits: list[EditRecord]):
-        self.forbidden = {t for r in edits for t in (*r.paraphrases, *(p.prompt for p in r.locality),
+        self.forbidden = {t for r in edits for t in (*(p for a in r.all_atoms() for p in a.paraphrases),
+                                                     *(p.prompt for p in r.locality),
                                                      *(p.prompt for p in r.portability),
                                                      *(p.prompt for p in r.multi_hop))}
-        self.subjects = SubjectMatcher(r.subject for r in edits)
+        self.subjects = SubjectMatcher(a.subject for r in edits for a in r.all_atoms())
 
     def clean(self, texts) -> bool:
         return not any(t in self.forbidden or self.subjects.mentions(t) for t in texts)
@@ -140,19 +192,18 @@ def make_splits(records: list[EditRecord], groups: list[ParaphraseGroup], n_edit
     irrelevant_cap = min(n_pseudo_irrelevant, len(rest) // 2)
     irrelevant, pseudo_edits = [], []
     for rec in rest:
-        if not clean([rec.prompt, *rec.paraphrases]):
+        if not clean(record_texts(rec)):
             counts["pseudo_leak_filtered"] += 1
             continue
         if len(irrelevant) < irrelevant_cap:
             irrelevant.append({"id": rec.id, "subject": rec.subject, "prompt": rec.prompt,
                                "prompt_kind": rec.prompt_kind, "source": rec.source})
-        elif rec.paraphrases and (max_pseudo_edits is None or len(pseudo_edits) < max_pseudo_edits):
+        elif len(record_texts(rec)) > 1 and (max_pseudo_edits is None or len(pseudo_edits) < max_pseudo_edits):
             pseudo_edits.append(rec)
         else:
             counts["pseudo_unused_no_paraphrase_or_cap"] += 1
 
-    pairs = [{"anchor": r.prompt, "positive": p, "group": r.id, "source": r.source}
-             for r in pseudo_edits for p in r.paraphrases]
+    pairs = [pair for r in pseudo_edits for pair in pseudo_group_pairs(r)]
     for g in groups:
         if not clean(g.texts):
             counts["corpus_leak_filtered"] += 1

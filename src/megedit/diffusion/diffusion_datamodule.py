@@ -250,12 +250,17 @@ class DiffusionDataModule(L.LightningDataModule):
         from megedit.collect.views import LeakGuard, evaluation_texts, relation_views
 
         k = self.hparams.relation_views
-        if k <= 0:
+        # A several-atom edit's other atomic prompts are views of its one neuron (paper App. A.6.2).
+        atoms = [[a.prompt for a in r.atoms] for r in records]
+        if k <= 0 and not any(atoms):
             return None, [], []
-        learnt = {r.id for r in records}
-        pool = [r for r in self.prepared.pseudo_edits if r.id not in learnt]
-        guard = LeakGuard(evaluation_texts(self.prepared.edits) + evaluation_texts(records))
-        texts = relation_views(records, pool, k, guard, seed=self.hparams.seed)
+        texts = [[] for _ in records]
+        if k > 0:
+            learnt = {r.id for r in records}
+            pool = [r for r in self.prepared.pseudo_edits if r.id not in learnt]
+            guard = LeakGuard(evaluation_texts(self.prepared.edits) + evaluation_texts(records))
+            texts = relation_views(records, pool, k, guard, seed=self.hparams.seed)
+        texts = [a + v for a, v in zip(atoms, texts)]
         flat = [t for views in texts for t in views]
         rows, start = [], 0
         for views in texts:
@@ -263,7 +268,7 @@ class DiffusionDataModule(L.LightningDataModule):
             start += len(views)
         cond = encoder.embed(flat, batch_size=self.hparams.embed_batch_size) if flat else None
         covered = sum(bool(v) for v in texts)
-        print(f"diffusion: {len(flat)} relation views for {covered} of {len(records)} learnt records")
+        print(f"diffusion: {len(flat)} views (atoms, relation views) for {covered} of {len(records)} learnt records")
         return cond, rows, texts
 
     @property

@@ -22,8 +22,8 @@ from megedit.artifacts import (ArtifactError, atomic_path, atomic_write_json, at
                                read_jsonl, sha256_json, write_manifest)
 from megedit.collect.artifact import FILES, PSEUDO_FILE, load_collected, load_pseudo_neurons, save_pseudo_neurons
 from megedit.collect.collect_module import greedy_verified, per_edit_record
-from megedit.collect.engine import CollectItem, CollectOptions, collect
-from megedit.collect.views import LeakGuard, edit_views, evaluation_texts, relation_views
+from megedit.collect.engine import CollectOptions, collect
+from megedit.collect.views import LeakGuard, collect_item, evaluation_texts, relation_views
 from megedit.components.neuron import DynamicNeuron
 from megedit.prepare.artifact import Prepared
 
@@ -38,8 +38,7 @@ def collect_new(lm, tokenizer, prepared: Prepared, first_new: int, parent_manife
     views = [[] for _ in new]
     if cfg.get("relation_views"):
         views = relation_views(new, prepared.pseudo_edits, cfg["relation_views"], LeakGuard(evaluation_texts(edits)))
-    items = [CollectItem(first_new + k, edit_views(e, spec.format_prompt, prefixes, v), e.target_new, e.subject)
-             for k, (e, v) in enumerate(zip(new, views))]
+    items = [collect_item(first_new + k, e, spec.format_prompt, prefixes, v) for k, (e, v) in enumerate(zip(new, views))]
     neuron = DynamicNeuron(lm, spec)
     results = collect(lm, tokenizer, spec, items, options, neuron=neuron)
     weights = torch.stack([r.weights for r in results]).float()

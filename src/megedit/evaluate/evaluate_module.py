@@ -15,7 +15,7 @@ from megedit.baselines.memit import swapped_weights
 from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
 from megedit.evaluate.items import AG_PROTOCOLS, greedy_scores, reference_tokens, teacher_forced_scores
-from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, summarise
+from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, multi_hop_summary, summarise
 from megedit.evaluate.artifact import (OUTPUTS, PEERS_FOLDER, load_peer_weights, peer_account, peer_file,
                                       save_peer_weights, write_results)
 from megedit.evaluate.evaluate_datamodule import EvaluationInputs
@@ -24,7 +24,7 @@ from megedit.evaluate.report import results_table
 from megedit.graph import upstream_dirs
 from megedit.handover import ReceivesInputs
 
-VARIANTS = ("meg", "meg_no_router", "meg_retrieval", *PEERS)
+VARIANTS = ("meg", "meg_no_router", "meg_retrieval", "base", *PEERS)
 MEG_STAGES = ("encoder", "familiarity", "collect", "diffusion")  # what MeG's edit costs (prepare is shared)
 
 def meg_stage_seconds(run_dir: Path) -> dict:
@@ -37,8 +37,8 @@ def method_seconds(variants: list[str], eval_seconds: dict, peers: dict, stages:
     """Per variant: the wall seconds its edit took (MeG: its stages' sum, None when one is unknown; a peer: its
     edit in this stage) and those of scoring it here (this process's share under DDP)."""
     meg_edit = round(sum(stages.values()), 1) if stages and None not in stages.values() else None
-    out = {v: {"edit": peers[v].seconds if v in peers else meg_edit, "evaluate": round(eval_seconds[v], 1)}
-           for v in variants}
+    out = {v: {"edit": peers[v].seconds if v in peers else 0.0 if v == "base" else meg_edit,
+               "evaluate": round(eval_seconds[v], 1)} for v in variants}
     out["meg_stages"] = stages
     return out
 
@@ -57,7 +57,9 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
             variants: any of ``meg`` (full method), ``meg_no_router`` (familiarity net bypassed: every query gets a
                 generated neuron; paper Table 5 "w/o FN"), ``meg_retrieval`` (same routing, but a familiar query gets
                 the *collected* neuron of its nearest edit by encoder cosine instead of a generated one: what a
-                perfect generator would reach, so the gap to ``meg`` is the generator's share of the loss) and
+                perfect generator would reach, so the gap to ``meg`` is the generator's share of the loss), ``base``
+                (the unedited LM: no neuron, no router; the reference row, e.g. MQuAKE's multi-hop accuracy on the
+                new answers before editing) and
                 the peers, which write all edits into the LM's weights: ``ft`` (fine-tune the edit layer's MLP),
                 ``memit`` and ``alphaedit`` (``megedit.baselines``, settings from the model's ``memit:`` section).
             steps, sampler: generator sampling (DDIM 10 steps by default, as good as 50 here; ``ancestral`` as the official code).
@@ -203,7 +205,7 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
                 nearest = torch.tensor([n["index"] for n in e.nearest_edits(routing.embeddings[fam])])
                 weights[fam] = self.collected[nearest].to(weights.dtype)
             runs["meg_retrieval"] = (weights if len(fam) else None, routing.familiar)
-        for v in self.peers:  # the peers' edits live in the LM's weights: no neuron, no router
+        for v in [*self.peers, *(["base"] if "base" in self.variants else [])]:  # no neuron, no router
             runs[v] = (None, torch.zeros(len(items), dtype=torch.bool))
         t1 = time.time()
         for variant, (weights, familiar) in runs.items():
@@ -215,14 +217,15 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
                 ag, gen = self._ag(prompts, items, targets, weights, forced)
             self._eval_seconds[variant] += time.time() - t_variant
             for i, it in enumerate(items):
-                g = SHORT[it["group"]]
-                self.metrics[f"{variant}__{g}_tf"].update(tf[i])
-                self.metrics[f"{variant}__{g}_ag"].update(ag[i])
-                self.metrics[f"{variant}__familiar_{g}"].update(familiar[i].float())
+                g = SHORT.get(it["group"])  # multi-hop items are summarised from the rows (multi_hop_summary)
+                if g is not None:
+                    self.metrics[f"{variant}__{g}_tf"].update(tf[i])
+                    self.metrics[f"{variant}__{g}_ag"].update(ag[i])
+                    self.metrics[f"{variant}__familiar_{g}"].update(familiar[i].float())
                 self._rows.append({"key": it["key"], "variant": variant, "edit": it["edit"], "group": it["group"],
                                    "pos": it["pos"], "query": it["query"], "kind": it["kind"], "target": it["target"],
                                    "locality_kind": it.get("locality_kind"), "familiar": bool(familiar[i]),
-                                   "entropy": None if variant in PEERS else round(float(routing.entropy[i]), 4),
+                                   "entropy": None if variant in (*PEERS, "base") else round(float(routing.entropy[i]), 4),
                                    "tf": round(float(tf[i]), 4), "ag": bool(ag[i]),
                                    "answer": e.tokenizer.decode(gen[i], skip_special_tokens=True)})
         self._timing["lm"] += time.time() - t1
@@ -243,6 +246,8 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
         rows = sorted({(r["variant"], r["key"]): r for r in rows}.values(), key=lambda r: (r["variant"], r["key"]))
         for variant, extra in locality_breakdown(rows, results).items():
             results[variant]["locality"] = extra
+        for variant, extra in multi_hop_summary(rows, results).items():
+            results[variant]["multi_hop"] = extra
         summary = {"lineage": e.prepared.lineage, "metric_meta": self._metric_meta(), "results": results,
                    "timings_seconds": {k: round(v, 1) for k, v in self._timing.items()} |
                    {"total": round(time.time() - self._started, 1)}}
@@ -276,7 +281,11 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
             "value_scale": e.value_scale,
             "router_threshold": float(e.router.threshold), "n_edits": len(data.edit_indices),
             "run_version": {"folder": str(data.run_dir), "version": data.version, "removed_edits": len(e.removed_ids)},
-            "items": {g: sum(1 for it in data.items if it["group"] == g) for g in ("reliability", "generality", "locality")},
+            "items": {g: sum(1 for it in data.items if it["group"] == g)
+                      for g in ("reliability", "generality", "locality", "multi_hop")},
+            "multi_hop": "MQuAKE: a multi-hop question is right when its greedy answer (up to 20 tokens, decoded, "
+                         "lower-cased) starts with the new answer or an alias; an instance when any of its "
+                         "questions is; edit-wise: each atomic prompt (AG); instance-wise: every atom of an instance",
         }
 
     def configure_optimizers(self):

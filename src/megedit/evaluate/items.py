@@ -1,9 +1,10 @@
 """Evaluation items and how each is scored: the one definition shared by the evaluate stage and the
 benchmarks that score a subset of a run's edits (``bench/incremental.py``).
 
-An item is a dict ``{edit, group, pos, query, kind, target[, pre_tokens, locality_kind]}``: an edit's prompt
-(group ``reliability``), a paraphrase (``generality``) or a locality prompt (``locality``, judged against the
-base LM's pre-edit answer). ``restoration_items`` judges an edit's *own* prompt and paraphrases against their
+An item is a dict ``{edit, group, pos, query, kind, target[, pre_tokens, locality_kind, aliases]}``: an edit's
+prompt (group ``reliability``), a paraphrase (``generality``), a locality prompt (``locality``, judged against
+the base LM's pre-edit answer) or a multi-hop question (``multi_hop``, MQuAKE: judged on a free answer against
+the new answer and its aliases). ``restoration_items`` judges an edit's *own* prompt and paraphrases against their
 pre-edit answers: what an edit that was removed must give again.
 """
 
@@ -28,19 +29,30 @@ AG_PROTOCOLS = {
 
 
 def edit_items(prepared, indices: Sequence[int]) -> list[dict]:
-    """Every evaluation item of the edits at ``indices`` (Reliability, Generality, Locality), in order."""
+    """Every evaluation item of the edits at ``indices`` (Reliability, Generality, Locality, Multi-hop), in
+    order. An edit with several atoms (MQuAKE) gives one reliability item per atom and its atoms'
+    paraphrases as generality items, each toward that atom's target."""
     items = []
     for i in indices:
         rec, pre = prepared.edits[i], prepared.pre_edit[i]
-        items.append({"edit": i, "group": "reliability", "pos": 0, "query": rec.prompt, "kind": rec.prompt_kind,
-                      "target": rec.target_new})
-        items += [{"edit": i, "group": "generality", "pos": j, "query": p, "kind": rec.prompt_kind,
-                   "target": rec.target_new} for j, p in enumerate(rec.paraphrases)]
+        atoms = rec.all_atoms()
+        items += [{"edit": i, "group": "reliability", "pos": j, "query": a.prompt, "kind": rec.prompt_kind,
+                   "target": a.target_new} for j, a in enumerate(atoms)]
+        items += [{"edit": i, "group": "generality", "pos": j, "query": p, "kind": rec.prompt_kind, "target": t}
+                  for j, (p, t) in enumerate((p, a.target_new) for a in atoms for p in a.paraphrases)]
         items += [{"edit": i, "group": "locality", "pos": j, "query": loc.prompt, "kind": loc.kind,
                    "target": loc.answer or rec.target_new, "pre_tokens": pre["locality"][j]["tokens"],
                    "locality_kind": locality_kind(rec, loc)}
                   for j, loc in enumerate(rec.locality)]
+        items += multi_hop_items(rec, i)
     return items
+
+
+def multi_hop_items(rec, index: int) -> list[dict]:
+    """An edit's multi-hop questions (group ``multi_hop``): right when the greedy answer starts with the new
+    answer or one of its aliases (``answer_matches``), whatever the AG protocol."""
+    return [{"edit": index, "group": "multi_hop", "pos": j, "query": q.prompt, "kind": q.kind, "target": q.answer,
+             "aliases": list(q.aliases)} for j, q in enumerate(rec.multi_hop) if q.answer]
 
 
 def restoration_items(prepared, indices: Sequence[int]) -> list[dict]:
@@ -78,24 +90,48 @@ def teacher_forced_scores(lm, tokenizer, neuron, prompts: Sequence[str], targets
     return teacher_forced_ids(lm, tokenizer, neuron, prompts, targets, weights, batch_size=len(prompts))
 
 
+FREE_ANSWER_TOKENS = 20  # the official protocol's answer length; multi-hop answers are always read so
+
+
+def answer_matches(tokenizer, tokens: Sequence[int], item: dict) -> bool:
+    """A free greedy answer, decoded, lower-cased and stripped: a locality item's must equal the pre-edit
+    answer; a multi-hop item's must start with the target or one of its ``aliases`` (MQuAKE's new answers) as
+    whole words; any other's must start with the target (the official protocol)."""
+    answer = tokenizer.decode(tokens, skip_special_tokens=True).strip().lower()
+    if item["group"] == "locality":
+        return answer == tokenizer.decode(item["pre_tokens"], skip_special_tokens=True).strip().lower()
+    if item["group"] != "multi_hop":
+        return answer.startswith(item["target"].strip().lower())
+    return any(starts_with_words(answer, a) for a in [item["target"], *item.get("aliases", [])])
+
+
+def starts_with_words(answer: str, accepted: str) -> bool:
+    """``answer`` (lower-cased) starts with ``accepted`` as whole words: "ar." and "ar" match the alias "ar",
+    "arab" does not."""
+    want = accepted.strip().lower()
+    return bool(want) and answer.startswith(want) and (len(answer) == len(want) or not answer[len(want)].isalnum())
+
+
 def greedy_scores(lm, tokenizer, neuron, prompts: Sequence[str], items: Sequence[dict], forced: dict,
                   weights: torch.Tensor | None, ag_protocol: str = "target_length") -> tuple[torch.Tensor, list[list[int]]]:
     """(correct [n] as floats, greedy tokens) under the AG protocol (``AG_PROTOCOLS``); ``forced`` is
-    ``teacher_forced_scores``' result on the same items."""
+    ``teacher_forced_scores``' result on the same items. Multi-hop items are always judged on a free answer
+    (``answer_matches``), as MQuAKE does."""
     if ag_protocol == "target_length":
         # greedy exact match of the target's length is teacher forcing's exact match (scoring.teacher_forced_ids)
-        return forced["exact"].float(), forced["greedy"]
-    gen = greedy_tokens(lm, tokenizer, neuron, prompts, weights, 20, len(prompts))
+        hits, gen = forced["exact"].float().clone(), list(forced["greedy"])
+        free = [k for k, it in enumerate(items) if it["group"] == "multi_hop"]
+    else:
+        hits, gen, free = torch.zeros(len(items)), [[] for _ in items], list(range(len(items)))
+    if not free:
+        return hits, gen
+    rows = None if weights is None else weights[free]
+    got = greedy_tokens(lm, tokenizer, neuron, [prompts[k] for k in free], rows, FREE_ANSWER_TOKENS, len(free))
     eos = tokenizer.eos_token_id
-    gen = [g[: g.index(eos)] if eos in g else g for g in gen]
-    hits = []
-    for g, it in zip(gen, items):
-        answer = tokenizer.decode(g, skip_special_tokens=True).strip().lower()
-        if it["group"] == "locality":
-            hits.append(answer == tokenizer.decode(it["pre_tokens"], skip_special_tokens=True).strip().lower())
-        else:
-            hits.append(answer.startswith(it["target"].strip().lower()))
-    return torch.tensor(hits, dtype=torch.float), gen
+    for k, g in zip(free, got):
+        gen[k] = g[: g.index(eos)] if eos in g else g
+        hits[k] = float(answer_matches(tokenizer, gen[k], items[k]))
+    return hits, gen
 
 
 @torch.no_grad()

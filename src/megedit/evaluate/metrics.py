@@ -88,3 +88,36 @@ def _locality_rates(rows: list[dict]) -> dict:
     return {"n": n, "loc_tf": pct([r["tf"] for r in rows]), "loc_ag": pct([float(r["ag"]) for r in rows]),
             "familiar": pct([float(r["familiar"]) for r in rows])}
 
+
+
+def multi_hop_summary(rows: list[dict], variants) -> dict:
+    """MQuAKE's measures per variant, from per-example rows, in percent (empty when no row is multi-hop):
+    ``multi_hop_question`` (each question right), ``multi_hop_instance`` (any of an instance's questions
+    right, MQuAKE's multi-hop accuracy), ``edit_wise`` (each atomic rewrite's prompt right, AG) and
+    ``instance_wise`` (every atom of an instance right), as in the paper's Table 18; plus the multi-hop
+    questions' TF and routed-familiar rate."""
+    if not any(r["group"] == "multi_hop" for r in rows):
+        return {}
+    out = {}
+    for v in variants:
+        hops = [r for r in rows if r["variant"] == v and r["group"] == "multi_hop"]
+        atoms = [r for r in rows if r["variant"] == v and r["group"] == "reliability"]
+        out[v] = {"n_questions": len(hops), "n_instances": len({r["edit"] for r in hops}),
+                  "multi_hop_question": _pct([float(r["ag"]) for r in hops]),
+                  "multi_hop_instance": _pct(_per_edit(hops, any)),
+                  "multi_hop_tf": _pct([r["tf"] for r in hops]),
+                  "multi_hop_familiar": _pct([float(r["familiar"]) for r in hops]),
+                  "edit_wise": _pct([float(r["ag"]) for r in atoms]),
+                  "instance_wise": _pct(_per_edit(atoms, all))}
+    return out
+
+
+def _per_edit(rows: list[dict], combine) -> list[float]:
+    by_edit: dict[int, list[bool]] = {}
+    for r in rows:
+        by_edit.setdefault(r["edit"], []).append(bool(r["ag"]))
+    return [float(combine(hits)) for hits in by_edit.values()]
+
+
+def _pct(values: list[float]) -> float | None:
+    return round(100.0 * sum(values) / len(values), 2) if values else None

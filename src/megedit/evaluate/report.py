@@ -8,7 +8,7 @@ from megedit.evaluate.metrics import metric_names
 from megedit.plots import grouped_bars
 
 LABELS = {"meg": "MeG", "meg_no_router": "MeG w/o FN", "meg_retrieval": "MeG, collected neuron of nearest edit",
-          "ft": "FT", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
+          "base": "base LM (unedited)", "ft": "FT", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
 
 
 def _fmt(v) -> str:
@@ -55,6 +55,7 @@ def results_table(summary: dict) -> str:
                      f"**{_fmt(r['score'])}** | {routed} | {_secs(sec.get('edit'))} / {_secs(sec.get('evaluate'))} |")
     lines += _peer_notes(summary)
     lines += locality_table(summary)
+    lines += multi_hop_table(summary)
     lines += ["", f"AG protocol: `{meta['ag_protocol']}`: {meta['ag']}.", f"TF: {meta['tf']}.",
               f"Locality reference: {meta['locality_reference']}. Score: {meta['score']}.",
               f"Sampler: {meta['sampler']}, {meta['steps']} steps; router threshold {meta['router_threshold']:.4g}; "
@@ -84,6 +85,24 @@ def locality_table(summary: dict) -> list[str]:
         ex = p.get("excluding_restatements")
         tail = f"{_fmt(ex['loc_ag'])} / {_fmt(ex['loc_tf'])}, **{_fmt(ex['score'])}**" if ex else "n/a"
         lines.append(f"| {LABELS.get(variant, variant)} | " + " | ".join(cells) + f" | {tail} |")
+    return lines
+
+
+def multi_hop_table(summary: dict) -> list[str]:
+    """MQuAKE's table (paper Table 18: edit-wise, instance-wise, multi-hop), when the run has multi-hop items."""
+    parts = {v: r["multi_hop"] for v, r in summary["results"].items() if r.get("multi_hop")}
+    if not parts:
+        return []
+    first = next(iter(parts.values()))
+    lines = ["", f"MQuAKE ({first['n_instances']} instances, {first['n_questions']} multi-hop questions; %): a multi-hop "
+                 "question is right when its greedy answer starts with the new answer or an alias, an instance "
+                 "when any of its questions is.", "",
+             "| Method | Edit-wise | Instance-wise | Multi-hop (instance) | Multi-hop (question) | Multi-hop TF "
+             "| routed familiar |", "|---|---|---|---|---|---|---|"]
+    for variant, m in parts.items():
+        lines.append(f"| {LABELS.get(variant, variant)} | {_fmt(m['edit_wise'])} | {_fmt(m['instance_wise'])} | "
+                     f"**{_fmt(m['multi_hop_instance'])}** | {_fmt(m['multi_hop_question'])} | {_fmt(m['multi_hop_tf'])} "
+                     f"| {_fmt(m['multi_hop_familiar'])} |")
     return lines
 
 

@@ -100,9 +100,10 @@ def shift_pairs(pseudo_pairs: list[dict], heldout: set[str], scored: list[str], 
 
 
 def edit_texts(edits: list) -> dict[str, list[str]]:
-    """The edits' texts the report scores: their prompts, paraphrases and locality prompts."""
-    return {"edit_prompts": [e.prompt for e in edits],
-            "edit_paraphrases": [p for e in edits for p in e.paraphrases],
+    """The edits' texts the report scores: their prompts, paraphrases and locality prompts; an edit with
+    several atoms (MQuAKE) gives every atom's prompt and paraphrases, and the router memorises every prompt."""
+    return {"edit_prompts": [a.prompt for e in edits for a in e.all_atoms()],
+            "edit_paraphrases": [p for e in edits for a in e.all_atoms() for p in a.paraphrases],
             "locality": [p.prompt for e in edits for p in e.locality]}
 
 
@@ -325,7 +326,7 @@ class FamiliarityDataModule(L.LightningDataModule):
         """Every text group to embed, by name; the calibration groups come from pseudo data only."""
         hp, prep = self.hparams, self.prepared
         texts = edit_texts(prep.edits)
-        self.paraphrase_owner = [k for k, e in enumerate(prep.edits) for _ in e.paraphrases]
+        self.paraphrase_owner = [k for k, e in enumerate(prep.edits) for a in e.all_atoms() for _ in a.paraphrases]
         # Locality prompts about the edited subject (KnowEdit's relation specificity) are a harder test than
         # unrelated ones, and some restate the edited fact itself (``locality_kinds``): the report splits them.
         self.locality_kinds = [locality_kind(e, p) for e in prep.edits for p in e.locality]

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from megedit.data.datasets import load_dataset_config, read_dataset
 from megedit.data.readers import DataFormatError
-from megedit.data.splits import DropReport, dedupe_by_subject, make_splits
+from megedit.data.splits import DropReport, dedupe, make_splits
 from megedit.loading import load_tokenizer
 from megedit.paths import data_dir as resolve_data_dir
 from megedit.prepare.answers import answer_requests, collate_requests
@@ -36,11 +36,13 @@ def check_targets(records, tokenizer, model_name: str) -> None:
     would be nothing to edit toward (the readers accept it: it is a non-empty string)."""
     special = set(tokenizer.all_special_ids)
     for rec in records:
-        ids = tokenizer(" " + rec.target_new, add_special_tokens=False)["input_ids"]
-        content = [i for i in ids if i not in special]
-        if not tokenizer.decode(content).strip():
-            raise DataFormatError(rec.source, f"target {rec.target_new!r} tokenises to nothing (no text tokens) "
-                                  f"with the {model_name} tokenizer", rec.index, rec.id, "target_new")
+        for j, atom in enumerate(rec.all_atoms()):
+            ids = tokenizer(" " + atom.target_new, add_special_tokens=False)["input_ids"]
+            content = [i for i in ids if i not in special]
+            if not tokenizer.decode(content).strip():
+                field = "target_new" if j == 0 else f"atoms[{j - 1}].target_new"
+                raise DataFormatError(rec.source, f"target {atom.target_new!r} tokenises to nothing (no text tokens) "
+                                      f"with the {model_name} tokenizer", rec.index, rec.id, field)
 
 
 class PrepareDataModule(L.LightningDataModule):
@@ -80,7 +82,7 @@ class PrepareDataModule(L.LightningDataModule):
             for index, message in items:
                 self.report.read[file] += 1
                 self.report.drop(file, "invalid_record", message)
-        unique = dedupe_by_subject(records, self.report)
+        unique = dedupe(records, self.report, self.dataset_cfg.dedupe)
         n_candidates = math.ceil(hp.n_edits * hp.oversample) if hp.only_wrong else hp.n_edits
         n_candidates = min(n_candidates, sum(1 for r in unique if r.paraphrases and r.locality)) \
             if hp.only_wrong else n_candidates
