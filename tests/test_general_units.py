@@ -297,7 +297,8 @@ class _FakeEdited:
 
 def test_peer_weights_round_trip_and_refuse_another_run(tmp_path):
     from megedit.artifacts import ArtifactError
-    from megedit.general.peer_weights import load_peer_weights, peer_file, peer_weights, save_peer_weights
+    from megedit.evaluate.artifact import load_peer_weights, peer_file, save_peer_weights
+    from megedit.general.peer_weights import peer_weights
 
     lineage, w = {"model": "m", "n": 4}, {"model.layers.1.mlp.down_proj.weight": torch.randn(3, 2)}
     save_peer_weights(peer_file(tmp_path / "a", "memit"), "memit", w, lineage, 4, {"layers": [1]})

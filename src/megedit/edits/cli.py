@@ -8,6 +8,7 @@ import sys
 
 from megedit.artifacts import ArtifactError
 from megedit.data.readers import DataFormatError
+from megedit.edits.budget import GeneratorBudget
 from megedit.edits.new_edits import EditsError
 
 
@@ -20,8 +21,6 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--replace", action="store_true",
                      help="an edit with the subject and prompt of one of the run's, but another target, replaces it "
                           "(default: refused)")
-    from megedit.edits.retrain import GeneratorBudget  # here: it loads Lightning, which `list` never needs
-
     budget = GeneratorBudget()  # one place for the defaults
     add.add_argument("--draws-per-new-edit", type=int, default=budget.draws_per_new_edit,
                      help=f"generator fine-tuning budget: how often each new edit is drawn (default {budget.draws_per_new_edit})")
@@ -45,7 +44,6 @@ def main(argv=None) -> int:
     try:
         if args.command == "add":
             from megedit.edits.add import add_edits
-            from megedit.edits.retrain import GeneratorBudget
 
             budget = GeneratorBudget(draws_per_new_edit=args.draws_per_new_edit, new_share=args.new_share,
                                      lr_scale=args.lr_scale)

@@ -19,8 +19,6 @@ import torch
 from megedit.artifacts import finished_manifest
 from megedit.evaluate.artifact import load_peer_weights, peer_file, save_peer_weights
 
-__all__ = ["load_peer_weights", "peer_file", "peer_weights", "save_peer_weights", "evaluate_options"]
-
 PEER_OPTIONS = ("ft_epochs", "ft_lr", "ft_batch_size", "ft_target_reliability", "seed", "peer_stats_texts")
 
 
