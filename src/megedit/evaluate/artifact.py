@@ -59,6 +59,11 @@ def report_files(out_dir: str | Path) -> list[Path]:
     return [p for p in (Path(out_dir) / name for name in (RESULTS, TABLE, CHART)) if p.is_file()]
 
 
+def peers_dir(evaluate_dir: str | Path) -> Path:
+    """Where an evaluate folder keeps the peers' edited weights (``<run>/evaluate/peers`` in a run)."""
+    return Path(evaluate_dir) / PEERS_FOLDER
+
+
 def peer_file(folder: str | Path, method: str) -> Path:
     return Path(folder) / f"{method}.safetensors"
 

@@ -43,11 +43,13 @@ class EvaluateDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.prepared = None
+        self.items: list[dict] | None = None  # setup() reads the run once
 
     def setup(self, stage: str | None = None) -> None:
-        if self.prepared is not None:
-            return
+        if self.items is None:
+            self._read_run()
+
+    def _read_run(self) -> None:
         self.run_dir, self.version = resolve_version(self.hparams.run_dir, self.hparams.version)
         self.prepared = load_prepared(self.run_dir / "prepare")
         n = len(self.prepared.edits)

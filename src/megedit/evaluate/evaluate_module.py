@@ -16,7 +16,7 @@ from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
 from megedit.evaluate.items import AG_PROTOCOLS, greedy_scores, reference_tokens, teacher_forced_scores
 from megedit.evaluate.metrics import SHORT, locality_breakdown, make_metrics, multi_hop_summary, summarise
-from megedit.evaluate.artifact import (OUTPUTS, PEERS_FOLDER, load_peer_weights, peer_account, peer_file,
+from megedit.evaluate.artifact import (OUTPUTS, load_peer_weights, peer_account, peer_file, peers_dir,
                                       save_peer_weights, write_results)
 from megedit.evaluate.evaluate_datamodule import EvaluationInputs
 from megedit.evaluate.peers import PEERS, PeerEdit, check_variants, edit_all, memit_settings
@@ -141,7 +141,7 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
         self.peers |= edited
 
     def _peer_dir(self) -> Path:
-        return Path(self.hparams.out_dir) / PEERS_FOLDER
+        return peers_dir(self.hparams.out_dir)
 
     def _peer_options(self, method: str) -> dict:
         """The settings a peer's weights depend on: a saved file made with others is edited again."""

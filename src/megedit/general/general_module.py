@@ -18,7 +18,7 @@ import lightning as L
 from megedit.artifacts import MANIFEST, sha256_file, sha256_json, write_manifest
 from megedit.baselines.memit import swapped_weights
 from megedit.edited_model import EditedLM
-from megedit.evaluate.artifact import PEERS_FOLDER as EVALUATE_PEERS
+from megedit.evaluate.artifact import peers_dir
 from megedit.evaluate.peers import PEERS, check_variants
 from megedit.general.answering import answer_items, fit_prompt
 from megedit.general.artifact import ITEMS_FOLDER, OUTPUTS, PEERS_FOLDER, read_table, write_results
@@ -79,7 +79,7 @@ class GeneralModule(ReceivesInputs, L.LightningModule):
         methods = [v for v in self.variants if v in PEERS]
         if methods:
             out = Path(hp.out_dir)
-            search = [Path(p) for p in (hp.peer_weights_dir, run / "evaluate" / EVALUATE_PEERS, out / PEERS_FOLDER)
+            search = [Path(p) for p in (hp.peer_weights_dir, peers_dir(run / "evaluate"), out / PEERS_FOLDER)
                       if p]
             self.peers = peer_weights(methods, self.edited, run, search, out / PEERS_FOLDER)
         self.fingerprints = {(v, b): self._fingerprint(v, b, run)
