@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -51,6 +52,13 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
+def passes(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> bool:
+    """The engine's stopping test: every target token is the argmax, by more than ``margin`` logits if > 0."""
+    target = logits.gather(1, labels[:, None])[:, 0]
+    runner_up = logits.scatter(1, labels[:, None], float("-inf")).max(1).values
+    return bool((target - runner_up > margin).all()) if margin > 0 else bool((logits.argmax(-1) == labels).all())
+
+
 def naive_collect(model, tokenizer, spec, neuron, items, opts: CollectOptions):
     """One edit at a time, full forward, torch Adam: the baseline."""
     # The same starting neuron as the engine (last prompt token's MLP input / |.|^2, value 0).
@@ -68,7 +76,7 @@ def naive_collect(model, tokenizer, spec, neuron, items, opts: CollectOptions):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"], use_cache=False).logits[:, :-1]
             nll = F.cross_entropy(logits[tmask], labels[tmask])
-            success = bool((logits.argmax(-1)[tmask] == labels[tmask]).all())
+            success = passes(logits[tmask], labels[tmask], opts.stop_margin)
             if success or steps >= opts.max_steps:
                 break
             adam.zero_grad()
@@ -84,6 +92,9 @@ def main(argv=None):
     ap.add_argument("--prepare_dir", required=True)
     ap.add_argument("--n", type=int, default=64, help="edits (the first n of the prepare artifact)")
     add_collect_options(ap, capacity=64)
+    ap.add_argument("--recipe", choices=("bench", "stage"), default="bench",
+                    help="bench: the options above (the committed collect.json); stage: the collect stage's own "
+                         "CollectOptions() (lr 0.2, <= 100 steps, stop margin 3), --capacity kept")
     ap.add_argument("--out", default="bench/results/collect.json")
     args = ap.parse_args(argv)
 
@@ -92,10 +103,10 @@ def main(argv=None):
     edits = prepared.edits[: args.n]
     items = [CollectItem(i, [spec.format_prompt(e.prompt, e.prompt_kind)], e.target_new) for i, e in enumerate(edits)]
     prompts, targets = [it.views[0] for it in items], [it.target for it in items]
-    opts = collect_options(args)
+    opts = collect_options(args) if args.recipe == "bench" else CollectOptions(capacity=args.capacity)
     torch.set_num_threads(torch.get_num_threads())
 
-    rows = {}
+    rows, load_before = {}, list(os.getloadavg())
     for name in ("batched", "naive"):
         with PeakRSS() as mem:
             t0 = time.perf_counter()
@@ -116,8 +127,11 @@ def main(argv=None):
                       "steps_mean": round(sum(steps) / len(steps), 2), "peak_rss_mib": round(mem.peak, 1)}
         print(f"{name:8s} {rows[name]}", flush=True)
     ratio = rows["batched"]["edits_per_second"] / rows["naive"]["edits_per_second"]
-    result = {"model": spec.name, "edit_layer": spec.edit_layer, "n_edits": len(items), "capacity": args.capacity,
-              "lr": args.lr, "max_steps": args.max_steps, "threads": torch.get_num_threads(),
+    result = {"command": "python bench/collect.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "model": spec.name, "edit_layer": spec.edit_layer, "n_edits": len(items), "recipe": args.recipe,
+              "capacity": opts.capacity, "lr": opts.lr, "max_steps": opts.max_steps, "stop_margin": opts.stop_margin,
+              "threads": torch.get_num_threads(), "load_average_before": load_before,
+              "load_average_after": list(os.getloadavg()),
               "naive": rows["naive"], "batched": rows["batched"], "speedup": round(ratio, 2)}
     print(f"speedup (edits/s batched / naive): {ratio:.2f}x")
     atomic_write_json(Path(args.out), result)
