@@ -27,7 +27,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.megedit-installed
 
-.PHONY: all install test test-fast prepare encoder familiarity collect diffusion evaluate tensorboard clean-run report sweep-threshold
+.PHONY: all install test test-fast prepare encoder familiarity collect diffusion evaluate tensorboard clean-run report sweep-threshold sweep-steps
 .DELETE_ON_ERROR:
 
 # ---------------------------------------------------------------- install
@@ -81,9 +81,19 @@ THRESHOLDS ?= 0.05 0.1 0.2 0.3 0.5
 sweep-threshold: $(RUN)/evaluate/manifest.json
 	for t in $(THRESHOLDS); do \
 	  $(PY) stages/evaluate.py --data.run_dir $(RUN) --model.variants '[meg]' \
-	    --model.router_threshold $$t --model.out_dir $(RUN)/evaluate-threshold-$$t $(TB) || exit 1; done
+	    --model.router_threshold $$t --model.out_dir $(RUN)/evaluate-threshold-$$t $(TB) $(SWEEP_ARGS) || exit 1; done
 	$(PY) -m megedit.cli report $(RUN)/evaluate $(foreach t,$(THRESHOLDS),$(RUN)/evaluate-threshold-$(t)) \
 	  --out $(RUN)/threshold-sweep
+
+# Table 8: evaluate one run with several DDIM step counts (no retraining). SWEEP_ARGS go to each evaluate, e.g.
+# SWEEP_ARGS="--data.limit 256" scores the first 256 edits only (the sweeps compare on the same edits).
+STEPS ?= 10 50 100 1000
+SWEEP_ARGS ?=
+sweep-steps: $(RUN)/evaluate/manifest.json
+	for s in $(STEPS); do \
+	  $(PY) stages/evaluate.py --data.run_dir $(RUN) --model.variants '[meg]' --model.steps $$s \
+	    --model.out_dir $(RUN)/evaluate-steps-$$s $(TB) $(SWEEP_ARGS) || exit 1; done
+	$(PY) -m megedit.cli report $(foreach s,$(STEPS),$(RUN)/evaluate-steps-$(s)) --out $(RUN)/steps-sweep
 
 # General ability before/after editing (the paper's Table 3; docs/general.md): the base LM and the run's variants
 # on BBH, GSM8K, MMLU, RTE and SST-2. Always runs: the stage keeps every scored item, so a rerun scores only what
