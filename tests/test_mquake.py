@@ -117,3 +117,14 @@ def test_multi_hop_summary_per_question_and_per_instance_and_the_table():
     assert multi_hop_summary([_row("meg", 0, "reliability", True)], ["meg"]) == {}
     table = "\n".join(multi_hop_table({"results": {v: {"multi_hop": r} for v, r in out.items()}}))
     assert "| MeG | 75.00 | 50.00 | **50.00** | 16.67 |" in table and "| base LM (unedited) |" in table
+
+
+def test_the_router_memorises_an_atom_shared_by_instances_once():
+    # Two random labels on one text cannot both be memorised: the router would keep a high entropy there.
+    from megedit.familiarity.familiarity_datamodule import edit_texts
+
+    a = instance(0, [("Hey Jude", "{} was performed by", "Madonna"), ("Madonna", "{} is a citizen of", "India")])
+    shares = instance(1, [("Madonna", "{} is a citizen of", "India"), ("India", "The capital of {} is", "Oslo")])
+    texts = edit_texts([a, shares])
+    assert texts["edit_prompts"] == ["Hey Jude was performed by", "Madonna is a citizen of", "The capital of India is"]
+    assert len(texts["edit_paraphrases"]) == 4  # scored per atom, as the evaluation scores them

@@ -101,8 +101,11 @@ def shift_pairs(pseudo_pairs: list[dict], heldout: set[str], scored: list[str], 
 
 def edit_texts(edits: list) -> dict[str, list[str]]:
     """The edits' texts the report scores: their prompts, paraphrases and locality prompts; an edit with
-    several atoms (MQuAKE) gives every atom's prompt and paraphrases, and the router memorises every prompt."""
-    return {"edit_prompts": [a.prompt for e in edits for a in e.all_atoms()],
+    several atoms (MQuAKE) gives every atom's prompt and paraphrases, and the router memorises every prompt.
+
+    Each prompt once: MQuAKE instances share atoms (one atom can stand in 30 instances), and the same text
+    under several random labels cannot be memorised, so the router would never reach low entropy on it."""
+    return {"edit_prompts": list(dict.fromkeys(a.prompt for e in edits for a in e.all_atoms())),
             "edit_paraphrases": [p for e in edits for a in e.all_atoms() for p in a.paraphrases],
             "locality": [p.prompt for e in edits for p in e.locality]}
 
