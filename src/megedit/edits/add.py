@@ -35,9 +35,8 @@ from megedit.prepare.prepare_datamodule import check_targets
 
 
 def add_edits(run: str | Path, files: Sequence[str | Path], replace: bool = False,
-              budget: GeneratorBudget = GeneratorBudget(), quiet: bool = False, warm_routers: bool = False) -> dict:
-    """Write the next version of ``run`` with the edits of ``files`` added; returns its ``version.json``.
-    ``warm_routers``: start the routers from the parent's (``megedit.edits.retrain.warm_router``)."""
+              budget: GeneratorBudget = GeneratorBudget(), quiet: bool = False) -> dict:
+    """Write the next version of ``run`` with the edits of ``files`` added; returns its ``version.json``."""
     started = time.time()
     records, file_info = read_new_edits(files)  # bad input fails before anything is locked or written
     with writing_version(run) as staging:
@@ -50,7 +49,7 @@ def add_edits(run: str | Path, files: Sequence[str | Path], replace: bool = Fals
         staging.link("encoder", stage_owner(staging.parent_dir, "encoder"))
         encoder, tb = stage_owner(staging.parent_dir, "encoder"), staging.dir / "tb"
         seconds["familiarity"] = fine_tune_router(stage_owner(staging.parent_dir, "familiarity"), staging.dir / "prepare",
-                                                  encoder, staging.dir / "familiarity", tb, quiet, warm_routers)
+                                                  encoder, staging.dir / "familiarity", tb, quiet)
         seconds["diffusion"], generator = fine_tune_generator(stage_owner(staging.parent_dir, "diffusion"), staging.dir / "prepare",
                                                    encoder, staging.dir / "collect", staging.dir / "diffusion", tb,
                                                    first_new, n_new, budget, quiet)
@@ -63,7 +62,7 @@ def add_edits(run: str | Path, files: Sequence[str | Path], replace: bool = Fals
             "kind": "add", "change": {**plan.summary(), "files": file_info},
             "n_edits": len(prepared.edits), "n_removed": len(kept_removals), "first_new_edit": first_new,
             "stages": {"own": ["prepare", "collect", "familiarity", "diffusion"], "linked": ["encoder"]},
-            "generator_fine_tuning": generator, "routers": "warm" if warm_routers else "from scratch",
+            "generator_fine_tuning": generator,
             "seconds": {k: round(v, 1) for k, v in seconds.items()}})
     print(f"edits add: version {record['version']} of {run}: {n_new} edits added ({len(plan.replaced)} replacing "
           f"older ones, {len(plan.duplicates)} duplicates skipped), {record['n_edits']} edits in all; "

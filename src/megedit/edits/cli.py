@@ -28,8 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"share of every generator batch that goes to the new edits (default {budget.new_share})")
     add.add_argument("--lr-scale", type=float, default=budget.lr_scale,
                      help=f"generator fine-tuning peak learning rate, as a factor on the parent's (default {budget.lr_scale})")
-    add.add_argument("--warm-routers", action="store_true",
-                     help="start the routers from the parent's instead of from scratch (docs/incremental.md)")
     add.add_argument("--quiet", action="store_true", help="no progress bars")
     rm = sub.add_parser("remove", help="make edits answer as before editing, at once, in a new run version")
     rm.add_argument("--run", required=True)
@@ -49,8 +47,7 @@ def main(argv=None) -> int:
 
             budget = GeneratorBudget(draws_per_new_edit=args.draws_per_new_edit, new_share=args.new_share,
                                      lr_scale=args.lr_scale)
-            add_edits(args.run, args.files, replace=args.replace, budget=budget, quiet=args.quiet,
-                      warm_routers=args.warm_routers)
+            add_edits(args.run, args.files, replace=args.replace, budget=budget, quiet=args.quiet)
         elif args.command == "remove":
             from megedit.edits.remove import remove_edits
 

@@ -4,10 +4,10 @@ Each stage runs as it always does (``megedit.cli.stage_main``: LightningCLI, the
 manifest), with the configuration its parent artifact recorded in its manifest, so the version is trained by
 the recipe that trained its parent; on top of that come only the version's folders and the fine-tuning flags:
 
-* familiarity: both routers trained from scratch on the version's edits and pseudo data, as the stage trains
-  them (about 3 min at 1152 edits; a warm start saved no epochs), and the threshold re-picked by the stage's
-  calibration. ``warm=True`` starts them from the parent's instead (``model.init_from``: labels of points it
-  already calls familiar kept, ``model.min_epochs`` 1), see ``warm_router``;
+* familiarity: ``model.init_from`` = the parent router (its calibration router too, when saved), labels of
+  points it already calls familiar kept, ``model.min_epochs`` 1: it trains until both routers have memorised
+  every point again, as the stage's convergence rule says, and the threshold is re-picked by the stage's
+  calibration on the version's pseudo data;
 * diffusion: ``model.init_from`` = the parent generator's last checkpoint, a budget of optimiser steps in
   which every new edit is drawn ``draws_per_new_edit`` times and the new edits take ``new_share`` of every
   batch (``data.favour_from``), a peak learning rate of ``lr_scale`` x the parent's, the parent's value scale
@@ -65,12 +65,11 @@ def _quiet(quiet: bool) -> dict:
     return {"enable_progress_bar": False, "enable_model_summary": False} if quiet else {}
 
 
-def fine_tune_router(parent: Path, prepare: Path, encoder: Path, out: Path, tb: Path, quiet: bool = False,
-                     warm: bool = False) -> float:
-    """Run the familiarity stage for a version with the ``parent`` artifact's recipe: both routers from scratch,
-    or with ``warm`` from the parent's where it saved both (``warm_router``); its wall seconds."""
+def fine_tune_router(parent: Path, prepare: Path, encoder: Path, out: Path, tb: Path, quiet: bool = False) -> float:
+    """Run the familiarity stage for a version, warm-started from the ``parent`` artifact where it saved both
+    of its routers (else both from scratch: see ``warm_router``); its wall seconds."""
     config = read_manifest(parent, stage="familiarity")["config"]
-    warm = {"init_from": str(parent), "min_epochs": 1} if warm and warm_router(parent) else {}
+    warm = {"init_from": str(parent), "min_epochs": 1} if warm_router(parent) else {}
     overrides = {"data": {"prepare_dir": str(prepare), "encoder_dir": str(encoder)},
                  "model": {"out_dir": str(out), **warm},
                  "trainer": {"logger.init_args.save_dir": str(tb), **_quiet(quiet),
@@ -85,12 +84,7 @@ def warm_router(parent: Path) -> bool:
     The threshold is picked on the calibration router and applied to the main one, so both must be trained
     alike. A warm main router beside a cold calibration router got a threshold made for another entropy
     scale (CounterFact-1024 + 128 edits: 89.1% of the paraphrases routed and AUROC 0.971, where the parent's
-    cold pair at 1024 had 93.7% and 0.984) and took no fewer epochs (78; the parent's pair: 63).
-
-    Warm pairs are not the default either: on the same run + 128 edits the warm calibration router pushed
-    its pseudo negatives to the maximum entropy, the threshold rose from 1.15 to 2.19 nats, and the warm main
-    router then routed 6.1% of the locality prompts (the parent: 3.5%): the old edits' Score fell 2.8 points
-    (bench/results/incremental.json, docs/incremental.md)."""
+    cold pair at 1024 had 93.7% and 0.984) and took no fewer epochs (78; the parent's pair: 63)."""
     return (Path(parent) / CALIBRATION_WEIGHTS).is_file()
 
 
