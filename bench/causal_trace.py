@@ -34,6 +34,7 @@ import torch
 from megedit.artifacts import atomic_path, atomic_write_json
 from megedit.loading import decoder_layers, get_attr_path, load_lm
 from megedit.prepare.artifact import load_prepared
+from megedit.registry import RegistryError, load_model_spec
 from megedit.scoring import target_ids
 
 KINDS = ("block", "mlp", "attn", "mlp_window")  # block = the residual stream after the layer
@@ -42,12 +43,14 @@ CLASSES = ("first_subject", "middle_subject", "last_subject", "first_subsequent"
 
 @dataclass
 class Traced:
-    """One prompt: its token ids ``[T]``, subject tokens ``[b, e)`` and answer token id."""
+    """One prompt: its token ids ``[T]``, subject tokens ``[b, e)``, answer token id, and whether the model's
+    greedy pre-edit answer (the prepare artifact's) starts with the true object (ROME's 'known fact')."""
 
     ids: torch.Tensor
     b: int
     e: int
     answer: int
+    known: bool = False
 
 
 def token_classes(b: int, e: int, length: int) -> dict[str, list[int]]:
@@ -225,7 +228,7 @@ def prepare_prompts(prepared, tokenizer) -> list[tuple[str, Traced]]:
     """``(edit id, Traced)`` for every edit whose subject is found in its formatted prompt and has a true object;
     the answer is the first token of the true object (as ``megedit.scoring.target_ids`` tokenises it)."""
     spec, out = prepared.spec, []
-    for rec in prepared.edits:
+    for rec, pre in zip(prepared.edits, prepared.pre_edit):
         if not rec.target_true:
             continue
         try:
@@ -233,7 +236,9 @@ def prepare_prompts(prepared, tokenizer) -> list[tuple[str, Traced]]:
             token_classes(b, e, len(ids))
         except ValueError:
             continue
-        out.append((rec.id, Traced(torch.tensor(ids), b, e, target_ids(tokenizer, rec.target_true)[0])))
+        true = target_ids(tokenizer, rec.target_true)
+        known = pre["prompt"]["tokens"][: len(true)] == true
+        out.append((rec.id, Traced(torch.tensor(ids), b, e, true[0], known)))
     return out
 
 
@@ -250,7 +255,11 @@ def trace_all(lm, modules, prompts, args, noise_level: float, n_layers: int) -> 
     for idx, (eid, tr) in enumerate(prompts):
         if len(rows) >= args.n or (args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes):
             break
+        if args.known_only and not tr.known:
+            continue
         t0, screened = time.perf_counter(), screened + 1
+        if screened % 25 == 0:
+            print(f"screened {screened}, {len(rows)} kept", flush=True)
         with torch.no_grad():
             p, clean = clean_run(lm, modules, tr.ids, tr.answer)
             if p < args.min_p:
@@ -264,7 +273,7 @@ def trace_all(lm, modules, prompts, args, noise_level: float, n_layers: int) -> 
             p_star, ie = trace_prompt(lm, modules, clean, tr, noise, args.kinds, n_layers, args.window, args.batch,
                                       positions)
         stack.append(class_means(ie, classes))
-        rows.append({"id": eid, "p_clean": round(p, 4), "p_star": round(p_star, 4), "tokens": len(tr.ids),
+        rows.append({"id": eid, "known": tr.known, "p_clean": round(p, 4), "p_star": round(p_star, 4), "tokens": len(tr.ids),
                      "subject_tokens": tr.e - tr.b, "seconds": round(time.perf_counter() - t0, 1)})
         print(f"[{len(rows)}/{args.n}] {eid} p={p:.3f} p*={p_star:.3f} ({rows[-1]['seconds']} s, "
               f"{screened} screened)", flush=True)
@@ -333,6 +342,17 @@ def plot(path: Path, summary: dict, n_layers: int, title: str) -> None:
     plt.close(fig)
 
 
+def memit_layers(spec) -> list[int] | None:
+    """The layers MEMIT / AlphaEdit edit: the run's spec, else the registry's (older runs predate ``memit:``)."""
+    memit = spec.memit
+    if memit is None:
+        try:
+            memit = load_model_spec(spec.name).memit
+        except RegistryError:
+            return None
+    return list(memit.layers) if memit else None
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepare_dir", required=True)
@@ -341,6 +361,8 @@ def parse_args(argv):
     ap.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the subject embeddings' std")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min_p", type=float, default=0.1, help="filter: keep prompts whose clean P(answer) >= this")
+    ap.add_argument("--known_only", action="store_true",
+                    help="filter: also require that the greedy pre-edit answer starts with the true object")
     ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     ap.add_argument("--classes", nargs="+", choices=CLASSES, default=list(CLASSES))
     ap.add_argument("--window", type=int, default=10, help="layers restored together by mlp_window")
@@ -370,9 +392,11 @@ def main(argv=None):
     seconds = time.perf_counter() - t1
     result = {
         "command": "python bench/causal_trace.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": spec.name, "num_layers": spec.num_layers, "memit_layers": list(spec.memit.layers) if spec.memit else None,
+        "model": spec.name, "num_layers": spec.num_layers, "memit_layers": memit_layers(spec),
         "prompt_format": spec.completion_template, "answer": "first token of ' ' + target_true",
-        "filter": f"p_clean >= {args.min_p}", "n": len(rows), "n_asked": args.n, "max_minutes": args.max_minutes,
+        "filter": f"p_clean >= {args.min_p}" + (", greedy pre-edit answer starts with target_true"
+                                                 if args.known_only else ""),
+        "known_in_artifact": sum(tr.known for _, tr in prompts), "n": len(rows), "n_asked": args.n, "max_minutes": args.max_minutes,
         "screened": screened, "samples": args.samples, "kinds": args.kinds, "classes": args.classes,
         "noise": {"multiple": args.noise, "subject_embedding_std": round(std, 5), "std": round(args.noise * std, 5)},
         "window": args.window, "seed": args.seed, "threads": torch.get_num_threads(),
