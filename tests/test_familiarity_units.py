@@ -518,9 +518,10 @@ def test_nearest_calibration_picks_a_threshold_between_separable_paraphrases_and
 
 
 class _FakeRouterData:
-    """What the familiarity datamodule hands over, for 8 edits of 64-dim embeddings; training it would fail."""
+    """What the familiarity datamodule hands over, for 8 edits of 64-dim embeddings; without ``trainable`` asking
+    for a training batch fails."""
 
-    def __init__(self, encoder_dir):
+    def __init__(self, encoder_dir, trainable=False):
         import lightning as L
 
         from megedit.familiarity.familiarity_datamodule import RouterInputs
@@ -541,7 +542,10 @@ class _FakeRouterData:
                 return inputs
 
             def train_dataloader(self):
-                raise AssertionError("the nearest router trains nothing: no training batch may be asked for")
+                from megedit.familiarity.familiarity_datamodule import router_loader
+
+                assert trainable, "the nearest router trains nothing: no training batch may be asked for"
+                return router_loader(8, 8, 4)
 
         self.datamodule, self.emb = Data(), emb
 
@@ -589,3 +593,20 @@ def test_nearest_router_options_are_checked():
         FamiliarityModule(router="knn")
     with pytest.raises(ValueError, match="trains nothing"):
         FamiliarityModule(router="nearest", init_from="parent/familiarity")
+
+
+def test_the_entropy_router_writes_its_kind_through_the_same_stage_path(tmp_path, one_thread):
+    import lightning as L
+
+    from megedit.familiarity.artifact import read_report, read_router_config
+    from megedit.familiarity.familiarity_module import FamiliarityModule
+
+    data, out = _FakeRouterData(_fake_encoder_dir(tmp_path / "enc", "a"), trainable=True), tmp_path / "fam"
+    module = FamiliarityModule(out_dir=str(out), depth=1, hidden_mult=1, min_epochs=1, checkpoint_every_n_epochs=0)
+    L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, datamodule=data.datamodule)
+    cfg, report = read_router_config(out), read_report(out)
+    assert cfg["kind"] == report["router"] == "entropy" and cfg["K"] == 10 and cfg["entropy_units"] == "nats"
+    assert report["fit"]["epochs"] == 2 and report["max_entropy"] == pytest.approx(math.log(10))
+    router = load_router(out)
+    assert isinstance(router, FamiliarityRouter) and router.kind == "entropy" and router.threshold == cfg["threshold"]
