@@ -86,3 +86,13 @@ def test_stage_yaml_restates_the_code_defaults(name):
     bad = (_disagreements(raw.get("model"), _signature_defaults(_load(stage.module)), "model")
            + _disagreements(raw.get("data"), _signature_defaults(_load(stage.datamodule)), "data"))
     assert not bad, f"configs/stages/{name}.yaml disagrees with the code:\n" + "\n".join(bad)
+
+
+def test_familiarity_router_kind_is_a_stage_option():
+    """``model.router``: ``entropy`` (the paper's net) by default, ``nearest`` on request, nothing else."""
+    stage = STAGES["familiarity"]
+    classes = _load(stage.module), _load(stage.datamodule)
+    assert parse_stage_args("familiarity", *classes, stage.links).model.router == "entropy"
+    assert parse_stage_args("familiarity", *classes, stage.links, ["--model.router", "nearest"]).model.router == "nearest"
+    with pytest.raises(Exception, match="router"):
+        parse_stage_args("familiarity", *classes, stage.links, ["--model.router", "knn"])

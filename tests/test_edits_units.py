@@ -337,4 +337,32 @@ def test_a_version_warm_starts_its_routers_only_where_the_parent_saved_both(tmp_
 
     assert not warm_router(tmp_path)  # an older artifact: main router only, so both are trained cold
     (tmp_path / CALIBRATION_WEIGHTS).write_bytes(b"")
+    (tmp_path / "router.json").write_text(json.dumps({"threshold": 0.3}))  # no kind: written before nearest
     assert warm_router(tmp_path)
+    (tmp_path / "router.json").write_text(json.dumps({"kind": "nearest", "threshold": 0.3}))
+    assert not warm_router(tmp_path)  # a memory has nothing to fine-tune
+
+
+@pytest.mark.parametrize("kind", ["entropy", "nearest"])
+def test_a_version_keeps_its_parents_router_kind(tmp_path, monkeypatch, kind):
+    """``megedit edits add`` runs the familiarity stage with the parent's recorded config: a nearest parent gives
+    a nearest version (its memory rebuilt, its threshold recalibrated), an entropy parent a warm-started net."""
+    from megedit.edits import retrain
+    from megedit.familiarity.artifact import CALIBRATION_WEIGHTS
+
+    parent = tmp_path / "familiarity"
+    parent.mkdir()
+    (parent / CALIBRATION_WEIGHTS).write_bytes(b"")
+    (parent / "router.json").write_text(json.dumps({"kind": kind, "threshold": 0.3}))
+    config = {"data": {"batch_size": 256}, "model": {"router": kind, "threshold": "auto", "lr": 0.001},
+              "trainer": {"max_epochs": 400}}
+    write_manifest(parent, "familiarity", {"run": "x"}, config, ["router.json", CALIBRATION_WEIGHTS])
+    ran = []
+    monkeypatch.setattr(retrain, "run_stage_with", lambda stage, flags: ran.append((stage, flags)))
+    retrain.fine_tune_router(parent, tmp_path / "v1/prepare", tmp_path / "encoder", tmp_path / "v1/familiarity",
+                             tmp_path / "tb", quiet=True)
+    (stage, flags), = ran
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    assert stage == "familiarity" and pairs["--model.router"] == kind
+    assert pairs["--model.out_dir"] == str(tmp_path / "v1/familiarity")
+    assert ("--model.init_from" in pairs) == (kind == "entropy")

@@ -471,3 +471,142 @@ def test_familiarity_scale_bench_trains_through_the_stage_module(one_thread):
     assert converged and epochs < 400 and not net.training
     labels = random_labels(24, 10, recipe["seed"])  # the stage's labels, so the module's own
     assert torch.equal(net(emb).argmax(-1), labels)
+
+
+# ---------------------------------------------------------------- the nearest-neighbour router (model.router nearest)
+def _unit(n, dim=64, seed=0):
+    return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def _near(points, scale=0.15, seed=1):
+    """A "paraphrase" of each point: the point moved a little, renormalised."""
+    return F.normalize(points + scale * _unit(len(points), points.shape[1], seed), dim=-1)
+
+
+def test_nearest_router_scores_a_memorised_embedding_0_and_an_orthogonal_one_1():
+    from megedit.components.nearest_router import NearestRouter
+
+    memory = torch.eye(4, 8) * 3  # normalised on the way in
+    router = NearestRouter(memory, threshold=0.2)
+    score = router.entropy(torch.cat([torch.eye(8)[:2] * 5, torch.eye(8)[6:], -torch.eye(8)[:1]]))
+    assert score.tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0, 1.0], abs=1e-6)  # -e0 is still 1 from e1..e3
+    assert router.is_familiar(torch.eye(8)[:5]).tolist() == [True, True, True, True, False]
+    assert router.kind == "nearest" and router.config() == {"n": 4, "dim": 8}
+    assert router.entropy(torch.empty(0, 8)).shape == (0,)
+    with pytest.raises(ValueError, match="8-dim"):
+        router.entropy(torch.ones(2, 5))
+    with pytest.raises(ValueError, match="non-empty"):
+        NearestRouter(torch.empty(0, 8), 0.1)
+
+
+def test_nearest_calibration_picks_a_threshold_between_separable_paraphrases_and_negatives():
+    """Calibration as the stage does it: the memory is the pseudo edits, positives their paraphrases, negatives
+    unrelated prompts; the threshold falls between the two score ranges and routes both sides right."""
+    from megedit.components.nearest_router import NearestRouter
+    from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS
+    from megedit.familiarity.report import calibrate
+
+    pseudo = _unit(32)
+    router = NearestRouter(pseudo, math.inf)
+    cal = {"calib_prompts": router.entropy(pseudo), "calib_positives": router.entropy(_near(pseudo)),
+           "calib_negatives": router.entropy(_unit(200, seed=7))}
+    assert cal["calib_positives"].max() < cal["calib_negatives"].min()  # separable
+    kind = torch.arange(200) % 2
+    got = calibrate(cal, "capped", 0.04, kind, list(NEGATIVE_KINDS), ["pseudo_irrelevant", "pseudo_locality"], {})
+    assert cal["calib_positives"].max() < got["threshold"] < cal["calib_negatives"].min()
+    assert got["familiar_rate"] == 1.0 and got["unfamiliar_routed_familiar_rate"] == 0.0 and got["auroc"] == 1.0
+
+
+class _FakeRouterData:
+    """What the familiarity datamodule hands over, for 8 edits of 64-dim embeddings; without ``trainable`` asking
+    for a training batch fails."""
+
+    def __init__(self, encoder_dir, trainable=False):
+        import lightning as L
+
+        from megedit.familiarity.familiarity_datamodule import RouterInputs
+
+        edits, pseudo = _unit(8, seed=3), _unit(8, seed=4)
+        emb = {"edit_prompts": edits, "edit_paraphrases": _near(edits), "locality": _unit(24, seed=5),
+               "calib_prompts": pseudo, "calib_positives": _near(pseudo, seed=6),
+               "calib_negatives": _unit(40, seed=8), "train_negatives": _unit(16, seed=9),
+               "fences": torch.empty(0, 64), "shifts": torch.empty(0, 64)}
+        inputs = RouterInputs(emb=emb, calibrate=True, negative_kind=torch.arange(40) % 2, calibration_counts={},
+                              locality_kinds=["other"] * 24, fences={"per_edit": 1, "templates": 0, "main": 0},
+                              n_edits=8, lineage={"run": "x"},
+                              encoder={"encoder_dir": str(encoder_dir), "encoder_manifest_sha256": "0"},
+                              data_config={}, upstream={"encoder": encoder_dir})
+
+        class Data(L.LightningDataModule):
+            def handover(self):
+                return inputs
+
+            def train_dataloader(self):
+                from megedit.familiarity.familiarity_datamodule import router_loader
+
+                assert trainable, "the nearest router trains nothing: no training batch may be asked for"
+                return router_loader(8, 8, 4)
+
+        self.datamodule, self.emb = Data(), emb
+
+
+def test_nearest_router_stage_memorises_without_training_and_load_router_round_trips_the_kind(tmp_path, capsys):
+    import lightning as L
+
+    from megedit.components.nearest_router import NearestRouter
+    from megedit.familiarity.artifact import load_entropies, read_report, read_router_config
+    from megedit.familiarity.familiarity_module import FamiliarityModule
+    from megedit.familiarity.threshold import main as threshold_main
+
+    enc = _fake_encoder_dir(tmp_path / "enc", "a")
+    data, out = _FakeRouterData(enc), tmp_path / "fam"
+    module = FamiliarityModule(out_dir=str(out), router="nearest")
+    L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, datamodule=data.datamodule)
+    cfg, report = read_router_config(out), read_report(out)
+    assert cfg["kind"] == report["router"] == "nearest" and cfg["memory"] == {"n": 8, "dim": 64}
+    assert "architecture" not in cfg and cfg["entropy_units"] == "1 - cosine" and report["max_entropy"] == 2.0
+    assert report["fit"]["epochs"] == 0 and not report["fences"]["used"]
+    assert report["rates"]["edit_prompts_familiar"] == 1.0 and report["calibration"]["auroc"] == 1.0
+    assert all((out / name).is_file() for name in ("router.safetensors", "calibration_router.safetensors",
+                                                   "entropies.safetensors", "entropy_hist.png", "routing_curve.png"))
+    router = load_router(out, encoder_dir=enc)
+    assert isinstance(router, NearestRouter) and router.threshold == report["threshold"] == cfg["threshold"]
+    assert torch.allclose(router.memory, data.emb["edit_prompts"], atol=1e-6)
+    assert router.is_familiar(data.emb["edit_prompts"]).all() and not router.is_familiar(data.emb["locality"]).any()
+    ent, _, _ = load_entropies(out)
+    assert torch.allclose(ent["main.edit_paraphrases"], router.entropy(data.emb["edit_paraphrases"]))
+    # `megedit threshold` re-picks the stage's own threshold from the saved scores and plots them.
+    assert threshold_main([str(out), "--json", str(tmp_path / "t.json"), "--curve", str(tmp_path / "c.png")]) == 0
+    again = json.loads((tmp_path / "t.json").read_text())
+    assert again["router"] == "nearest" and again["threshold"] == report["threshold"]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nearest_router_options_are_checked():
+    from megedit.familiarity.familiarity_module import FamiliarityModule
+
+    assert FamiliarityModule(router="nearest", threshold=1.5).hparams.router == "nearest"  # within (0, 2]
+    with pytest.raises(ValueError, match=r"outside \(0, 2.000\] 1 - cosine"):
+        FamiliarityModule(router="nearest", threshold=2.5)
+    with pytest.raises(ValueError, match="model.router"):
+        FamiliarityModule(router="knn")
+    with pytest.raises(ValueError, match="trains nothing"):
+        FamiliarityModule(router="nearest", init_from="parent/familiarity")
+
+
+def test_the_entropy_router_writes_its_kind_through_the_same_stage_path(tmp_path, one_thread):
+    import lightning as L
+
+    from megedit.familiarity.artifact import read_report, read_router_config
+    from megedit.familiarity.familiarity_module import FamiliarityModule
+
+    data, out = _FakeRouterData(_fake_encoder_dir(tmp_path / "enc", "a"), trainable=True), tmp_path / "fam"
+    module = FamiliarityModule(out_dir=str(out), depth=1, hidden_mult=1, min_epochs=1, checkpoint_every_n_epochs=0)
+    L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, datamodule=data.datamodule)
+    cfg, report = read_router_config(out), read_report(out)
+    assert cfg["kind"] == report["router"] == "entropy" and cfg["K"] == 10 and cfg["entropy_units"] == "nats"
+    assert report["fit"]["epochs"] == 2 and report["max_entropy"] == pytest.approx(math.log(10))
+    router = load_router(out)
+    assert isinstance(router, FamiliarityRouter) and router.kind == "entropy" and router.threshold == cfg["threshold"]

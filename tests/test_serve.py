@@ -44,7 +44,7 @@ class FakeLM:
     def __init__(self, name: str = "old", gate: threading.Event | None = None):
         self.name, self.gate = name, gate
         self.spec = SimpleNamespace(neuron_dim=4)
-        self.router = SimpleNamespace(threshold=0.5)
+        self.router = SimpleNamespace(threshold=0.5, kind="entropy")
         self.prepared = SimpleNamespace(edits=EDITS)
         self.tokenizer = WordTokenizer()
         self.route_batches: list[int] = []
@@ -197,7 +197,7 @@ def test_each_choice_carries_its_provenance():
     routed, plain = r["choices"]
     assert r["object"] == "text_completion" and r["model"] == "fake-run" and r["megedit"]["batch_size"] == 2
     assert routed["text"] == "NEW old an" and routed["finish_reason"] == "length"
-    assert routed["megedit"] == {"routed": True, "entropy": 0.1, "threshold": 0.5,
+    assert routed["megedit"] == {"routed": True, "router": "entropy", "entropy": 0.1, "threshold": 0.5,
                                  "nearest_edit": {"index": 1, "id": "fake:1", "prompt": "Who is edited 1?",
                                                   "target_new": "T1", "similarity": 0.97}}
     assert plain["text"] == "OLD old weather" and not plain["megedit"]["routed"] and plain["megedit"]["entropy"] == 0.9
@@ -213,7 +213,8 @@ def test_plain_mode_bypasses_the_router_and_attaches_no_neuron():
         r = client.post("/v1/completions", json=completion("an edited fact")).json()
         health = client.get("/health").json()
     assert r["choices"][0]["text"] == "OLD old an edited fact" and r["model"] == "fake-run-plain"
-    assert r["choices"][0]["megedit"] == {"routed": False, "entropy": None, "threshold": None, "nearest_edit": None}
+    assert r["choices"][0]["megedit"] == {"routed": False, "router": None, "entropy": None, "threshold": None,
+                                          "nearest_edit": None}
     assert lm.route_batches == [] and health["mode"] == "plain"
 
 
@@ -225,6 +226,7 @@ def test_health_models_and_paged_edits():
         page = client.get("/v1/edits?offset=3&limit=10").json()
         first = client.get("/v1/edits").json()
     assert health["status"] == "ok" and health["mode"] == "meg" and health["edits"] == 5 and health["threshold"] == 0.5
+    assert health["router"] == "entropy"
     assert models["data"][0]["id"] == "fake-run"
     assert page["total"] == 5 and [e["id"] for e in page["data"]] == ["fake:3", "fake:4"]
     assert page["data"][0] == {"index": 3, "id": "fake:3", "subject": "S3", "prompt": "Who is edited 3?",

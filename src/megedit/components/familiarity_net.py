@@ -71,6 +71,8 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 class FamiliarityRouter(nn.Module):
     """Familiarity net + entropy threshold: decides per query whether the edit neuron is attached (eq. 10)."""
 
+    kind = "entropy"  # the score it thresholds (``megedit.components.nearest_router`` is the other kind)
+
     def __init__(self, net: FamiliarityNet, threshold: float):
         super().__init__()
         self.net = net

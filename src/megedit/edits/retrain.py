@@ -7,7 +7,9 @@ the recipe that trained its parent; on top of that come only the version's folde
 * familiarity: ``model.init_from`` = the parent router (its calibration router too, when saved), labels of
   points it already calls familiar kept, ``model.min_epochs`` 1: it trains until both routers have memorised
   every point again, as the stage's convergence rule says, and the threshold is re-picked by the stage's
-  calibration on the version's pseudo data;
+  calibration on the version's pseudo data; a ``nearest`` router (``model.router``, carried over with the rest
+  of the parent's config) has nothing to fine-tune: the stage memorises the version's edit prompts afresh and
+  recalibrates (``warm_router``);
 * diffusion: ``model.init_from`` = the parent generator's last checkpoint, a budget of optimiser steps in
   which every new edit is drawn ``draws_per_new_edit`` times and the new edits take ``new_share`` of every
   batch (``data.favour_from``), a peak learning rate of ``lr_scale`` x the parent's, the parent's value scale
@@ -26,7 +28,7 @@ from megedit.artifacts import read_manifest
 from megedit.cli import stage_classes, stage_main
 from megedit.diffusion.artifact import read_generator_config
 from megedit.edits.budget import GeneratorBudget
-from megedit.familiarity.artifact import CALIBRATION_WEIGHTS
+from megedit.familiarity.artifact import CALIBRATION_WEIGHTS, read_router_config, router_kind
 
 
 def _cli_value(value) -> str:
@@ -84,8 +86,15 @@ def warm_router(parent: Path) -> bool:
     The threshold is picked on the calibration router and applied to the main one, so both must be trained
     alike. A warm main router beside a cold calibration router got a threshold made for another entropy
     scale (CounterFact-1024 + 128 edits: 89.1% of the paraphrases routed and AUROC 0.971, where the parent's
-    cold pair at 1024 had 93.7% and 0.984) and took no fewer epochs (78; the parent's pair: 63)."""
-    return (Path(parent) / CALIBRATION_WEIGHTS).is_file()
+    cold pair at 1024 had 93.7% and 0.984) and took no fewer epochs (78; the parent's pair: 63).
+
+    Never for a ``nearest`` parent: its memory is rebuilt from the version's edits, and its threshold is
+    recalibrated rather than kept. Recalibrating costs nothing here (no training, only the embeddings), and the
+    parent's threshold was picked for a memory of the parent's size: the more points a memory holds, the
+    nearer an unrelated prompt's best match, so the FPR budget would drift with every added edit."""
+    if not (Path(parent) / CALIBRATION_WEIGHTS).is_file():
+        return False
+    return router_kind(read_router_config(parent)) == "entropy"
 
 
 def fine_tune_generator(parent: Path, prepare: Path, encoder: Path, collect: Path, out: Path, tb: Path,

@@ -279,7 +279,7 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
             "sampler": hp.sampler, "steps": hp.steps, "seed": hp.seed,
             "noise_scale": e.generator.noise_scale if e.noise_scale is None else e.noise_scale,
             "value_scale": e.value_scale,
-            "router_threshold": float(e.router.threshold), "n_edits": len(data.edit_indices),
+            "router": e.router.kind, "router_threshold": float(e.router.threshold), "n_edits": len(data.edit_indices),
             "run_version": {"folder": str(data.run_dir), "version": data.version, "removed_edits": len(e.removed_ids)},
             "items": {g: sum(1 for it in data.items if it["group"] == g)
                       for g in ("reliability", "generality", "locality", "multi_hop")},

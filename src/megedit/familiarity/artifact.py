@@ -1,13 +1,20 @@
 """The familiarity artifact, as the familiarity stage writes it and every later stage reads it.
 
+Two kinds of router (``model.router``; ``router.json``'s ``kind``, ``entropy`` when absent): ``entropy``, the
+familiarity net whose output entropy is the score, and ``nearest``, which memorises the edit prompts'
+embeddings and scores ``1 - max cosine`` to them (``megedit.components.nearest_router``). Their files are the
+same; what the weights hold differs.
+
 ``<out_dir>/``
-  ``router.safetensors``            the main router's net (``FamiliarityNet`` state)
+  ``router.safetensors``            the main router's net (``FamiliarityNet`` state), or for ``nearest`` its
+                                    memory (``memory``: the edit prompts' normalised embeddings)
   ``calibration_router.safetensors``  the calibration router (same recipe, N pseudo prompts), kept so that a
                                     later run version can fine-tune it beside the main router and recalibrate
                                     the threshold the same way (``megedit edits add``); absent in artifacts
                                     written before it was saved, or trained without ``data.calibrate``
-  ``router.json``                   {architecture, K, threshold, threshold_source, calibration, entropy_units,
-                                    encoder_dir, encoder_manifest_sha256}
+  ``router.json``                   {kind, architecture, K (entropy) or memory {n, dim} (nearest), threshold,
+                                    threshold_source, calibration, entropy_units, encoder_dir,
+                                    encoder_manifest_sha256}
   ``entropies.safetensors``         every entropy behind the report and the threshold, so a threshold can be
                                     re-picked without retraining (``megedit threshold``): ``main.*`` from the
                                     router, ``calibration.*`` from the calibration router
@@ -22,12 +29,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from megedit.artifacts import ArtifactError, atomic_path, atomic_write_json, check_upstream, read_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter
+from megedit.components.nearest_router import MAX_SCORE, NearestRouter
 
 WEIGHTS = "router.safetensors"
 CALIBRATION_WEIGHTS = "calibration_router.safetensors"
@@ -38,6 +48,22 @@ HIST = "entropy_hist.png"
 CURVE = "routing_curve.png"
 # The main router's entropy groups every entropies file holds.
 MAIN_GROUPS = ("edit_prompts", "edit_paraphrases", "locality")
+# The kinds of router (``model.router``) and the units of each one's score.
+SCORE_UNITS = {"entropy": "nats", "nearest": "1 - cosine"}
+ROUTER_KINDS = tuple(SCORE_UNITS)
+
+
+def router_kind(cfg: dict) -> str:
+    """The kind of router a ``router.json`` describes (one written before there were two: ``entropy``)."""
+    kind = cfg.get("kind", "entropy")
+    if kind not in ROUTER_KINDS:
+        raise ArtifactError(f"{CONFIG}: unknown router kind {kind!r} ({' | '.join(ROUTER_KINDS)})")
+    return kind
+
+
+def max_score(kind: str, num_classes: int | None = None) -> float:
+    """The largest score a router of ``kind`` gives: ln K nats of entropy, or 2 for ``1 - cosine``."""
+    return MAX_SCORE if kind == "nearest" else math.log(num_classes)
 
 
 def read_router_config(folder: str | Path) -> dict:
@@ -46,8 +72,9 @@ def read_router_config(folder: str | Path) -> dict:
 
 
 def load_router(folder: str | Path, encoder_dir: str | Path | None = None,
-                device: str | torch.device = "cpu") -> FamiliarityRouter:
-    """The router of a familiarity artifact (eval mode, frozen).
+                device: str | torch.device = "cpu") -> FamiliarityRouter | NearestRouter:
+    """The router of a familiarity artifact (eval mode, frozen), of the kind its ``router.json`` names: both
+    give ``.entropy(emb)`` (the score, lower = more familiar), ``.threshold``, ``.is_familiar`` and ``.kind``.
 
     With ``encoder_dir`` it refuses (``ArtifactError``) a router trained on another encoder
     run's embeddings: its entropies, hence its threshold, mean nothing for that encoder.
@@ -60,12 +87,16 @@ def load_router(folder: str | Path, encoder_dir: str | Path | None = None,
         check_upstream(manifest, "encoder", encoder_dir, where=f"familiarity router {folder}")
     cfg = read_router_config(folder)
     try:
-        net = FamiliarityNet(**cfg["architecture"])
-        net.load_state_dict(load_file(folder / WEIGHTS))
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise ArtifactError(f"{folder}: {CONFIG} and {WEIGHTS} do not describe one familiarity net: {exc}") from exc
-    router = FamiliarityRouter(net, cfg["threshold"]).to(device)
-    return router.eval().requires_grad_(False)
+        if router_kind(cfg) == "nearest":
+            router = NearestRouter(load_file(folder / WEIGHTS)["memory"], cfg["threshold"])
+        else:
+            net = FamiliarityNet(**cfg["architecture"])
+            net.load_state_dict(load_file(folder / WEIGHTS))
+            router = FamiliarityRouter(net, cfg["threshold"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise ArtifactError(f"{folder}: {CONFIG} and {WEIGHTS} do not describe one {router_kind(cfg)} router: "
+                            f"{exc}") from exc
+    return router.to(device).eval().requires_grad_(False)
 
 
 def load_router_states(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
@@ -117,17 +148,19 @@ def _save_figure(path: Path, fig) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def write_router_artifact(out_dir: str | Path, main_net: FamiliarityNet, calib_net: FamiliarityNet | None,
+def write_router_artifact(out_dir: str | Path, main_net: nn.Module, calib_net: nn.Module | None,
                           entropies: dict[str, torch.Tensor], negative_kinds: list[str], router_cfg: dict,
                           report: dict, hist, curve) -> list[str]:
     """Write every file of the artifact but the manifest (each atomically); returns their names, in the
-    order the manifest lists them. ``hist`` and ``curve`` are matplotlib figures."""
+    order the manifest lists them. ``main_net`` / ``calib_net``: a ``FamiliarityNet`` or a ``NearestRouter``
+    (its state is its memory). ``hist`` and ``curve`` are matplotlib figures."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     nets = {WEIGHTS: main_net} | ({CALIBRATION_WEIGHTS: calib_net} if calib_net is not None else {})
     for name, net in nets.items():
         _save_tensors(out / name, net.state_dict())
-    _save_tensors(out / ENTROPIES, entropies, {"units": "nats", "negative_kinds": ",".join(negative_kinds)})
+    _save_tensors(out / ENTROPIES, entropies,
+                  {"units": router_cfg.get("entropy_units", "nats"), "negative_kinds": ",".join(negative_kinds)})
     atomic_write_json(out / CONFIG, router_cfg)
     atomic_write_json(out / REPORT, report)
     _save_figure(out / HIST, hist)

@@ -1,5 +1,8 @@
 """Trains the familiarity router (paper eq. 6) to convergence and picks its entropy threshold.
 
+With ``router: nearest`` nothing trains: each router memorises its prompts' embeddings and scores ``1 - max
+cosine`` to them (``megedit.components.nearest_router``); calibration, report and files are the same.
+
 The main router memorises a random label in 0..K-1 for each of the N edit prompts' embeddings.
 With ``threshold: auto`` a calibration router, trained side by side on the same recipe over N
 pseudo prompts, scores held-out pseudo paraphrases (should be familiar) against
@@ -26,7 +29,9 @@ import torch.nn.functional as F
 from megedit.artifacts import ArtifactError, write_manifest
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter, entropy_from_logits
 from megedit.distributed import barrier
-from megedit.familiarity.artifact import MAIN_GROUPS, load_router_states, write_router_artifact
+from megedit.components.nearest_router import NearestRouter
+from megedit.familiarity.artifact import (MAIN_GROUPS, ROUTER_KINDS, SCORE_UNITS, load_router_states, max_score,
+                                          router_kind, write_router_artifact)
 from megedit.familiarity.familiarity_datamodule import NEGATIVE_KINDS, RouterInputs
 from megedit.familiarity.report import (calibrate, chosen_threshold, edit_routing, entropies_file, entropy_summary,
                                        histogram, shift_summary, summary_line)
@@ -91,12 +96,21 @@ def uniform_kl(net: FamiliarityNet, x: torch.Tensor) -> torch.Tensor:
     return -F.log_softmax(net(x), dim=-1).mean(-1).mean() - math.log(net.num_classes)
 
 
-def check_threshold_options(threshold, num_classes: int, budget_kinds: list[str]) -> None:
-    """Refuse a threshold outside (0, ln K] nats and budget kinds that are not kinds of negatives."""
+def check_options(threshold, num_classes: int, budget_kinds: list[str], router: str = "entropy",
+                  init_from: str | None = None) -> None:
+    """Refuse an unknown router, a nearest router asked to fine-tune, a threshold outside (0, the router's largest
+    score] (ln K nats for ``entropy``, 2 for ``nearest``) and budget kinds that are not kinds of negatives."""
+    if router not in ROUTER_KINDS:
+        raise ValueError(f"model.router must be one of {list(ROUTER_KINDS)}, got {router!r}")
+    if router == "nearest" and init_from:
+        raise ValueError("model.init_from fine-tunes a familiarity net; the nearest router trains nothing "
+                         "(it memorises the version's edit prompts afresh)")
     if isinstance(threshold, str) and threshold != "auto":
         raise ValueError(f"model.threshold must be a number or 'auto', got {threshold!r}")
-    if not isinstance(threshold, str) and not 0 < threshold <= math.log(num_classes):
-        raise ValueError(f"model.threshold {threshold} is outside (0, ln K = {math.log(num_classes):.3f}] nats")
+    top = max_score(router, num_classes)
+    if not isinstance(threshold, str) and not 0 < threshold <= top:
+        raise ValueError(f"model.threshold {threshold} is outside (0, {top:.3f}] {SCORE_UNITS[router]} "
+                         f"(the largest score of the {router} router)")
     if not budget_kinds:
         raise ValueError(f"model.budget_kinds must name at least one of {list(NEGATIVE_KINDS)}")
     unknown = set(budget_kinds) - set(NEGATIVE_KINDS)
@@ -114,10 +128,12 @@ class FamiliarityModule(L.LightningModule):
                  budget_kinds: list[str] = ["pseudo_irrelevant", "pseudo_locality"], hist_bins: int = 60,
                  negative_weight: float = 1.0, checkpoint_every_n_epochs: int = 5, fence_weight: float = 0.5,
                  shift_scale: float = 1.6, shift_weight: float = 1.0, plateau_patience: int = 100,
-                 plateau_factor: float = 0.5, min_lr: float = 1e-5, init_from: str | None = None):
+                 plateau_factor: float = 0.5, min_lr: float = 1e-5, init_from: str | None = None,
+                 router: Literal["entropy", "nearest"] = "entropy"):
         """
         Args:
             out_dir: where the router artifact goes.
+            router: ``entropy`` (the net; the options below) or ``nearest`` (``megedit.components.nearest_router``).
             num_classes: K, the number of random classes (paper: 10).
             depth: FFN blocks (paper: 5).
             hidden_mult: FFN inner width = ``hidden_mult`` x block width (authors: 768 -> 3072).
@@ -146,10 +162,9 @@ class FamiliarityModule(L.LightningModule):
                 (``data.paraphrase_shifts``) for the shifted cross-entropy. The displacements come from pairs the
                 encoder trained on, which it pulled closer than unseen paraphrases lie, hence > 1.
             shift_weight: weight of the cross-entropy at the shifted points (0: no shifts, the paper).
-            plateau_patience: halve (``plateau_factor``) the learning rate after this many optimizer steps
-                (rounded up to whole epochs) without a new low of the routers' mean entropy on their
-                memorised points (0: constant lr). At a constant lr Adam keeps knocking a large router
-                (N=4096) back out of its minimum.
+            plateau_patience: halve (``plateau_factor``) the learning rate after this many optimizer steps (rounded up
+                to whole epochs) without a new low of the routers' mean entropy on their memorised points (0: constant
+                lr). At a constant lr Adam keeps knocking a large router (N=4096) back out of its minimum.
             plateau_factor: the learning-rate factor at each plateau.
             min_lr: the plateau schedule's floor.
             checkpoint_every_n_epochs: how often ``out_dir/checkpoints/last.ckpt`` is refreshed, so a
@@ -161,10 +176,9 @@ class FamiliarityModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        check_threshold_options(threshold, num_classes, budget_kinds)
+        check_options(threshold, num_classes, budget_kinds, router, init_from)
         self.inputs: RouterInputs | None = None  # received from the datamodule (megedit.handover)
-        self.main_net: FamiliarityNet | None = None
-        self.calib_net: FamiliarityNet | None = None
+        self.main_net = self.calib_net = None  # FamiliarityNet or NearestRouter (``router``), built in setup
         self._started, self._epochs_run, self._converged = time.time(), 0, False
         self.resumed_from: str | None = None  # set by the stage CLI
 
@@ -178,6 +192,9 @@ class FamiliarityModule(L.LightningModule):
         if self.main_net is not None:
             return
         emb, hp = self.inputs.emb, self.hparams
+        if hp.router == "nearest":
+            self._memorise(emb)
+            return
         torch.manual_seed(hp.seed)  # identical nets on every rank and every run
         make = lambda: FamiliarityNet(self.inputs.dim, hp.num_classes, hp.depth, hp.hidden_mult, hp.width)  # noqa: E731
         self.main_net = make()
@@ -194,9 +211,21 @@ class FamiliarityModule(L.LightningModule):
         self.fence_emb, self.calib_fence_emb = nonempty(emb.get("fences")), nonempty(emb.get("calib_fences"))
         self.warm_start = self._warm_start(Path(hp.init_from)) if hp.init_from else None
 
+    def _memorise(self, emb: dict[str, torch.Tensor]) -> None:
+        """The nearest routers: the edit prompts and (with calibration) the pseudo prompts, memorised."""
+        if self.trainer.world_size > 1:  # DDP refuses a module with nothing to train
+            raise ValueError("model.router nearest trains nothing: run it on one device (trainer.devices 1)")
+        self.main_net = NearestRouter(emb["edit_prompts"], math.inf)
+        self.calib_net = NearestRouter(emb["calib_prompts"], math.inf) if self.inputs.calibrate else None
+        self.warm_start, self._converged = None, True  # nothing to fit: a memory holds every point exactly
+        # Nothing to train: the fit loop is skipped and on_fit_end writes the artifact.
+        self.trainer.limit_train_batches = 0
+
     def _warm_start(self, folder: Path) -> dict:
         """Load the nets of ``folder`` and relabel their memorised points (see ``init_from``)."""
         cfg, main_state, calib_state = load_router_states(folder)
+        if router_kind(cfg) != "entropy":
+            raise ArtifactError(f"model.init_from {folder}: a {router_kind(cfg)} router has no net to fine-tune")
         if cfg["architecture"] != self.main_net.config():
             raise ArtifactError(f"model.init_from {folder}: its router is {cfg['architecture']}, this run builds "
                                 f"{self.main_net.config()}; fine-tune with the same architecture")
@@ -239,6 +268,8 @@ class FamiliarityModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        if hp.router == "nearest":
+            return None  # nothing to train (the fit loop is skipped: ``_memorise``)
         opt = torch.optim.Adam(self.parameters(), lr=hp.lr)
         if hp.plateau_patience <= 0:
             return opt
@@ -330,9 +361,24 @@ class FamiliarityModule(L.LightningModule):
         barrier()
 
     @torch.no_grad()
-    def _entropies(self, net: FamiliarityNet, emb: torch.Tensor) -> torch.Tensor:
-        router = FamiliarityRouter(net, threshold=math.inf)
+    def _entropies(self, net: FamiliarityNet | NearestRouter, emb: torch.Tensor) -> torch.Tensor:
+        """A router's scores (the net's entropy, or the nearest router's ``1 - max cosine``) on ``emb``."""
+        router = net if isinstance(net, NearestRouter) else FamiliarityRouter(net, threshold=math.inf)
         return router.entropy(emb.to(self.device)).cpu()
+
+    def _router_config(self, threshold: float, source: str, calibration: dict | None) -> dict:
+        """``router.json``: the kind, what rebuilds the router (architecture and K, or the memory's size), the
+        threshold and how it was chosen, and the encoder the embeddings come from."""
+        hp = self.hparams
+        built = ({"architecture": self.main_net.config(), "K": hp.num_classes} if hp.router == "entropy"
+                 else {"memory": self.main_net.config()})
+        return {"kind": hp.router, **built, "threshold": threshold, "threshold_source": source,
+                "calibration": calibration, "entropy_units": SCORE_UNITS[hp.router], **self.inputs.encoder}
+
+    @property
+    def score_ceiling(self) -> float:
+        """The largest score this stage's router gives (ln K nats of entropy, or 2 for ``1 - cosine``)."""
+        return max_score(self.hparams.router, self.hparams.num_classes)
 
     def _write(self) -> None:
         hp, data = self.hparams, self.inputs
@@ -346,14 +392,14 @@ class FamiliarityModule(L.LightningModule):
                                     list(hp.budget_kinds), data.calibration_counts)
         threshold, source = chosen_threshold(hp.threshold, calibration, hp.calibration_rule)
         report = self._report(ent, cal, calibration, threshold, source)
-        router_cfg = {"architecture": self.main_net.config(), "K": hp.num_classes, "threshold": threshold,
-                      "threshold_source": source, "calibration": calibration, "entropy_units": "nats",
-                      **data.encoder}
+        router_cfg = self._router_config(threshold, source, calibration)
         entropies = entropies_file(ent, cal, data.negative_kind)
-        hist = histogram(ent, cal, data.negative_kind, threshold, hp.num_classes, hp.hist_bins)
-        curve = routing_curve(entropies, threshold, list(NEGATIVE_KINDS), max_entropy=math.log(hp.num_classes),
-                              title=f"familiarity router, N={len(ent['edit_prompts'])}: threshold {threshold:.3g} "
-                                    f"({source})")
+        name = f"K={hp.num_classes}" if hp.router == "entropy" else "nearest neighbour"
+        hist = histogram(ent, cal, data.negative_kind, threshold, self.score_ceiling, hp.hist_bins,
+                         SCORE_UNITS[hp.router], name)
+        curve = routing_curve(entropies, threshold, list(NEGATIVE_KINDS), max_entropy=self.score_ceiling,
+                              title=f"{hp.router} router, N={len(ent['edit_prompts'])}: threshold {threshold:.3g} "
+                                    f"({source})", units=SCORE_UNITS[hp.router])
         outputs = write_router_artifact(hp.out_dir, self.main_net, self.calib_net, entropies, list(NEGATIVE_KINDS),
                                         router_cfg, report, hist, curve)
         self._log_tensorboard({"familiarity/entropy_hist": hist, "familiarity/routing_curve": curve}, report)
@@ -372,13 +418,15 @@ class FamiliarityModule(L.LightningModule):
         """``routing_report.json``: the edits' routing (a diagnostic), the calibration, fences, shifts, the fit."""
         hp, data = self.hparams, self.inputs
         routing = edit_routing(ent, threshold, data.locality_kinds)
-        report = {"threshold": threshold, "threshold_source": source, "entropy_units": "nats",
-                  "max_entropy": math.log(hp.num_classes), "n_edits": data.n_edits,
+        trains = hp.router == "entropy"  # fences and shifts shape the net; the nearest router ignores them
+        report = {"router": hp.router, "threshold": threshold, "threshold_source": source,
+                  "entropy_units": SCORE_UNITS[hp.router], "max_entropy": self.score_ceiling, "n_edits": data.n_edits,
                   **{k: routing[k] for k in ("rates", "locality_unfamiliar_by_kind", "n_locality_by_kind", "auroc",
                                              "entropy")},
                   "calibration": calibration,
-                  "fences": {**data.fences, "used": hp.fence_weight > 0 and data.fences["main"] > 0},
-                  "paraphrase_shifts": shift_summary(data.emb.get("shifts"), hp.shift_scale, hp.shift_weight),
+                  "fences": {**data.fences, "used": trains and hp.fence_weight > 0 and data.fences["main"] > 0},
+                  "paraphrase_shifts": shift_summary(data.emb.get("shifts") if trains else None, hp.shift_scale,
+                                                     hp.shift_weight),
                   "fit": {**self.fit_summary(), "resumed_from": self.resumed_from, "warm_start": self.warm_start,
                           **getattr(self, "_fit_states", {})},
                   "note": "edit paraphrases and locality prompts are a diagnostic only: neither was used to train or "

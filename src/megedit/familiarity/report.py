@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megedit.data.locality_kinds import LOCALITY_KINDS
@@ -97,15 +95,16 @@ def summary_line(report: dict, out_dir, epochs: int) -> str:
 NEGATIVE_LABELS = ("pseudo-irrelevant prompts", "pseudo locality prompts", "pseudo locality, same subject")
 
 
-def histogram(ent: dict, cal: dict | None, negative_kind: torch.Tensor | None, threshold: float, num_classes: int,
-              bins: int):
-    """Entropy histograms: the edits (evaluation), and the pseudo calibration data that picks the threshold."""
+def histogram(ent: dict, cal: dict | None, negative_kind: torch.Tensor | None, threshold: float, top: float,
+              bins: int, units: str = "nats", name: str = ""):
+    """Score histograms over [0, ``top``] (the router's largest score; entropy in nats, or ``1 - cosine``): the
+    edits (evaluation), and the pseudo calibration data that picks the threshold. ``name`` ends the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    edges = torch.linspace(0, math.log(num_classes), bins + 1).numpy()
+    edges = torch.linspace(0, top, bins + 1).numpy()
     ncols = 2 if cal is not None else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4), squeeze=False)
     panels = [(axes[0, 0], "edits (evaluation; not used for the threshold)",
@@ -120,13 +119,13 @@ def histogram(ent: dict, cal: dict | None, negative_kind: torch.Tensor | None, t
     for ax, title, groups in panels:
         for label, x in groups:
             if x.numel():
-                ax.hist(x.clamp(0, math.log(num_classes)).numpy(), bins=edges, alpha=0.55,
+                ax.hist(x.clamp(0, top).numpy(), bins=edges, alpha=0.55,
                         label=f"{label} (n={x.numel()})", density=True)
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g}")
         ax.set_yscale("log")
-        ax.set_xlabel("output entropy (nats)")
+        ax.set_xlabel("output entropy (nats)" if units == "nats" else f"score ({units})")
         ax.set_ylabel("density (log)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle(f"familiarity router, N={len(ent['edit_prompts'])}, K={num_classes}")
+    fig.suptitle(f"familiarity router, N={len(ent['edit_prompts'])}" + (f", {name}" if name else ""))
     return fig

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from megedit.artifacts import atomic_path, atomic_write_json
-from megedit.familiarity.artifact import load_entropies, read_router_config
+from megedit.familiarity.artifact import SCORE_UNITS, load_entropies, max_score, read_router_config, router_kind
 from megedit.familiarity.router import CALIBRATION_RULES, choose_threshold
 
 # The main router's groups and which way each should fall (True: below the threshold, i.e. familiar).
@@ -55,7 +55,7 @@ def pseudo_rates(ent: dict[str, torch.Tensor], threshold: float, kind_names: lis
 
 
 def routing_curve(ent: dict[str, torch.Tensor], threshold: float, kind_names: list[str], title: str = "",
-                  max_entropy: float | None = None):
+                  max_entropy: float | None = None, units: str = "nats"):
     """Every routing rate against the threshold (log x), the chosen one marked: a matplotlib figure.
 
     Solid lines: the main router on the edits (diagnostic). Dashed: the calibration router on pseudo data
@@ -91,7 +91,8 @@ def routing_curve(ent: dict[str, torch.Tensor], threshold: float, kind_names: li
     ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("entropy threshold (nats; familiar iff entropy < threshold)")
+    ax.set_xlabel("entropy threshold (nats; familiar iff entropy < threshold)" if units == "nats" else
+                  f"score threshold ({units}; familiar iff score < threshold)")
     ax.set_ylabel("share on the expected side")
     ax.grid(alpha=0.3)
     ax.set_title(title or "routing rates against the threshold", fontsize=10)
@@ -170,12 +171,14 @@ def report_lines(folder, result: dict) -> list[str]:
     return lines
 
 
-def _write_curve(path: str, ent, result: dict, kinds: list[str], folder: Path, num_classes: int) -> None:
+def _write_curve(path: str, ent, result: dict, kinds: list[str], folder: Path, cfg: dict) -> None:
     import matplotlib.pyplot as plt
 
-    # The x axis ends at the largest entropy a K-class output can have.
+    # The x axis ends at the largest score the router can give (for the net: a K-class output's entropy).
+    kind = router_kind(cfg)
     fig = routing_curve(ent, result["threshold"], kinds, title=f"{folder}: {result['threshold_source']}",
-                        max_entropy=math.log(num_classes))
+                        max_entropy=max_score(kind, (cfg.get("architecture") or {}).get("num_classes")),
+                        units=SCORE_UNITS[kind])
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -187,7 +190,8 @@ def main(argv=None) -> int:
     ent, kinds, manifest = load_entropies(folder)
     cfg = read_router_config(folder)
     threshold, source, pick = _choose(args, folder, ent, kinds, cfg, manifest["config"]["model"])
-    result: dict = {"familiarity_dir": str(folder), "trained_threshold": cfg["threshold"],
+    result: dict = {"familiarity_dir": str(folder), "router": router_kind(cfg),
+                    "trained_threshold": cfg["threshold"],
                     "trained_threshold_source": cfg.get("threshold_source")}
     if pick is not None:
         result["pick"] = pick
@@ -195,7 +199,7 @@ def main(argv=None) -> int:
                   edits=edit_rates(ent, threshold))
     print("\n".join(report_lines(folder, result)))
     if args.curve:
-        _write_curve(args.curve, ent, result, kinds, folder, cfg["architecture"]["num_classes"])
+        _write_curve(args.curve, ent, result, kinds, folder, cfg)
         print(f"  wrote {args.curve}")
     if args.json:
         atomic_write_json(args.json, result)

@@ -68,6 +68,11 @@ class Engine:
     def threshold(self) -> float | None:
         return None if self.plain else float(self.lm.router.threshold)
 
+    @property
+    def router(self) -> str | None:
+        """Which score ``entropy`` holds: ``entropy`` (the familiarity net's, nats) or ``nearest`` (1 - cosine)."""
+        return None if self.plain else self.lm.router.kind
+
     def answer(self, queries: Sequence[Query]) -> list[Answer]:
         texts = [q.text for q in queries]
         kinds = [q.kind for q in queries]
@@ -84,10 +89,11 @@ class Engine:
     def _provenance(self, routing: Routing) -> list[dict]:
         n = len(routing.familiar)
         if self.plain:
-            return [{"routed": False, "entropy": None, "threshold": None, "nearest_edit": None} for _ in range(n)]
+            return [{"routed": False, "router": None, "entropy": None, "threshold": None, "nearest_edit": None}
+                    for _ in range(n)]
         nearest = self.lm.nearest_edits(routing.embeddings)
-        return [{"routed": bool(familiar), "entropy": _number(entropy), "threshold": self.threshold,
-                 "nearest_edit": edit}
+        return [{"routed": bool(familiar), "router": self.router, "entropy": _number(entropy),
+                 "threshold": self.threshold, "nearest_edit": edit}
                 for familiar, entropy, edit in zip(routing.familiar.tolist(), routing.entropy.tolist(), nearest)]
 
     def warm_up(self) -> None:
@@ -106,4 +112,4 @@ class Engine:
 
     def describe(self) -> dict:
         return {"run": self.run, "model": self.name, "mode": self.mode, "edits": self.n_edits,
-                "threshold": self.threshold, "loaded_at": round(self.loaded_at, 3)}
+                "router": self.router, "threshold": self.threshold, "loaded_at": round(self.loaded_at, 3)}
