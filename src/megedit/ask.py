@@ -52,12 +52,14 @@ def main(argv=None) -> int:
                nearest)
     for q, a, fam, removed, ent, near in rows:
         record = {"question": q, "answer": a, "routed": bool(fam), "nearest_is_removed": bool(removed),
-                  "router": lm.router.kind, "entropy": round(ent, 4), "threshold": lm.router.threshold, "nearest_edit": near}
+                  "router": lm.router.kind, "entropy": round(ent, 4), "threshold": lm.router.threshold,
+                  "nearest_edit": near}
         if args.json:
             print(json.dumps(record, ensure_ascii=False))
         else:
             how = "edited neuron" if fam else "unedited LM" + (" (nearest edit removed)" if removed else "")
             where = ("no edit left" if near is None else f"nearest edit {near['id']} ({near['similarity']:.3f}): "
                      f"{near['prompt']!r} -> {near['target_new']!r}")
-            print(f"Q: {q}\nA: {a}\n   [{how}; {lm.router.kind} score {ent:.4f} vs threshold {lm.router.threshold:.4f}; {where}]")
+            score = f"{lm.router.kind} score {ent:.4f} vs threshold {lm.router.threshold:.4f}"
+            print(f"Q: {q}\nA: {a}\n   [{how}; {score}; {where}]")
     return 0
