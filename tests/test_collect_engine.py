@@ -7,7 +7,8 @@ import functools
 import pytest
 import torch
 
-from megedit.collect.engine import CollectItem, CollectOptions, LayerSplit, NeuronCollector, collect
+from megedit.collect.engine import CollectItem, CollectOptions, NeuronCollector, collect
+from megedit.layer_split import LayerSplit
 from megedit.components.neuron import DynamicNeuron
 from megedit.scoring import greedy_match, target_batch, teacher_forced
 from test_collect_neuron import _ToyTokenizer

@@ -209,3 +209,33 @@ def test_method_seconds_sums_meg_stages_only_when_each_is_known():
     assert out == {"meg": {"edit": 15.0, "evaluate": 1.0}, "ft": {"edit": 7.0, "evaluate": 2.0},
                    "meg_stages": {"encoder": 10.0, "diffusion": 5.02}}
     assert method_seconds(["meg"], {"meg": 0.0}, {}, {"encoder": None})["meg"]["edit"] is None
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_ft_on_cached_lower_layers_scores_as_the_full_model(fixture, request):
+    """FT trains on the layer split: its loss and reliability equal the full model's teacher forcing."""
+    from megedit.baselines import ft
+    from megedit.layer_split import LayerSplit
+    from megedit.scoring import target_batch, teacher_forced
+    from test_collect_neuron import _ToyTokenizer
+
+    model, spec = request.getfixturevalue(fixture)
+    tok = _ToyTokenizer()
+    prompts = ["5 9 3", "7 2 8 4 6 10", "11 12", "3 3 3 3", "9"]
+    targets = ["40 41", "50", "60 61 62", "70", "80 81"]
+    split = LayerSplit(model, spec)
+    edits = ft._lower_cache(split, tok, prompts, targets, batch_size=2, device=torch.device("cpu"))
+    b = target_batch(tok, prompts, targets)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100)
+    batch = ft._batch(edits, torch.device("cpu"))
+    got = torch.nn.functional.cross_entropy(ft._target_logits(split, batch), batch.labels)
+    assert torch.allclose(got, full, atol=1e-5)
+    # plant the model's own next token as two one-token targets, so reliability is neither 0 nor 1
+    pred = logits[:, :-1].argmax(-1)
+    easy = {i: str(int(pred[i][b["target_mask"][i, 1:]][0])) for i in (1, 3)}
+    targets = [easy.get(i, t) for i, t in enumerate(targets)]
+    edits = ft._lower_cache(split, tok, prompts, targets, batch_size=2, device=torch.device("cpu"))
+    want = teacher_forced(model, tok, None, prompts, targets)["exact"].float().mean().item()
+    assert ft._reliability(split, edits, batch_size=2, device=torch.device("cpu")) == pytest.approx(want)
+    assert want >= 0.4
