@@ -29,10 +29,11 @@ from megedit.scoring import target_batch, teacher_forced
 
 def full_epoch(lm, tokenizer, opt, prompts, targets, order, batch_size) -> float:
     """The reference: one epoch with full forwards (the pre-split ``finetune_mlp`` loop)."""
-    total = 0.0
+    total, device = 0.0, next(lm.parameters()).device
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        b = target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
+        b = {k: v.to(device) for k, v in target_batch(tokenizer, [prompts[i] for i in idx],
+                                                       [targets[i] for i in idx]).items()}
         logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
                     use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
@@ -48,31 +49,38 @@ def run(kind: str, lm, tokenizer, spec, prompts, targets, args) -> dict:
     """Train ``args.epochs`` epochs one way from the original MLP; seconds, losses, reliability; MLP restored."""
     mlp = edit_mlp(lm, spec)
     original = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
-    for p in mlp.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(mlp.parameters(), lr=args.lr)
+    try:
+        for p in mlp.parameters():
+            p.requires_grad_(True)
+        started = time.perf_counter()
+        losses, reliability = _train(kind, lm, tokenizer, spec, prompts, targets, args,
+                                     torch.optim.Adam(mlp.parameters(), lr=args.lr))
+        seconds = time.perf_counter() - started
+    finally:
+        for p in mlp.parameters():
+            p.requires_grad_(False)
+        mlp.load_state_dict(original)
+    return {"seconds": round(seconds, 2), "seconds_per_epoch": round(seconds / args.epochs, 2),
+            "losses": [round(x, 5) for x in losses], "reliability": [round(x, 4) for x in reliability]}
+
+
+def _train(kind, lm, tokenizer, spec, prompts, targets, args, opt) -> tuple[list[float], list[float]]:
+    device = next(lm.parameters()).device
     order, rng = list(range(len(prompts))), random.Random(args.seed)
-    started = time.perf_counter()
     split = LayerSplit(lm, spec)
-    edits = ft._lower_cache(split, tokenizer, prompts, targets, args.batch_size, torch.device("cpu")) \
-        if kind == "split" else None
+    edits = ft._lower_cache(split, tokenizer, prompts, targets, args.batch_size, device) if kind == "split" else None
     losses, reliability = [], []
     for _ in range(args.epochs):
         rng.shuffle(order)
         if kind == "split":
-            losses.append(ft._epoch(split, opt, [edits[i] for i in order], args.batch_size, torch.device("cpu")))
-            reliability.append(ft._reliability(split, edits, args.batch_size, torch.device("cpu")))
+            losses.append(ft._epoch(split, opt, [edits[i] for i in order], args.batch_size, device))
+            reliability.append(ft._reliability(split, edits, args.batch_size, device))
         else:
             losses.append(full_epoch(lm, tokenizer, opt, prompts, targets, order, args.batch_size))
             with torch.no_grad():
                 exact = teacher_forced(lm, tokenizer, None, prompts, targets, batch_size=args.batch_size)["exact"]
             reliability.append(float(exact.float().mean()))
-    seconds = time.perf_counter() - started
-    for p in mlp.parameters():
-        p.requires_grad_(False)
-    mlp.load_state_dict(original)
-    return {"seconds": round(seconds, 2), "seconds_per_epoch": round(seconds / args.epochs, 2),
-            "losses": [round(x, 5) for x in losses], "reliability": [round(x, 4) for x in reliability]}
+    return losses, reliability
 
 
 def main(argv=None) -> dict:

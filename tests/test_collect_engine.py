@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megedit.collect.engine import CollectItem, CollectOptions, NeuronCollector, collect
-from megedit.layer_split import LayerSplit
 from megedit.components.neuron import DynamicNeuron
+from megedit.layer_split import LayerSplit
 from megedit.scoring import greedy_match, target_batch, teacher_forced
 from test_collect_neuron import _ToyTokenizer
 

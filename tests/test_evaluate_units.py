@@ -216,6 +216,7 @@ def test_ft_on_cached_lower_layers_scores_as_the_full_model(fixture, request):
     """FT trains on the layer split: its loss and reliability equal the full model's teacher forcing."""
     from megedit.baselines import ft
     from megedit.layer_split import LayerSplit
+    from megedit.loading import edit_mlp
     from megedit.scoring import target_batch, teacher_forced
     from test_collect_neuron import _ToyTokenizer
 
@@ -231,6 +232,21 @@ def test_ft_on_cached_lower_layers_scores_as_the_full_model(fixture, request):
     batch = ft._batch(edits, torch.device("cpu"))
     got = torch.nn.functional.cross_entropy(ft._target_logits(split, batch), batch.labels)
     assert torch.allclose(got, full, atol=1e-5)
+    # the MLP's gradient through the upper half equals the full model's
+    params = list(edit_mlp(model, spec).parameters())
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       position_ids=b["position_ids"]).logits
+        full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                                 ignore_index=-100)
+        got = torch.nn.functional.cross_entropy(ft._target_logits(split, batch), batch.labels)
+        for want_grad, got_grad in zip(torch.autograd.grad(full, params), torch.autograd.grad(got, params)):
+            assert torch.allclose(got_grad, want_grad, atol=1e-5)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
     # plant the model's own next token as two one-token targets, so reliability is neither 0 nor 1
     pred = logits[:, :-1].argmax(-1)
     easy = {i: str(int(pred[i][b["target_mask"][i, 1:]][0])) for i in (1, 3)}

@@ -57,8 +57,10 @@ def _lower_cache(split: LayerSplit, tokenizer, prompts: Sequence[str], targets: 
                                 b["position_ids"].to(device))
         for row in range(hidden.shape[0]):
             real = b["attention_mask"][row].bool()
-            out.append(_Edit(hidden[row][real.to(device)], b["input_ids"][row][real],
-                             int(b["target_lengths"][row])))
+            edit = _Edit(hidden[row][real.to(device)], b["input_ids"][row][real], int(b["target_lengths"][row]))
+            if edit.n_target >= len(edit.ids):  # no prompt token before the target: nothing predicts its first token
+                raise ValueError(f"FT edit {start + row}: prompt {prompts[start + row]!r} has no tokens")
+            out.append(edit)
     return out
 
 
@@ -106,6 +108,8 @@ def finetune_mlp(lm, tokenizer, spec: ModelSpec, prompts: Sequence[str], targets
     the LM is left unchanged. ``epochs`` is the budget; ``target_reliability=None`` always runs all of it."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        raise ValueError("FT needs at least one edit")
     mlp = edit_mlp(lm, spec)
     original = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
     params = list(mlp.parameters())
@@ -137,7 +141,7 @@ def finetune_mlp(lm, tokenizer, spec: ModelSpec, prompts: Sequence[str], targets
 
 
 def _epoch(split: LayerSplit, opt, edits: Sequence[_Edit], batch_size: int, device) -> float:
-    """One pass over ``edits`` in this order; the mean per-edit loss (each batch's token-mean NLL)."""
+    """One pass over ``edits`` in this order; its loss: each batch's token-mean NLL, weighted by the batch's edits."""
     total = 0.0
     for start in range(0, len(edits), batch_size):
         chunk = edits[start:start + batch_size]
