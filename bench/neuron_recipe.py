@@ -85,6 +85,13 @@ for _layer in (3, 6, 9, 12, 15, 18, 21, 27, 29):
 # A larger Adam step reaches the margin in fewer steps: collection cost is steps x rows x layers above.
 for _name in ("base", "margin3", "margin6", "layer27", "layer29", "relation4_margin3", "qa", "qa_margin3", "budget40"):
     VARIANTS[f"{_name}_lr0.2"] = dataclasses.replace(VARIANTS[_name], lr=0.2)
+# App. A.4's question (which layer?) asked with the stage's own recipes: CounterFact's (qa wrapper) and
+# ZsRE's (plain), margin 3 at Adam 0.2, at every third layer. The plot draws one line per recipe.
+LAYER_SWEEP = (3, 6, 9, 12, 15, 18, 21, 27, 29)
+LAYER_FAMILIES = ("base", "margin3_lr0.2", "qa_margin3_lr0.2")
+for _family in LAYER_FAMILIES[1:]:
+    for _layer in LAYER_SWEEP:
+        VARIANTS[f"{_family}_layer{_layer}"] = dataclasses.replace(VARIANTS[_family], layer=_layer)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
@@ -204,6 +211,16 @@ class Study:
         }
 
 
+def layer_family(name: str) -> str | None:
+    """The recipe a layer-sweep variant varies (``base`` for ``layer9``), or None for other variants."""
+    if name.startswith("layer") and name[5:].isdigit():
+        return "base"
+    family, _, layer = name.rpartition("_layer")
+    if family in LAYER_FAMILIES and layer.isdigit():
+        return family
+    return name if name in LAYER_FAMILIES else None
+
+
 def plot(out: dict, path: Path) -> None:
     import matplotlib
 
@@ -215,7 +232,7 @@ def plot(out: dict, path: Path) -> None:
                              gridspec_kw={"width_ratios": [3, 1.3]})
     for row, tag in zip(axes, tags):
         variants = out["runs"][tag]["variants"]
-        names = [n for n in variants if not n.startswith("layer")]
+        names = [n for n in variants if layer_family(n) is None or n in LAYER_FAMILIES]
         ag = [variants[n]["paraphrase_ag"] for n in names]
         err = [[a["rate"] - a["ci95"][0] for a in ag], [a["ci95"][1] - a["rate"] for a in ag]]
         row[0].bar(names, [a["rate"] for a in ag], yerr=err, capsize=3, color="tab:blue", label="paraphrase AG")
@@ -226,17 +243,21 @@ def plot(out: dict, path: Path) -> None:
         row[0].set_ylim(0, 1.02)
         row[0].tick_params(axis="x", rotation=60)
         row[0].legend(fontsize=8)
-        layers = sorted((v["recipe"]["layer"], v) for n, v in variants.items()
-                        if n.startswith("layer") or n == "base")
-        xs = [l for l, _ in layers]
-        row[1].errorbar(xs, [v["paraphrase_ag"]["rate"] for _, v in layers], fmt="o-",
-                        yerr=[[v["paraphrase_ag"]["rate"] - v["paraphrase_ag"]["ci95"][0] for _, v in layers],
-                              [v["paraphrase_ag"]["ci95"][1] - v["paraphrase_ag"]["rate"] for _, v in layers]],
-                        label="paraphrase AG")
-        row[1].plot(xs, [v["prompt_success_ag"]["rate"] for _, v in layers], "k.--", label="prompt AG")
-        row[1].set_xlabel("edit layer (margin 10)")
+        for family in LAYER_FAMILIES:
+            layers = sorted((v["recipe"]["layer"], v) for n, v in variants.items() if layer_family(n) == family)
+            if len(layers) < 2:
+                continue
+            xs = [l for l, _ in layers]
+            line = row[1].errorbar(xs, [v["paraphrase_ag"]["rate"] for _, v in layers], fmt="o-",
+                                   yerr=[[v["paraphrase_ag"]["rate"] - v["paraphrase_ag"]["ci95"][0] for _, v in layers],
+                                         [v["paraphrase_ag"]["ci95"][1] - v["paraphrase_ag"]["rate"] for _, v in layers]],
+                                   label=f"{family}: paraphrase AG")
+            row[1].plot(xs, [v["prompt_success_ag"]["rate"] for _, v in layers], ".--",
+                        color=line[0].get_color(), label=f"{family}: prompt AG")
+        row[1].set_xlabel("edit layer")
         row[1].set_ylim(0, 1.02)
-        row[1].legend(fontsize=8)
+        if row[1].get_legend_handles_labels()[0]:
+            row[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
