@@ -52,6 +52,7 @@ import torch
 from megedit.artifacts import atomic_write_json
 from megedit.cli import STAGES, stage_classes
 from megedit.components.familiarity_net import FamiliarityNet, FamiliarityRouter
+from megedit.components.nearest_router import NearestRouter
 from megedit.data.locality_kinds import normalise
 from megedit.encoder.artifact import hard_negative_groups, heldout_groups, load_encoder
 from megedit.encoder.encoder_datamodule import group_pairs
@@ -91,6 +92,9 @@ class _RouterData(L.LightningDataModule):
     def __init__(self, emb: dict[str, torch.Tensor], batch_size: int):
         super().__init__()
         self.emb, self.batch_size = emb, batch_size
+
+    def request(self, trains: bool = True) -> None:
+        """Only nets train here (the nearest-neighbour rows score the embeddings directly)."""
 
     def handover(self) -> RouterInputs:
         # Only the report reads the other fields; this module writes none.
@@ -262,10 +266,9 @@ def main(argv=None) -> dict:
             row[name] = {"epochs": epochs, "converged": converged, "train_seconds": round(time.time() - t, 1),
                          "memorised_mean_entropy": float(e_mem.mean()),
                          **read_out(e_pos, e_neg, neg_kind, recipe)}
-        # Nearest-neighbour baseline on the same embeddings (distance 1 - cosine: lower = more familiar).
-        nn_pos = 1 - (emb_pos @ memorised.T).max(1).values
-        nn_neg = 1 - torch.cat([(neg[i:i + 2048] @ memorised.T).max(1).values for i in range(0, len(neg), 2048)])
-        row["nearest_neighbour"] = read_out(nn_pos, nn_neg, neg_kind, recipe)
+        # The stage's nearest-neighbour router on the same embeddings (1 - max cosine: lower = more familiar).
+        nearest = NearestRouter(memorised, threshold=0.0)
+        row["nearest_neighbour"] = read_out(nearest.entropy(emb_pos), nearest.entropy(neg), neg_kind, recipe)
         results["runs"].append(row)
         m, p, b = row["megedit"], row["paper"], row["nearest_neighbour"]
         print(f"N={n:>6} ({n_train} training negatives, {len(neigh)} neighbours scored)", flush=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from megedit.artifacts import atomic_write_json
+from megedit.edited_model import DEFAULT_STEPS
 from megedit.prepare.artifact import load_prepared
 from megedit.serve.process import ServerProcess
 
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=32, help="requests per level (at least one per client)")
     p.add_argument("--warmup", type=int, default=4, help="untimed requests before the levels, per mode")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the MeG server")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps of the MeG server (its default)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-window-ms", type=float, default=10.0)
     p.add_argument("--torch-threads", type=int, default=None, help="the server's torch threads (default torch's)")

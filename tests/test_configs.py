@@ -96,3 +96,15 @@ def test_familiarity_router_kind_is_a_stage_option():
     assert parse_stage_args("familiarity", *classes, stage.links, ["--model.router", "nearest"]).model.router == "nearest"
     with pytest.raises(Exception, match="router"):
         parse_stage_args("familiarity", *classes, stage.links, ["--model.router", "knn"])
+
+
+def test_sampler_steps_default_is_one_value_everywhere():
+    """evaluate's config, ``megedit ask``, ``megedit serve`` and ``EditedLM`` sample with the same DDIM steps."""
+    from megedit.ask import build_parser as ask_parser
+    from megedit.edited_model import DEFAULT_STEPS, EditedLM
+    from megedit.serve.cli import build_parser as serve_parser
+
+    evaluate = yaml.safe_load((CONFIG_DIR / "stages" / "evaluate.yaml").read_text())["model"]["steps"]
+    ask = ask_parser().parse_args(["--run", "r", "q"]).steps
+    serve = serve_parser().parse_args(["--run", "r"]).steps
+    assert evaluate == ask == serve == inspect.signature(EditedLM).parameters["steps"].default == DEFAULT_STEPS

@@ -537,7 +537,12 @@ class _FakeRouterData:
                               encoder={"encoder_dir": str(encoder_dir), "encoder_manifest_sha256": "0"},
                               data_config={}, upstream={"encoder": encoder_dir})
 
+        requested = self.requested = []
+
         class Data(L.LightningDataModule):
+            def request(self, trains=True):
+                requested.append(trains)
+
             def handover(self):
                 return inputs
 
@@ -567,6 +572,7 @@ def test_nearest_router_stage_memorises_without_training_and_load_router_round_t
     assert cfg["kind"] == report["router"] == "nearest" and cfg["memory"] == {"n": 8, "dim": 64}
     assert "architecture" not in cfg and cfg["entropy_units"] == "1 - cosine" and report["max_entropy"] == 2.0
     assert report["fit"]["epochs"] == 0 and not report["fences"]["used"]
+    assert data.requested == [False]  # so the real datamodule embeds no negatives, fences or shifts
     assert report["rates"]["edit_prompts_familiar"] == 1.0 and report["calibration"]["auroc"] == 1.0
     assert all((out / name).is_file() for name in ("router.safetensors", "calibration_router.safetensors",
                                                    "entropies.safetensors", "entropy_hist.png", "routing_curve.png"))

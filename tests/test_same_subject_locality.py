@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from megedit.artifacts import read_manifest
 from megedit.cli import stage_main
@@ -68,6 +69,21 @@ def test_hard_negatives_and_fences_on_zsre(zsre_prepared_dir, tmp_path):
     # Fences are other facts about the edited subjects, at most fences_per_edit per edit.
     assert len(texts["fences"]) <= dm.hparams.fences_per_edit * len(prep.edits)
     assert all(any(e.subject in t for e in prep.edits) for t in texts["fences"])
+
+    # A nearest router trains nothing: its datamodule embeds no negative, fence or shift, and hands over
+    # the same edit and calibration embeddings as the net's.
+    from megedit.familiarity.familiarity_datamodule import NET_ONLY_GROUPS
+
+    handed = {}
+    for trains in (True, False):
+        dm = FamiliarityDataModule(str(zsre_prepared_dir), str(enc), paraphrase_shifts=20)
+        dm.setup()
+        dm.request(trains=trains)
+        handed[trains] = dm.handover()
+    assert all(len(handed[True].emb[g]) for g in ("train_negatives", "fences", "calib_fences", "shifts"))
+    assert all(len(handed[False].emb[g]) == 0 for g in NET_ONLY_GROUPS)
+    for g in ("edit_prompts", "edit_paraphrases", "locality", "calib_prompts", "calib_positives", "calib_negatives"):
+        assert torch.allclose(handed[True].emb[g], handed[False].emb[g], atol=1e-5)
 
 
 @pytest.mark.ddp

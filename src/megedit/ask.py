@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from megedit.edited_model import DEFAULT_STEPS
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megedit ask", description=__doc__.split("\n\n")[0])
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="question / completion: wrap in the model's question / completion template")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--no-router", action="store_true", help="attach a generated neuron to every query")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps (5, 10 and 50 give the same neurons; docs/experiments.md)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps (10 to 1000 give the same answers; docs/ablations.md)")
     p.add_argument("--noise-scale", type=float, default=None,
                    help="sampling temperature (initial-noise scale, 0..1); default: the generator's own")
     p.add_argument("--value-scale", type=float, default=None,

@@ -46,6 +46,8 @@ from megedit.prepare.artifact import load_prepared
 # The kinds of calibration negatives (``calibration_negative_kind`` indexes this): unrelated prompts,
 # pseudo edits' locality prompts about another subject, and those about the pseudo edit's own subject.
 NEGATIVE_KINDS = ("pseudo_irrelevant", "pseudo_locality", "pseudo_same_subject")
+# Text groups only a router that trains (the net) learns from; the nearest router never reads them.
+NET_ONLY_GROUPS = ("train_negatives", "fences", "calib_fences", "shift_originals", "shift_paraphrases")
 
 
 class PairedIndices(Dataset):
@@ -303,6 +305,7 @@ class FamiliarityDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        self.texts: dict[str, list[str]] | None = None
         self.emb: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ inputs
@@ -386,24 +389,39 @@ class FamiliarityDataModule(L.LightningDataModule):
                            hp.paraphrase_shifts, hp.seed)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.emb is not None:
+        """Pick every text group; the encoder embeds them at ``handover``, after the module's ``request``."""
+        if self.texts is not None:
             return
-        hp = self.hparams
         self._check_inputs()
         texts = self._texts()
         texts.update(zip(("shift_originals", "shift_paraphrases"), self._shift_pairs(texts)))
         self.texts = texts
-        encoder = load_encoder(hp.encoder_dir, check=False)  # _check_inputs read its manifest
-        flat = [t for v in texts.values() for t in v]
-        all_emb = embed_sharded(encoder, flat, hp.embed_batch_size, progress=True)
+
+    def request(self, trains: bool = True) -> None:
+        """What the module will use (``megedit.handover``): a router that trains nothing (``nearest``) needs
+        no training negatives, fences or paraphrase shifts, so they are not embedded. The calibration sets
+        are drawn before this and stay the same either way."""
+        if trains:
+            return
+        for name in NET_ONLY_GROUPS:
+            self.texts[name] = []
+        if getattr(self, "calibration_counts", None) is not None:
+            self.calibration_counts.update({k: 0 for k in ("fences", "train_negatives") if k in self.calibration_counts})
+
+    def _embed(self) -> None:
+        encoder = load_encoder(self.hparams.encoder_dir, check=False)  # _check_inputs read its manifest
+        flat = [t for v in self.texts.values() for t in v]
+        all_emb = embed_sharded(encoder, flat, self.hparams.embed_batch_size, progress=True)
         self.emb, start = {}, 0
-        for name, v in texts.items():
+        for name, v in self.texts.items():
             self.emb[name] = all_emb[start:start + len(v)]
             start += len(v)
         self.dim = self.emb["edit_prompts"].shape[1]
         self.emb["shifts"] = self.emb["shift_paraphrases"] - self.emb["shift_originals"]
 
     def handover(self) -> RouterInputs:
+        if self.emb is None:
+            self._embed()
         hp = self.hparams
         return RouterInputs(
             emb=self.emb, calibrate=hp.calibrate, negative_kind=getattr(self, "calibration_negative_kind", None),

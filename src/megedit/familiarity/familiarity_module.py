@@ -183,6 +183,10 @@ class FamiliarityModule(L.LightningModule):
         self.resumed_from: str | None = None  # set by the stage CLI
 
     # ------------------------------------------------------------------ setup
+    def data_request(self) -> dict:
+        # The nearest router memorises and scores; it learns nothing from negatives, fences or shifts.
+        return {"trains": self.hparams.router != "nearest"}
+
     def receive(self, inputs: RouterInputs) -> None:
         if self.hparams.threshold == "auto" and not inputs.calibrate:
             raise ValueError("model.threshold auto needs data.calibrate true (the calibration router)")

@@ -12,6 +12,7 @@ import functools
 import logging
 import sys
 
+from megedit.edited_model import DEFAULT_STEPS
 from megedit.serve.options import ServeOptions
 
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                    help="max_tokens of a request that gives none")
     g = p.add_argument_group("the edited model (as megedit ask)")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps (as megedit ask and EditedLM)")
     g.add_argument("--noise-scale", type=float, default=None,
                    help="sampling temperature (initial-noise scale, 0..1); default: the generator's own")
     g.add_argument("--value-scale", type=float, default=None,
