@@ -258,6 +258,9 @@ def plot(out: dict, path: Path) -> None:
         row[1].set_ylim(0, 1.02)
         if row[1].get_legend_handles_labels()[0]:
             row[1].legend(fontsize=7)
+        else:
+            row[1].axis("off")
+            row[1].text(0.5, 0.5, "no layer sweep for this run", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
