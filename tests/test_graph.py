@@ -63,3 +63,23 @@ def test_make_runs_each_stage_with_its_inputs_and_experiments_recompute_what_the
     exp = dry_run("EXP=mlp-generator")
     recomputed = {line.split("stages/")[1].split(".py")[0] for line in exp if f"{run}-mlp-generator/" in line}
     assert recomputed == {"diffusion", "evaluate"}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_general_scores_a_finished_run_with_the_asked_variants(tmp_path):
+    """``make general RUN=...`` is the general stage on that run (``docs/general.md``), with ``GENERAL_ARGS`` passed
+    through and ``GENERAL_ALL=1`` lifting the per-benchmark subset."""
+    run = tmp_path / "run"
+    for stage in ("prepare", "encoder", "familiarity", "diffusion"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "manifest.json").write_text("{}")
+
+    def dry_run(*extra):
+        out = subprocess.run(["make", "-n", "general", f"RUN={run}", "VENV=.venv", *extra], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+        return [" ".join(line.split()) for line in out.splitlines() if "stages/general.py" in line]
+
+    (line,) = dry_run()
+    assert f"--data.run_dir {run} --model.out_dir {run}/general" in line and "items_per_benchmark" not in line
+    (line,) = dry_run("GENERAL_ARGS=--model.variants [base,meg,ft]", "GENERAL_ALL=1")
+    assert "--data.items_per_benchmark null" in line and line.endswith("--model.variants [base,meg,ft]")
