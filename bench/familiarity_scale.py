@@ -93,7 +93,7 @@ class _RouterData(L.LightningDataModule):
         super().__init__()
         self.emb, self.batch_size = emb, batch_size
 
-    def request(self, trains: bool = True) -> None:
+    def request(self, net_groups: bool = True) -> None:
         """Only nets train here (the nearest-neighbour rows score the embeddings directly)."""
 
     def handover(self) -> RouterInputs:

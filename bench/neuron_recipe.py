@@ -80,14 +80,14 @@ VARIANTS: dict[str, Recipe] = {
     "relation4_margin3": dataclasses.replace(BASE, views="relation", stop_margin=3.0),
     "current_default": dataclasses.replace(BASE, layer=9, stop_margin=3.0, max_steps=50),
 }
-for _layer in (3, 6, 9, 12, 15, 18, 21, 27, 29):
+LAYER_SWEEP = (3, 6, 9, 12, 15, 18, 21, 27, 29)  # every third layer of SmolLM2's 30 beside the default 24
+for _layer in LAYER_SWEEP:
     VARIANTS[f"layer{_layer}"] = dataclasses.replace(BASE, layer=_layer)
 # A larger Adam step reaches the margin in fewer steps: collection cost is steps x rows x layers above.
 for _name in ("base", "margin3", "margin6", "layer27", "layer29", "relation4_margin3", "qa", "qa_margin3", "budget40"):
     VARIANTS[f"{_name}_lr0.2"] = dataclasses.replace(VARIANTS[_name], lr=0.2)
 # App. A.4's question (which layer?) asked with the stage's own recipes: CounterFact's (qa wrapper) and
 # ZsRE's (plain), margin 3 at Adam 0.2, at every third layer. The plot draws one line per recipe.
-LAYER_SWEEP = (3, 6, 9, 12, 15, 18, 21, 27, 29)
 LAYER_FAMILIES = ("base", "margin3_lr0.2", "qa_margin3_lr0.2")
 for _family in LAYER_FAMILIES[1:]:
     for _layer in LAYER_SWEEP:
@@ -244,7 +244,8 @@ def plot(out: dict, path: Path) -> None:
         row[0].tick_params(axis="x", rotation=60)
         row[0].legend(fontsize=8)
         for family in LAYER_FAMILIES:
-            layers = sorted((v["recipe"]["layer"], v) for n, v in variants.items() if layer_family(n) == family)
+            layers = sorted(((v["recipe"]["layer"], v) for n, v in variants.items() if layer_family(n) == family),
+                            key=lambda lv: lv[0])
             if len(layers) < 2:
                 continue
             xs = [l for l, _ in layers]

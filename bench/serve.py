@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from megedit.artifacts import atomic_write_json
-from megedit.edited_model import DEFAULT_STEPS
+from megedit.defaults import DEFAULT_STEPS
 from megedit.prepare.artifact import load_prepared
 from megedit.serve.process import ServerProcess
 

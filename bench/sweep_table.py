@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 from megedit.artifacts import atomic_write_json, atomic_write_text
@@ -66,11 +68,11 @@ def main(argv=None) -> dict:
     base = per_item(args.folders[0], args.variant)
     rows = [row(f, args.variant, None if i == 0 else base) for i, f in enumerate(args.folders)]
     out = {"name": args.name, "variant": args.variant, "machine": args.machine, "rows": rows,
-           "command": "python bench/sweep_table.py " + " ".join(str(a) for a in (argv if argv is not None else
-                                                                                 __import__("sys").argv[1:]))}
+           "command": shlex.join(["python", "bench/sweep_table.py", *(argv if argv is not None else sys.argv[1:])])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out.with_suffix(".json"), out)
-    atomic_write_text(args.out.with_suffix(".md"), markdown(out))
+    # Appended, not with_suffix: an --out like "threshold-0.5" keeps its last dot.
+    atomic_write_json(f"{args.out}.json", out)
+    atomic_write_text(f"{args.out}.md", markdown(out))
     print(markdown(out))
     return out
 

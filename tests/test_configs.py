@@ -99,12 +99,17 @@ def test_familiarity_router_kind_is_a_stage_option():
 
 
 def test_sampler_steps_default_is_one_value_everywhere():
-    """evaluate's config, ``megedit ask``, ``megedit serve`` and ``EditedLM`` sample with the same DDIM steps."""
+    """The evaluate and general stages (code and YAML), ``megedit ask``, ``megedit serve`` and ``EditedLM`` sample
+    with the same DDIM steps: ``megedit.defaults.DEFAULT_STEPS``."""
     from megedit.ask import build_parser as ask_parser
-    from megedit.edited_model import DEFAULT_STEPS, EditedLM
+    from megedit.defaults import DEFAULT_STEPS
+    from megedit.edited_model import EditedLM
     from megedit.serve.cli import build_parser as serve_parser
 
-    evaluate = yaml.safe_load((CONFIG_DIR / "stages" / "evaluate.yaml").read_text())["model"]["steps"]
-    ask = ask_parser().parse_args(["--run", "r", "q"]).steps
-    serve = serve_parser().parse_args(["--run", "r"]).steps
-    assert evaluate == ask == serve == inspect.signature(EditedLM).parameters["steps"].default == DEFAULT_STEPS
+    found = {"ask": ask_parser().parse_args(["--run", "r", "q"]).steps,
+             "serve": serve_parser().parse_args(["--run", "r"]).steps,
+             "EditedLM": inspect.signature(EditedLM).parameters["steps"].default}
+    for stage in ("evaluate", "general"):
+        found[f"{stage}.yaml"] = yaml.safe_load((CONFIG_DIR / "stages" / f"{stage}.yaml").read_text())["model"]["steps"]
+        found[f"{stage} module"] = inspect.signature(_load(STAGES[stage].module)).parameters["steps"].default
+    assert found == {name: DEFAULT_STEPS for name in found}

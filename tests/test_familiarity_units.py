@@ -540,8 +540,8 @@ class _FakeRouterData:
         requested = self.requested = []
 
         class Data(L.LightningDataModule):
-            def request(self, trains=True):
-                requested.append(trains)
+            def request(self, net_groups=True):
+                requested.append(net_groups)
 
             def handover(self):
                 return inputs

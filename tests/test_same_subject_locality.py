@@ -70,20 +70,26 @@ def test_hard_negatives_and_fences_on_zsre(zsre_prepared_dir, tmp_path):
     assert len(texts["fences"]) <= dm.hparams.fences_per_edit * len(prep.edits)
     assert all(any(e.subject in t for e in prep.edits) for t in texts["fences"])
 
-    # A nearest router trains nothing: its datamodule embeds no negative, fence or shift, and hands over
-    # the same edit and calibration embeddings as the net's.
+    # A nearest router learns nothing from negatives, fences or shifts: its datamodule draws the same texts and
+    # counts (so calibration is the same) but embeds none of those groups.
     from megedit.familiarity.familiarity_datamodule import NET_ONLY_GROUPS
 
-    handed = {}
-    for trains in (True, False):
+    drawn = {}
+    for net_groups in (True, False):
         dm = FamiliarityDataModule(str(zsre_prepared_dir), str(enc), paraphrase_shifts=20)
         dm.setup()
-        dm.request(trains=trains)
-        handed[trains] = dm.handover()
-    assert all(len(handed[True].emb[g]) for g in ("train_negatives", "fences", "calib_fences", "shifts"))
-    assert all(len(handed[False].emb[g]) == 0 for g in NET_ONLY_GROUPS)
-    for g in ("edit_prompts", "edit_paraphrases", "locality", "calib_prompts", "calib_positives", "calib_negatives"):
-        assert torch.allclose(handed[True].emb[g], handed[False].emb[g], atol=1e-5)
+        dm.request(net_groups=net_groups)
+        drawn[net_groups] = (dm, dict(dm.calibration_counts))
+    (full, full_counts), (lean, lean_counts) = drawn[True], drawn[False]
+    assert lean_counts == full_counts and lean.fences_drawn == full.fences_drawn > 0
+    assert all(full.texts[g] for g in NET_ONLY_GROUPS) and not any(lean.texts[g] for g in NET_ONLY_GROUPS)
+    assert {g: t for g, t in lean.texts.items() if g not in NET_ONLY_GROUPS} == \
+        {g: t for g, t in full.texts.items() if g not in NET_ONLY_GROUPS}
+    handed = lean.handover()
+    assert all(len(handed.emb[g]) == 0 for g in (*NET_ONLY_GROUPS, "shifts"))
+    assert handed.fences["main"] == full.fences_drawn and handed.fences["embedded"] is False
+    with pytest.raises(RuntimeError, match="before handover"):
+        lean.request(net_groups=True)
 
 
 @pytest.mark.ddp

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from megedit.edited_model import DEFAULT_STEPS
+from megedit.defaults import DEFAULT_STEPS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,17 +26,13 @@ import torch
 from megedit.artifacts import ArtifactError, check_lineage, check_upstream, read_manifest
 from megedit.components.neuron import DynamicNeuron, scale_value
 from megedit.components.text_encoder import TextEncoder
+from megedit.defaults import DEFAULT_STEPS
 from megedit.graph import SERVED
 from megedit.loading import load_lm
 from megedit.prepare.artifact import Prepared, load_prepared
 from megedit.scoring import greedy_generate, teacher_forced, greedy_match
 
 
-
-
-# DDIM steps of the generator where nobody says otherwise (EditedLM, ask, serve, evaluate): 10, 50, 100 and
-# 1000 give the same answers on every scored item (docs/ablations.md), and 50 costs 5x the sampling time.
-DEFAULT_STEPS = 10
 
 @dataclass
 class Routing:

@@ -12,7 +12,10 @@ A module that will not use everything its datamodule can serve says so in ``data
 before the handover, so the datamodule builds no loader for what nobody trains on and hands over what it
 really serves. Data drawn anew each epoch follows ``DataEpoch``, which calls ``datamodule.set_epoch``.
 
-A test or tool that drives a module without a Trainer calls ``module.receive(datamodule.handover())`` itself.
+A handover may do the stage's heavy preparation (the familiarity datamodule embeds its texts there, once it
+knows what the module will use), so under DDP it runs on every rank, as the callback does. A test or tool
+that drives a module without a Trainer calls ``datamodule.setup()``, ``datamodule.request(**module.data_request())``
+where the module has one, and ``module.receive(datamodule.handover())`` itself.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 
 from megedit.artifacts import ArtifactError, finished_manifest, write_manifest
 from megedit.baselines.memit import swapped_weights
+from megedit.defaults import DEFAULT_STEPS
 from megedit.distributed import gather_objects
 from megedit.edited_model import EditedLM
 from megedit.evaluate.items import AG_PROTOCOLS, greedy_scores, reference_tokens, teacher_forced_scores
@@ -45,7 +46,7 @@ def method_seconds(variants: list[str], eval_seconds: dict, peers: dict, stages:
 
 class EvaluateModule(ReceivesInputs, L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/evaluate",
-                 variants: list[str] = ["meg", "meg_retrieval", "ft", "memit", "alphaedit"], steps: int = 10,
+                 variants: list[str] = ["meg", "meg_retrieval", "ft", "memit", "alphaedit"], steps: int = DEFAULT_STEPS,
                  sampler: str = "ddim", seed: int = 0, ag_protocol: str = "target_length", ft_epochs: int = 30,
                  ft_lr: float = 2e-3, ft_batch_size: int = 32, ft_target_reliability: float | None = 0.95,
                  peer_max_edits: int | None = 1024, peer_stats_texts: int | None = None,

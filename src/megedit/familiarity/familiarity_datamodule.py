@@ -1,4 +1,5 @@
-"""Embeds, once, every text the familiarity stage needs with the (frozen) tuned encoder.
+"""Picks every text the familiarity stage needs (``setup``) and embeds them once with the (frozen) tuned encoder
+(``handover``, after the module's ``request`` has said which groups it will use; under DDP on every rank).
 
 Two routers train side by side on identical recipes:
 
@@ -395,18 +396,18 @@ class FamiliarityDataModule(L.LightningDataModule):
         self._check_inputs()
         texts = self._texts()
         texts.update(zip(("shift_originals", "shift_paraphrases"), self._shift_pairs(texts)))
-        self.texts = texts
+        self.texts, self.fences_drawn, self.net_groups_embedded = texts, len(texts["fences"]), True
 
-    def request(self, trains: bool = True) -> None:
-        """What the module will use (``megedit.handover``): a router that trains nothing (``nearest``) needs
-        no training negatives, fences or paraphrase shifts, so they are not embedded. The calibration sets
-        are drawn before this and stay the same either way."""
-        if trains:
-            return
-        for name in NET_ONLY_GROUPS:
-            self.texts[name] = []
-        if getattr(self, "calibration_counts", None) is not None:
-            self.calibration_counts.update({k: 0 for k in ("fences", "train_negatives") if k in self.calibration_counts})
+    def request(self, net_groups: bool = True) -> None:
+        """What the module will use (``megedit.handover``), between ``setup`` and ``handover``: without
+        ``net_groups`` (the nearest router, which learns nothing) the training negatives, fences and paraphrase
+        shifts are not embedded. They are still drawn, so the calibration sets and the report's counts are
+        the same either way; the report says whether they were embedded."""
+        if self.texts is None or self.emb is not None:
+            raise RuntimeError("FamiliarityDataModule.request comes after setup() and before handover()")
+        self.net_groups_embedded = net_groups
+        if not net_groups:
+            self.texts.update({name: [] for name in NET_ONLY_GROUPS})
 
     def _embed(self) -> None:
         encoder = load_encoder(self.hparams.encoder_dir, check=False)  # _check_inputs read its manifest
@@ -427,7 +428,7 @@ class FamiliarityDataModule(L.LightningDataModule):
             emb=self.emb, calibrate=hp.calibrate, negative_kind=getattr(self, "calibration_negative_kind", None),
             calibration_counts=getattr(self, "calibration_counts", None), locality_kinds=self.locality_kinds,
             fences={"per_edit": hp.fences_per_edit, "templates": len(self.fence_templates),
-                    "main": len(self.texts["fences"])},
+                    "main": self.fences_drawn, "embedded": self.net_groups_embedded},
             n_edits=len(self.prepared.edits), lineage=self.prepared.lineage,
             encoder={"encoder_dir": str(hp.encoder_dir), "encoder_manifest_sha256": self.encoder_manifest_sha256},
             data_config=dict(hp), upstream=upstream_dirs("familiarity", hp))

@@ -183,9 +183,15 @@ class FamiliarityModule(L.LightningModule):
         self.resumed_from: str | None = None  # set by the stage CLI
 
     # ------------------------------------------------------------------ setup
+    @property
+    def learns_from_negatives(self) -> bool:
+        """The net learns from training negatives, fences and shifts; the nearest router only memorises."""
+        return self.hparams.router == "entropy"
+
     def data_request(self) -> dict:
-        # The nearest router memorises and scores; it learns nothing from negatives, fences or shifts.
-        return {"trains": self.hparams.router != "nearest"}
+        if not self.learns_from_negatives and self._trainer is not None and self.trainer.world_size > 1:  # before any embedding
+            raise ValueError("model.router nearest trains nothing: run it on one device (trainer.devices 1)")
+        return {"net_groups": self.learns_from_negatives}
 
     def receive(self, inputs: RouterInputs) -> None:
         if self.hparams.threshold == "auto" and not inputs.calibrate:
@@ -217,8 +223,6 @@ class FamiliarityModule(L.LightningModule):
 
     def _memorise(self, emb: dict[str, torch.Tensor]) -> None:
         """The nearest routers: the edit prompts and (with calibration) the pseudo prompts, memorised."""
-        if self.trainer.world_size > 1:  # DDP refuses a module with nothing to train
-            raise ValueError("model.router nearest trains nothing: run it on one device (trainer.devices 1)")
         self.main_net = NearestRouter(emb["edit_prompts"], math.inf)
         self.calib_net = NearestRouter(emb["calib_prompts"], math.inf) if self.inputs.calibrate else None
         self.warm_start, self._converged = None, True  # nothing to fit: a memory holds every point exactly
@@ -422,7 +426,7 @@ class FamiliarityModule(L.LightningModule):
         """``routing_report.json``: the edits' routing (a diagnostic), the calibration, fences, shifts, the fit."""
         hp, data = self.hparams, self.inputs
         routing = edit_routing(ent, threshold, data.locality_kinds)
-        trains = hp.router == "entropy"  # fences and shifts shape the net; the nearest router ignores them
+        trains = self.learns_from_negatives
         report = {"router": hp.router, "threshold": threshold, "threshold_source": source,
                   "entropy_units": SCORE_UNITS[hp.router], "max_entropy": self.score_ceiling, "n_edits": data.n_edits,
                   **{k: routing[k] for k in ("rates", "locality_unfamiliar_by_kind", "n_locality_by_kind", "auroc",

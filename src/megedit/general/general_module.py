@@ -17,6 +17,7 @@ import lightning as L
 
 from megedit.artifacts import MANIFEST, sha256_file, sha256_json, write_manifest
 from megedit.baselines.memit import swapped_weights
+from megedit.defaults import DEFAULT_STEPS
 from megedit.edited_model import EditedLM
 from megedit.evaluate.artifact import peers_dir
 from megedit.evaluate.peers import PEERS, check_variants
@@ -37,7 +38,7 @@ PROTOCOL = "megedit-general/1"  # bump when a prompt or a scoring rule changes: 
 class GeneralModule(ReceivesInputs, L.LightningModule):
     def __init__(self, out_dir: str = "runs/smollm2-counterfact-1024/general", variants: list[str] = ["base", "meg"],
                  gsm8k_max_new_tokens: int = 256, bbh_max_new_tokens: int = 64, max_prompt_tokens: int | None = 2048,
-                 route_on: str = "item", steps: int = 10, sampler: str = "ddim", seed: int = 0,
+                 route_on: str = "item", steps: int = DEFAULT_STEPS, sampler: str = "ddim", seed: int = 0,
                  router_threshold: float | None = None, noise_scale: float | None = None,
                  value_scale: float | None = None, peer_weights_dir: str | None = None):
         """

@@ -12,7 +12,7 @@ import functools
 import logging
 import sys
 
-from megedit.edited_model import DEFAULT_STEPS
+from megedit.defaults import DEFAULT_STEPS
 from megedit.serve.options import ServeOptions
 
 
