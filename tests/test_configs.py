@@ -99,8 +99,9 @@ def test_familiarity_router_kind_is_a_stage_option():
 
 
 def test_sampler_steps_default_is_one_value_everywhere():
-    """The evaluate and general stages (code and YAML), ``megedit ask``, ``megedit serve`` and ``EditedLM`` sample
-    with the same DDIM steps: ``megedit.defaults.DEFAULT_STEPS``."""
+    """The evaluate and general stages (code and YAML), the diffusion stage's validation and report (which pick
+    the checkpoint and the value scale), ``megedit ask``, ``megedit serve`` and ``EditedLM`` sample with the same
+    DDIM steps: ``megedit.defaults.DEFAULT_STEPS``."""
     from megedit.ask import build_parser as ask_parser
     from megedit.defaults import DEFAULT_STEPS
     from megedit.edited_model import EditedLM
@@ -112,4 +113,9 @@ def test_sampler_steps_default_is_one_value_everywhere():
     for stage in ("evaluate", "general"):
         found[f"{stage}.yaml"] = yaml.safe_load((CONFIG_DIR / "stages" / f"{stage}.yaml").read_text())["model"]["steps"]
         found[f"{stage} module"] = inspect.signature(_load(STAGES[stage].module)).parameters["steps"].default
+    diffusion_yaml = yaml.safe_load((CONFIG_DIR / "stages" / "diffusion.yaml").read_text())["model"]
+    diffusion_code = inspect.signature(_load(STAGES["diffusion"].module)).parameters
+    for key in ("val_steps", "report_steps"):
+        found[f"diffusion.yaml {key}"] = diffusion_yaml[key]
+        found[f"diffusion module {key}"] = diffusion_code[key].default
     assert found == {name: DEFAULT_STEPS for name in found}

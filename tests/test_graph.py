@@ -83,3 +83,30 @@ def test_make_general_scores_a_finished_run_with_the_asked_variants(tmp_path):
     assert f"--data.run_dir {run} --model.out_dir {run}/general" in line and "items_per_benchmark" not in line
     (line,) = dry_run("GENERAL_ARGS=--model.variants [base,meg,ft]", "GENERAL_ALL=1")
     assert "--data.items_per_benchmark null" in line and line.endswith("--model.variants [base,meg,ft]")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_all_scores_meg_and_make_peers_adds_the_peers(tmp_path):
+    """``make all`` leaves the peers out (``--model.peer_max_edits 0``) unless ``PEERS=yes``; ``make peers`` runs
+    the evaluate stage with its default variants (MeG and the peers) into ``<run>/evaluate-peers``."""
+    run = tmp_path / "run"
+    for stage in ORDER:
+        (run / stage).mkdir(parents=True)
+        (run / stage / "manifest.json").write_text("{}")
+
+    def dry_run(target, *extra):
+        out = subprocess.run(["make", "-n", target, f"RUN={run}", "VENV=.venv", *extra], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        return [" ".join(line.split()) for line in out.splitlines() if "stages/evaluate.py" in line]
+
+    base = subprocess.run(["make", "-n", "all", f"RUNS={tmp_path}", "N=8", "VENV=.venv"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    (evaluate,) = [line for line in base.splitlines() if "stages/evaluate.py" in line]
+    assert "--model.peer_max_edits 0" in evaluate
+    with_peers = subprocess.run(["make", "-n", "all", f"RUNS={tmp_path}", "N=8", "VENV=.venv", "PEERS=yes"],
+                                cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    assert "peer_max_edits" not in with_peers
+    (line,) = dry_run("peers")
+    assert f"--data.run_dir {run} --model.out_dir {run}/evaluate-peers" in line and "peer_max_edits" not in line
+    (line,) = dry_run("peers", "PEERS_ARGS=--model.variants [meg,memit]")
+    assert line.endswith("--model.variants [meg,memit]")

@@ -138,6 +138,13 @@ def teacher_forced_ids(model, tokenizer, neuron, prompts: Sequence[str], targets
     return {"token_acc": acc, "exact": exact, "greedy": greedy}
 
 
+def exact_match(model, tokenizer, neuron, prompts: Sequence[str], targets: Sequence[str],
+                weights: Tensor | None = None, batch_size: int = 32) -> Tensor:
+    """``greedy_match`` from one teacher-forced pass instead of decoding: the same answer (see
+    ``teacher_forced_ids``; a test compares them with neurons attached) at the cost of one forward."""
+    return teacher_forced(model, tokenizer, neuron, prompts, targets, weights, batch_size)["exact"]
+
+
 def _greedy_prefix(argmax: list[int], target: list[int]) -> list[int]:
     """What greedy decoding of the target's length produces, as far as teacher forcing determines it: the same
     tokens while they equal the target (the prefixes agree, so the argmaxes do), up to and including the
@@ -181,7 +188,8 @@ def greedy_generate(model, tokenizer, neuron, prompts: Sequence[str], weights: T
 
 def greedy_match(model, tokenizer, neuron, prompts: Sequence[str], targets: Sequence[str],
                  weights: Tensor | None = None, batch_size: int = 32) -> Tensor:
-    """True where greedy decoding of the target's length reproduces the target tokens exactly."""
+    """True where greedy decoding of the target's length reproduces the target tokens exactly, by decoding
+    (``exact_match`` gets the same answer from one forward; this is the independent check)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     want = [target_ids(tokenizer, t) for t in targets]

@@ -14,7 +14,7 @@ import time
 import torch
 
 from megedit.collect.engine import CollectItem, CollectOptions, collect, generate_prefixes, with_prefix
-from megedit.scoring import greedy_match, teacher_forced
+from megedit.scoring import exact_match, teacher_forced
 
 
 def sample_pseudo(records, n: int, seed: int) -> list:
@@ -34,9 +34,9 @@ def transfer_scores(model, tokenizer, neuron, spec, records, results) -> dict:
             rows.append(i)
     W = torch.stack([r.weights for r in results])[rows]
     ok = torch.tensor([r.success for r in results])
-    exact = greedy_match(model, tokenizer, neuron, prompts, targets, W, batch_size=64)
     tf = teacher_forced(model, tokenizer, neuron, prompts, targets, W, batch_size=64)
-    base = greedy_match(model, tokenizer, None, prompts, targets, None, batch_size=64)
+    exact = tf["exact"]  # greedy exact match from the same pass (scoring.teacher_forced_ids)
+    base = exact_match(model, tokenizer, None, prompts, targets, None, batch_size=64)
     return {"prompt_success": round(float(ok.float().mean()), 4),
             "n_paraphrases": len(prompts),
             "paraphrase_exact": round(float(exact.float().mean()), 4),

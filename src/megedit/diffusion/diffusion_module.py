@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from megedit.artifacts import ArtifactError, write_manifest
+from megedit.defaults import DEFAULT_STEPS
 from megedit.components.neuron import value_emphasis
 from megedit.distributed import barrier, gather_objects
 from megedit.diffusion.artifact import FILES, prefixed, save_generator, training_states, write_report
@@ -68,9 +69,9 @@ class DiffusionModule(L.LightningModule):
                  schedule: str = "linear", num_train_timesteps: int = 1000, normalisation: str = "standardise",
                  scale: float = 100.0, lr: float = 2e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
                  lr_decay: str = "cosine", min_lr_ratio: float = 0.05,
-                 ema_decay: float = 0.995, val_sampler: str = "ddim", val_steps: int = 50, noise_scale: float = 0.0,
+                 ema_decay: float = 0.995, val_sampler: str = "ddim", val_steps: int = DEFAULT_STEPS, noise_scale: float = 0.0,
                  reliability: bool = True,
-                 report_edits: int | None = None, report_steps: int = 50, seed: int = 0,
+                 report_edits: int | None = None, report_steps: int = DEFAULT_STEPS, seed: int = 0,
                  torch_threads: int | None = 1, checkpoint_every_n_epochs: int = 5,
                  value_scales: list[float] = [1.0, 1.25, 1.5, 2.0, 2.5], value_loss_weight: float = 4.0,
                  init_from: str | None = None, report_from: int = 0):
@@ -93,7 +94,8 @@ class DiffusionModule(L.LightningModule):
                 standard sample). 0 doubled the N=1024 generator's reliability (docs/results.md).
             reliability: score generated neurons on the LM during validation (needs the LM in memory).
             report_edits: edits scored in the final report; None: all of them.
-            report_steps: DDIM steps of the final report (50: the inference default).
+            report_steps: DDIM steps of the final report and the value-scale choice (``DEFAULT_STEPS``, what
+                inference uses).
             seed: seed of the initial weights.
             torch_threads: intra-op CPU threads per process (None: torch's default). The small presets'
                 matrices are tiny: on shared or busy cores 1 thread is often several times faster.
@@ -121,6 +123,7 @@ class DiffusionModule(L.LightningModule):
         self._collected_rel: dict[int, tuple[float, bool]] = {}
         self._pseudo_collected: float | None = None  # collected neurons' AG on the pseudo paraphrases
         self._lm = None  # (model, tokenizer, neuron); a plain attribute so it is never in the state dict
+        self._queries: dict = {}  # CachedQueries reused across validations (megedit.query_cache)
         self._element_weights: torch.Tensor | None = None  # the loss's per-element weights (value_loss_weight)
         self._started, self.inputs = time.time(), None  # inputs: a GeneratorInputs (megedit.handover)
 
@@ -217,21 +220,25 @@ class DiffusionModule(L.LightningModule):
             self._lm = (model, tokenizer, DynamicNeuron(model, spec))
         return self._lm
 
-    def _reliability(self, indices: list[int], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(teacher-forced token accuracy [n], greedy exact match [n]) of ``weights`` on the edit prompts."""
-        from megedit.scoring import greedy_match, teacher_forced
+    def _edit_queries(self, indices: list[int], keep: bool):
+        """The edits' prompts and targets with the layers below the edit layer run once (``CachedQueries``);
+        ``keep`` holds them for the next call with the same indices (the validation subset, scored each time)."""
+        from megedit.query_cache import CachedQueries
 
+        key = tuple(indices)
+        if key in self._queries:
+            return self._queries[key]
         data = self.inputs
-        model, tokenizer, neuron = self._lm_bundle()
+        model, tokenizer, _ = self._lm_bundle()
         edits = [data.edits[i] for i in indices]
-        prompts = [data.spec.format_prompt(e.prompt, e.prompt_kind) for e in edits]
-        targets = [e.target_new for e in edits]
-        tf = teacher_forced(model, tokenizer, neuron, prompts, targets, weights=weights)
-        ag = greedy_match(model, tokenizer, neuron, prompts, targets, weights=weights)
-        return tf["token_acc"].float(), ag.float()
+        queries = CachedQueries(model, tokenizer, data.spec, [data.spec.format_prompt(e.prompt, e.prompt_kind)
+                                                              for e in edits], [e.target_new for e in edits])
+        if keep:
+            self._queries[key] = queries
+        return queries
 
     def _score(self, generator: WeightGenerator, indices: list[int], sampler: str, steps: int,
-               reliability: bool, seed: int = 0) -> dict[int, dict]:
+               reliability: bool, seed: int = 0, keep: bool = False) -> dict[int, dict]:
         data = self.inputs
         cond = data.edit_cond[indices].to(self.device)
         generated = self._generate(generator, cond, steps, sampler, seed)
@@ -241,14 +248,16 @@ class DiffusionModule(L.LightningModule):
         rows = {i: {"l2": float(l2[k]), "rel_l2": float(rel[k]), "success": bool(data.success[i])}
                 for k, i in enumerate(indices)}
         if reliability:
-            tf, ag = self._reliability(indices, generated)
-            missing = [i for i in indices if i not in self._collected_rel]
-            if missing:
-                ctf, cag = self._reliability(missing, data.edit_weights[missing].to(self.device))
-                self._collected_rel.update({i: (float(a), bool(b)) for i, a, b in zip(missing, ctf, cag)})
+            # Teacher-forced token accuracy, and its exact match = greedy exact match of the target's length.
+            queries, neuron = self._edit_queries(indices, keep), self._lm_bundle()[2]
+            got = queries.score(neuron, generated)
+            if any(i not in self._collected_rel for i in indices):
+                ref = queries.score(neuron, collected)
+                self._collected_rel.update({i: (float(ref["token_acc"][k]), bool(ref["exact"][k]))
+                                            for k, i in enumerate(indices)})
             for k, i in enumerate(indices):
-                rows[i].update(tf=float(tf[k]), ag=float(ag[k]), collected_tf=self._collected_rel[i][0],
-                               collected_ag=float(self._collected_rel[i][1]))
+                rows[i].update(tf=float(got["token_acc"][k]), ag=float(got["exact"][k]),
+                               collected_tf=self._collected_rel[i][0], collected_ag=float(self._collected_rel[i][1]))
         return rows
 
     def _generate(self, generator: WeightGenerator, cond: torch.Tensor, steps: int, sampler: str = "ddim",
@@ -259,25 +268,45 @@ class DiffusionModule(L.LightningModule):
         generated = generator.sample(cond, steps=steps, sampler=sampler, seed=seed).float()
         return scale_value(generated, self.inputs.spec, generator.value_scale)
 
+    def _pseudo_queries(self):
+        """(CachedQueries of the pseudo edits' successful prompts, CachedQueries of every pseudo paraphrase, the
+        prompts' pseudo rows): what the value scale is chosen on and pseudo Generality is tracked on."""
+        if "pseudo" not in self._queries:
+            from megedit.query_cache import CachedQueries
+
+            spec, pseudo = self.inputs.spec, self.inputs.pseudo
+            model, tokenizer, _ = self._lm_bundle()
+            records = pseudo["records"]
+            rows = pseudo["success"].nonzero().flatten().tolist()
+
+            def cached(texts, owners):
+                return CachedQueries(model, tokenizer, spec, [spec.format_prompt(t, records[k].prompt_kind)
+                                                              for t, k in zip(texts, owners)],
+                                     [records[k].target_new for k in owners])
+
+            self._queries["pseudo"] = (cached([records[k].prompt for k in rows], rows),
+                                       cached(pseudo["para_texts"], pseudo["para_rows"]), rows)
+        return self._queries["pseudo"]
+
+    def _has_pseudo(self) -> bool:
+        pseudo = self.inputs.pseudo
+        return pseudo is not None and bool(pseudo["para_texts"])
+
     def _calibrate_value_scale(self, generator: WeightGenerator, steps: int) -> dict:
         """Sets ``generator.value_scale``: the one candidate, or the best of several on the pseudo edits'
         prompts and paraphrases (``score_value_scales``; needs ``reliability`` and pseudo edits, else 1).
         Returns the table it chose from (empty when there was no choice to make)."""
         from megedit.diffusion.generator import choose_value_scale, score_value_scales
 
-        spec, pseudo, scales = self.inputs.spec, self.inputs.pseudo, list(self.hparams.value_scales)
-        if len(scales) == 1 or not self.hparams.reliability or pseudo is None or not pseudo["para_texts"]:
+        scales = list(self.hparams.value_scales)
+        if len(scales) == 1 or not self.hparams.reliability or not self._has_pseudo():
             generator.value_scale = scales[0] if len(scales) == 1 else 1.0
             return {}
-        rows = pseudo["success"].nonzero().flatten().tolist()
-        records = pseudo["records"]
-        queries = [(records[k].prompt, k) for k in rows] + list(zip(pseudo["para_texts"], pseudo["para_rows"]))
-        prompts = [spec.format_prompt(text, records[k].prompt_kind) for text, k in queries]
-        targets = [records[k].target_new for _, k in queries]
+        pseudo = self.inputs.pseudo
+        prompts, paraphrases, rows = self._pseudo_queries()
         cond = torch.cat([pseudo["cond"][rows], pseudo["para_cond"]]).to(self.device)
         generated = generator.sample(cond, steps=steps, sampler="ddim", seed=0).float()
-        model, tokenizer, neuron = self._lm_bundle()
-        table = score_value_scales(model, tokenizer, neuron, spec, prompts, targets, generated, len(rows), scales)
+        table = score_value_scales(prompts, paraphrases, self._lm_bundle()[2], self.inputs.spec, generated, scales)
         generator.value_scale = choose_value_scale(table)
         return {"chosen": generator.value_scale, "n_prompts": len(rows), "n_paraphrases": len(pseudo["para_texts"]),
                 "table": table}
@@ -285,23 +314,18 @@ class DiffusionModule(L.LightningModule):
     def _pseudo_generality(self, generator: WeightGenerator, sampler: str, steps: int) -> dict:
         """Greedy exact match on the pseudo edits' paraphrases: neurons generated from each paraphrase's own
         embedding against the pseudo edit's collected neuron (what retrieval would attach)."""
-        from megedit.scoring import greedy_match
-
-        spec, pseudo = self.inputs.spec, self.inputs.pseudo
-        if pseudo is None or not pseudo["para_texts"]:
+        if not self._has_pseudo():
             return {}
-        model, tokenizer, neuron = self._lm_bundle()
-        records, rows = pseudo["records"], pseudo["para_rows"]
-        prompts = [spec.format_prompt(t, records[k].prompt_kind) for k, t in zip(rows, pseudo["para_texts"])]
-        targets = [records[k].target_new for k in rows]
+        pseudo, neuron = self.inputs.pseudo, self._lm_bundle()[2]
+        paraphrases = self._pseudo_queries()[1]
         generated = self._generate(generator, pseudo["para_cond"].to(self.device), steps, sampler)
-        gen = float(greedy_match(model, tokenizer, neuron, prompts, targets, generated).float().mean())
+        gen = float(paraphrases.score(neuron, generated)["exact"].float().mean())
         if self._pseudo_collected is None:  # constant: the collected neurons do not train
-            self._pseudo_collected = float(greedy_match(model, tokenizer, neuron, prompts, targets,
-                                                        pseudo["weights"][rows].to(self.device)).float().mean())
+            collected = pseudo["weights"][pseudo["para_rows"]].to(self.device)
+            self._pseudo_collected = float(paraphrases.score(neuron, collected)["exact"].float().mean())
         ref = self._pseudo_collected
         return {"pseudo_gen_ag": gen, "pseudo_gen_collected_ag": ref,
-                "pseudo_gen_ratio": gen / ref if ref > 0 else float("nan"), "pseudo_gen_n": len(prompts)}
+                "pseudo_gen_ratio": gen / ref if ref > 0 else float("nan"), "pseudo_gen_n": len(pseudo["para_texts"])}
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows = {}
@@ -310,7 +334,7 @@ class DiffusionModule(L.LightningModule):
         indices = [int(i) for i in batch]
         hp = self.hparams
         self._val_rows.update(self._score(self.ema, indices, hp.val_sampler, hp.val_steps, hp.reliability,
-                                          seed=batch_idx))
+                                          seed=batch_idx, keep=True))
 
     @staticmethod
     def summarise(rows: dict[int, dict]) -> dict:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megedit.components.dit import DenoiserPreset, build_denoiser, resolve_preset
+from megedit.defaults import DEFAULT_STEPS
 
 FORMAT = "megedit-weight-generator/1"  # of generator.json and generator.safetensors (megedit.diffusion.artifact)
 SAMPLERS = ("ddim", "ancestral")
@@ -123,7 +124,7 @@ class WeightGenerator(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, steps: int = 50, sampler: str = "ddim", seed: int | None = None,
+    def sample(self, cond: torch.Tensor, steps: int = DEFAULT_STEPS, sampler: str = "ddim", seed: int | None = None,
                batch_size: int | None = None, normalised: bool = False,
                noise_scale: float | None = None) -> torch.Tensor:
         """De-normalised neuron weights ``[B, D]`` for conditions ``[B, H]`` (float32, on ``cond``'s device).
@@ -173,7 +174,7 @@ class WeightGenerator(nn.Module):
             "cond_dim": self.cond_dim,
             "schedule": {"name": self.schedule, "num_train_timesteps": self.num_train_timesteps,
                          "prediction_type": "v_prediction", "timestep_spacing": self.timestep_spacing,
-                         "default_sampler": "ddim", "default_steps": 50, "default_noise_scale": self.noise_scale,
+                         "default_sampler": "ddim", "default_steps": DEFAULT_STEPS, "default_noise_scale": self.noise_scale,
                          "default_value_scale": self.value_scale},
             "normalisation": {"mode": self.normalisation, "scale": self.scale,
                               "shift": self.norm_shift.tolist(), "div": self.norm_div.tolist()},
@@ -189,17 +190,17 @@ class WeightGenerator(nn.Module):
                    value_scale=sched.get("default_value_scale", 1.0))
 
 
-def score_value_scales(model, tokenizer, neuron, spec, prompts: list[str], targets: list[str],
-                       generated: torch.Tensor, n_prompts: int, scales: list[float]) -> list[dict]:
-    """Greedy exact match of ``generated`` neurons at each value scale: the first ``n_prompts`` queries are
-    the edits' own prompts, the rest paraphrases. One row per scale with both rates and their harmonic mean."""
+def score_value_scales(prompts, paraphrases, neuron, spec, generated: torch.Tensor, scales: list[float]) -> list[dict]:
+    """Greedy exact match of ``generated`` neurons at each value scale on two ``CachedQueries``: the edits' own
+    prompts (the first rows of ``generated``) and paraphrases (the rest). One row per scale with both rates and
+    their harmonic mean."""
     from megedit.components.neuron import scale_value
-    from megedit.scoring import greedy_match
 
     table = []
     for factor in sorted(scales):
-        ok = greedy_match(model, tokenizer, neuron, prompts, targets, scale_value(generated, spec, factor)).float()
-        rel, gen = float(ok[:n_prompts].mean()), float(ok[n_prompts:].mean())
+        scaled = scale_value(generated, spec, factor)
+        rel = float(prompts.score(neuron, scaled[:prompts.n])["exact"].float().mean())
+        gen = float(paraphrases.score(neuron, scaled[prompts.n:])["exact"].float().mean())
         table.append({"value_scale": factor, "prompt_ag": rel, "paraphrase_ag": gen,
                       "harmonic_mean": 2 * rel * gen / (rel + gen) if rel + gen > 0 else 0.0})
     return table

@@ -1,0 +1,75 @@
+"""Score the same (prompt, target) pairs under many neuron sets, paying for the layers below the edit layer once.
+
+The neuron sits in the edit layer's MLP, so everything below it is the same whichever neuron is attached. The
+diffusion stage scores fixed queries again and again (every validation, each candidate value scale, the final
+report), so ``CachedQueries`` keeps each batch's edit-layer input (``LayerSplit.lower``) and every scoring runs only
+the edit layer, the layers above it and the LM head at the target positions. The answers are those of
+``scoring.teacher_forced`` (token accuracy, and exact = greedy exact match); a test compares them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from megedit.layer_split import LayerSplit
+from megedit.registry import ModelSpec
+from megedit.scoring import _attach, _batches, id_target_batch, target_ids
+
+
+@dataclass
+class _Batch:
+    rows: list[int]        # query indices, in this batch's order
+    hidden: Tensor         # [B, T, d] input of the edit layer
+    mask: Tensor           # [B, T] attention mask
+    pos: Tensor            # [B, T] position ids
+    pred: tuple[Tensor, Tensor]  # (row, position) of each logit that predicts a target token
+    labels: Tensor         # [n_target_tokens] the tokens those logits should predict
+    token_row: Tensor      # [n_target_tokens] batch row of each target token
+
+
+class CachedQueries:
+    """Fixed queries, scored by ``score(neuron, weights)`` with one neuron row per query."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: ModelSpec, prompts: Sequence[str],
+                 targets: Sequence[str], batch_size: int = 32):
+        if len(prompts) != len(targets):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        self.n = len(prompts)
+        self.split = LayerSplit(model, spec)
+        self.device = next(model.parameters()).device
+        ids = [target_ids(tokenizer, t) for t in targets]
+        order = sorted(range(self.n), key=lambda i: len(prompts[i]) + len(ids[i]))
+        self.batches = [self._lower(tokenizer, prompts, ids, rows) for rows in _batches(self.n, batch_size, order)]
+
+    def _lower(self, tokenizer, prompts, ids, rows: list[int]) -> _Batch:
+        b = id_target_batch(tokenizer, [prompts[i] for i in rows], [ids[i] for i in rows])
+        mask, pos = b["attention_mask"].to(self.device), b["position_ids"].to(self.device)
+        hidden, _ = self.split.lower(b["input_ids"].to(self.device), mask, pos)
+        # The logit at position p - 1 predicts the token at p.
+        target = b["target_mask"][:, 1:]
+        row, col = target.nonzero(as_tuple=True)
+        return _Batch(rows, hidden, mask, pos, (row.to(self.device), col.to(self.device)),
+                      b["input_ids"][:, 1:][target].to(self.device), row.to(self.device))
+
+    @torch.no_grad()
+    def score(self, neuron, weights: Tensor | None) -> dict:
+        """Per query, in the order given: ``token_acc`` and ``exact`` (as ``scoring.teacher_forced``)."""
+        if weights is not None and weights.shape[0] != self.n:
+            raise ValueError(f"{self.n} queries but {weights.shape[0]} neuron rows")
+        acc = torch.zeros(self.n)
+        exact = torch.zeros(self.n, dtype=torch.bool)
+        for b in self.batches:
+            w = None if weights is None else weights[b.rows].to(self.device)
+            with _attach(neuron, w):
+                final = self.split.upper(b.hidden, b.mask, b.pos)
+            hit = (self.split.head(final[b.pred]).argmax(-1) == b.labels).float()
+            n_rows = len(b.rows)
+            hits = torch.zeros(n_rows, device=self.device).index_add(0, b.token_row, hit).cpu()
+            lengths = torch.zeros(n_rows, device=self.device).index_add(0, b.token_row, torch.ones_like(hit)).cpu()
+            acc[b.rows] = hits / lengths
+            exact[b.rows] = hits == lengths
+        return {"token_acc": acc, "exact": exact}
