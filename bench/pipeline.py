@@ -38,7 +38,9 @@ def stage_costs(run: Path) -> dict:
             continue
         inputs = [_created(m) for i in INPUTS[stage] if (m := finished_manifest(run / i)) is not None]
         if inputs:
-            out[stage] = {"wall_seconds": round((_created(m) - max(inputs)).total_seconds(), 1), "estimated": True,
+            seconds = round((_created(m) - max(inputs)).total_seconds(), 1)
+            # An input rerun by hand after this stage finished leaves no estimate: unknown, not 0.
+            out[stage] = {"wall_seconds": seconds if seconds > 0 else None, "estimated": True,
                           "cpu_seconds": None, "peak_rss_mib": None, "load": None}
     return out
 
@@ -47,11 +49,11 @@ def run_summary(run: Path) -> dict:
     prep = read_manifest(run / "prepare", verify=False)
     costs = stage_costs(run)
     n = prep["lineage"]["n_edits"]
-    total = sum(c["wall_seconds"] for c in costs.values())
+    known = {s: c["wall_seconds"] for s, c in costs.items() if c["wall_seconds"] is not None}
     return {"run": run.name, "n_edits": n, "dataset": prep["lineage"]["dataset"], "model": prep["lineage"]["model"],
-            "stages": costs, "total_wall_seconds": round(total, 1),
-            "complete": all(s in costs for s in ORDER if s != "prepare") and "prepare" in costs,
-            "seconds_per_edit": {s: round(c["wall_seconds"] / n, 3) for s, c in costs.items()}}
+            "stages": costs, "total_wall_seconds": round(sum(known.values()), 1),
+            "complete": all(s in known for s in ORDER),
+            "seconds_per_edit": {s: round(w / n, 3) for s, w in known.items()}}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -61,10 +63,18 @@ def markdown(rows: list[dict]) -> str:
         cells = []
         for s in ORDER:
             c = r["stages"].get(s)
-            cells.append("—" if c is None else f"{c['wall_seconds'] / 60:.1f} min{'*' if c['estimated'] else ''}")
+            if c is None:
+                cells.append("—")
+            elif c["wall_seconds"] is None:
+                cells.append("unknown")
+            else:
+                cells.append(f"{c['wall_seconds'] / 60:.1f} min{'*' if c['estimated'] else ''}")
+        at_least = "" if r["complete"] else "≥ "  # a stage missing or unknown: the total is a lower bound
         lines.append(f"| {r['run']} | {r['n_edits']} | " + " | ".join(cells)
-                     + f" | {r['total_wall_seconds'] / 60:.1f} min | {r['total_wall_seconds'] / r['n_edits']:.2f} |")
-    lines.append("\n`*` estimated from the manifests' creation times (a stage run by `make` right after its inputs).")
+                     + f" | {at_least}{r['total_wall_seconds'] / 60:.1f} min"
+                     + f" | {at_least}{r['total_wall_seconds'] / r['n_edits']:.2f} |")
+    lines.append("\n`*` estimated from the manifests' creation times (a stage run by `make` right after its inputs); "
+                 "unknown: an input was rerun after the stage; ≥: the total misses a stage.")
     return "\n".join(lines)
 
 
