@@ -116,9 +116,11 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
         limit = self.hparams.peer_max_edits
         if limit is None or n_edits <= limit:
             return
+        why = ("peers off (peer_max_edits 0, as `make all` runs evaluate; `make peers` scores them)" if limit == 0
+               else f"{n_edits} edits > peer_max_edits {limit}")
         for v in [v for v in self.variants if v in PEERS]:
-            self.skipped[v] = f"{n_edits} edits > peer_max_edits {limit}"
-            print(f"evaluate: {v} skipped ({self.skipped[v]}; --model.peer_max_edits null runs it)")
+            self.skipped[v] = why
+            print(f"evaluate: {v} skipped ({why}; --model.peer_max_edits null runs it)")
             self.variants.remove(v)
 
     def on_test_start(self) -> None:
