@@ -61,3 +61,23 @@ def test_cached_queries_refuse_wrong_row_count(tiny_llama):
     cached = CachedQueries(model, CharTok(), spec, ["a b", "c d"], ["x", "y"])
     with pytest.raises(ValueError, match="2 queries but 3 neuron rows"):
         cached.score(DynamicNeuron(model, spec), torch.zeros(3, spec.neuron_dim))
+
+
+def test_cached_queries_on_token_targets_give_teacher_forced_ids_greedy_prefixes(tiny_llama):
+    """The evaluate stage's use: targets as token ids (pre-edit answers), one batch, greedy tokens for the answer."""
+    from megedit.scoring import teacher_forced_ids
+
+    model, spec = tiny_llama
+    model.generation_config.pad_token_id = 0
+    neuron = DynamicNeuron(model, spec)
+    torch.manual_seed(2)
+    weights = torch.randn(12, spec.neuron_dim) * 0.5
+    prompts, texts = _queries(model, neuron, weights)
+    tokens = [CharTok()(" " + t, add_special_tokens=False)["input_ids"] for t in texts]
+    cached = CachedQueries(model, CharTok(), spec, prompts, batch_size=len(prompts), target_tokens=tokens)
+    want = teacher_forced_ids(model, CharTok(), neuron, prompts, tokens, weights, batch_size=len(prompts))
+    got = cached.score(neuron, weights, greedy=True)
+    assert torch.equal(got["exact"], want["exact"]) and torch.allclose(got["token_acc"], want["token_acc"])
+    assert got["greedy"] == want["greedy"]
+    with pytest.raises(ValueError, match="either targets"):
+        CachedQueries(model, CharTok(), spec, prompts)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from megedit.layer_split import LayerSplit
 from megedit.registry import ModelSpec
-from megedit.scoring import _attach, _batches, id_target_batch, target_ids
+from megedit.scoring import _attach, _batches, _greedy_prefix, id_target_batch, target_ids
 
 
 @dataclass
@@ -35,13 +35,19 @@ class CachedQueries:
     """Fixed queries, scored by ``score(neuron, weights)`` with one neuron row per query."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, spec: ModelSpec, prompts: Sequence[str],
-                 targets: Sequence[str], batch_size: int = 32):
-        if len(prompts) != len(targets):
-            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+                 targets: Sequence[str] | None = None, batch_size: int = 32,
+                 target_tokens: Sequence[Sequence[int]] | None = None):
+        """Targets as text (``targets``, tokenised as ``scoring.target_ids``) or as token ids (``target_tokens``,
+        e.g. a pre-edit answer); batches as ``scoring.teacher_forced`` makes them, so the numbers are the same."""
+        if (targets is None) == (target_tokens is None):
+            raise ValueError("give either targets (text) or target_tokens (ids)")
+        ids = [target_ids(tokenizer, t) for t in targets] if targets is not None else [list(t) for t in target_tokens]
+        if len(prompts) != len(ids):
+            raise ValueError(f"{len(prompts)} prompts but {len(ids)} targets")
         self.n = len(prompts)
         self.split = LayerSplit(model, spec)
         self.device = next(model.parameters()).device
-        ids = [target_ids(tokenizer, t) for t in targets]
+        self.target_ids = ids
         order = sorted(range(self.n), key=lambda i: len(prompts[i]) + len(ids[i]))
         self.batches = [self._lower(tokenizer, prompts, ids, rows) for rows in _batches(self.n, batch_size, order)]
 
@@ -56,20 +62,29 @@ class CachedQueries:
                       b["input_ids"][:, 1:][target].to(self.device), row.to(self.device))
 
     @torch.no_grad()
-    def score(self, neuron, weights: Tensor | None) -> dict:
-        """Per query, in the order given: ``token_acc`` and ``exact`` (as ``scoring.teacher_forced``)."""
+    def score(self, neuron, weights: Tensor | None, greedy: bool = False) -> dict:
+        """Per query, in the order given: ``token_acc`` and ``exact`` (as ``scoring.teacher_forced``), and with
+        ``greedy`` each query's greedy tokens up to its first wrong one (as ``teacher_forced_ids``)."""
         if weights is not None and weights.shape[0] != self.n:
             raise ValueError(f"{self.n} queries but {weights.shape[0]} neuron rows")
         acc = torch.zeros(self.n)
         exact = torch.zeros(self.n, dtype=torch.bool)
+        tokens: list[list[int] | None] = [None] * self.n
         for b in self.batches:
             w = None if weights is None else weights[b.rows].to(self.device)
             with _attach(neuron, w):
                 final = self.split.upper(b.hidden, b.mask, b.pos)
-            hit = (self.split.head(final[b.pred]).argmax(-1) == b.labels).float()
+            pred = self.split.head(final[b.pred]).argmax(-1)
+            hit = (pred == b.labels).float()
             n_rows = len(b.rows)
             hits = torch.zeros(n_rows, device=self.device).index_add(0, b.token_row, hit).cpu()
             lengths = torch.zeros(n_rows, device=self.device).index_add(0, b.token_row, torch.ones_like(hit)).cpu()
             acc[b.rows] = hits / lengths
             exact[b.rows] = hits == lengths
-        return {"token_acc": acc, "exact": exact}
+            if greedy:  # target tokens are in row order, so each row's argmaxes are one contiguous run
+                for i, row_pred in zip(b.rows, pred.cpu().split(lengths.long().tolist())):
+                    tokens[i] = _greedy_prefix(row_pred.tolist(), self.target_ids[i])
+        out = {"token_acc": acc, "exact": exact}
+        if greedy:
+            out["greedy"] = tokens
+        return out

@@ -24,6 +24,7 @@ from megedit.evaluate.peers import PEERS, PeerEdit, check_variants, edit_all, me
 from megedit.evaluate.report import results_table
 from megedit.graph import upstream_dirs
 from megedit.handover import ReceivesInputs
+from megedit.query_cache import CachedQueries
 
 VARIANTS = ("meg", "meg_no_router", "meg_retrieval", "base", *PEERS)
 MEG_STAGES = ("encoder", "familiarity", "collect", "diffusion")  # what MeG's edit costs (prepare is shared)
@@ -175,8 +176,12 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
     def _targets(self, items) -> list[list[int]]:
         return reference_tokens(self.edited.tokenizer, items)
 
-    def _tf(self, prompts, targets, weights) -> dict:
+    def _tf(self, prompts, targets, weights, cached: CachedQueries | None = None) -> dict:
+        """Teacher forcing on one batch; ``cached`` (the batch's layers below the edit layer, shared by every
+        variant that keeps the LM's own weights) gives the same numbers at a fraction of the cost."""
         e = self.edited
+        if cached is not None:
+            return cached.score(e.neuron, weights, greedy=True)
         return teacher_forced_scores(e.lm, e.tokenizer, e.neuron, prompts, targets, weights)
 
     def _ag(self, prompts, items, targets, weights, tf: dict) -> tuple[torch.Tensor, list[list[int]]]:
@@ -211,11 +216,14 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
         for v in [*self.peers, *(["base"] if "base" in self.variants else [])]:  # no neuron, no router
             runs[v] = (None, torch.zeros(len(items), dtype=torch.bool))
         t1 = time.time()
+        own = [v for v in runs if v not in self.peers]  # variants on the LM's own weights share its lower layers
+        cached = (CachedQueries(e.lm, e.tokenizer, e.spec, prompts, batch_size=len(prompts), target_tokens=targets)
+                  if len(own) > 1 else None)
         for variant, (weights, familiar) in runs.items():
             t_variant = time.time()
             ctx = swapped_weights(e.lm, self.peers[variant].weights) if variant in self.peers else contextlib.nullcontext()
             with ctx:
-                forced = self._tf(prompts, targets, weights)
+                forced = self._tf(prompts, targets, weights, None if variant in self.peers else cached)
                 tf = forced["token_acc"]
                 ag, gen = self._ag(prompts, items, targets, weights, forced)
             self._eval_seconds[variant] += time.time() - t_variant
