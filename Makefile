@@ -22,7 +22,7 @@ EVALUATE_ARGS    ?=
 # peers FT, MEMIT and AlphaEdit on the same edits and metric (runs of at most 1024 edits; on a CPU they cost more
 # than the whole MeG pipeline: MEMIT's target values alone take ~5 s per edit on SmolLM2).
 PEERS   ?= no
-EVALUATE_ARGS += $(if $(filter no,$(PEERS)),--model.peer_max_edits 0)
+PEERS_FLAG = $(if $(filter no,$(PEERS)),--model.peer_max_edits 0)  # kept out of EVALUATE_ARGS: a command-line value replaces it
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -61,7 +61,7 @@ DATASET_CFG = $(if $(wildcard configs/stages/$(1)-$(DATASET).yaml),--config conf
 # src/megedit/graph.py by `megedit plan`.
 include stages/plan.mk
 CMD = stages/$(1).py $(IN_$(1)) --model.out_dir $(RUN)/$(1) $(TB_$(1)) $(call DATASET_CFG,$(1)) $(call CFG,$(1)) \
-      $(ARGS_$(1))
+      $(if $(filter evaluate,$(1)),$(PEERS_FLAG)) $(ARGS_$(1))
 
 define STAGE_RULE
 $(1): $(RUN)/$(1)/manifest.json
@@ -82,7 +82,8 @@ all: evaluate
 # PEERS_ARGS go to the evaluate stage.
 PEERS_ARGS ?=
 peers: $(RUN)/evaluate/manifest.json
-	$(PY) stages/evaluate.py --data.run_dir $(RUN) --model.out_dir $(RUN)/evaluate-peers $(TB) $(PEERS_ARGS)
+	$(PY) stages/evaluate.py --data.run_dir $(RUN) --model.out_dir $(RUN)/evaluate-peers $(TB) \
+	  $(call DATASET_CFG,evaluate) $(call CFG,evaluate) $(PEERS_ARGS)
 
 # Table 16: evaluate one run at several entropy thresholds (no retraining).
 THRESHOLDS ?= 0.05 0.1 0.2 0.3 0.5
@@ -115,7 +116,7 @@ general: | $(STAMP) $(foreach d,prepare encoder familiarity diffusion,$(RUN)/$(d
 	  $(if $(GENERAL_ALL),--data.items_per_benchmark null) $(GENERAL_ARGS)
 
 # One table and a scaling plot over every finished run (or REPORT_RUNS="dir1 dir2").
-REPORT_RUNS ?= $(wildcard $(RUNS)/*/evaluate)
+REPORT_RUNS ?= $(wildcard $(RUNS)/*/evaluate $(RUNS)/*/evaluate-peers)
 report: | $(STAMP)
 	$(PY) -m megedit.cli report $(REPORT_RUNS) --out $(RUNS)/report
 

@@ -176,7 +176,9 @@ def stage_cost(run: Path, stage: str, pipeline) -> dict | None:
     try:
         return {"wall_seconds": round(seconds(read(owner / stage)), 1), "source": f"{stage} report"}
     except (OSError, KeyError, TypeError, ValueError):
-        return None if cost is None else {"wall_seconds": cost["wall_seconds"], "source": "manifest creation times"}
+        if cost is None or cost["wall_seconds"] is None:  # unknown: an input was rerun after the stage
+            return None
+        return {"wall_seconds": cost["wall_seconds"], "source": "manifest creation times"}
 
 
 def from_scratch_cost(run: Path, n: int, k: int) -> dict:

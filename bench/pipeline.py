@@ -7,7 +7,8 @@ Reads only the finished runs' manifests. A manifest written by this version reco
 machine's load; ``megedit.artifacts.stage_resources``). For older manifests the wall time is estimated
 from the ``created`` times: a stage run by ``make`` starts when its last input finished, so its wall time
 is its own ``created`` minus its inputs' latest (marked ``estimated``; a stage run later by hand is
-overestimated). Run folders linked from a base run (``EXP=``) are skipped.
+overestimated; one whose input was rerun after it has no estimate: ``unknown``, and the run's total is then a
+lower bound, marked ``≥``). Run folders linked from a base run (``EXP=``) are skipped.
 """
 
 from __future__ import annotations

@@ -118,4 +118,7 @@ def test_sampler_steps_default_is_one_value_everywhere():
     for key in ("val_steps", "report_steps"):
         found[f"diffusion.yaml {key}"] = diffusion_yaml[key]
         found[f"diffusion module {key}"] = diffusion_code[key].default
+    from megedit.diffusion.generator import WeightGenerator
+
+    found["WeightGenerator.sample"] = inspect.signature(WeightGenerator.sample).parameters["steps"].default
     assert found == {name: DEFAULT_STEPS for name in found}

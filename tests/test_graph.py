@@ -96,13 +96,17 @@ def test_make_all_scores_meg_and_make_peers_adds_the_peers(tmp_path):
 
     def dry_run(target, *extra):
         out = subprocess.run(["make", "-n", target, f"RUN={run}", "VENV=.venv", *extra], cwd=REPO_ROOT,
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
         return [" ".join(line.split()) for line in out.splitlines() if "stages/evaluate.py" in line]
 
     base = subprocess.run(["make", "-n", "all", f"RUNS={tmp_path}", "N=8", "VENV=.venv"], cwd=REPO_ROOT,
                           capture_output=True, text=True, check=True).stdout
     (evaluate,) = [line for line in base.splitlines() if "stages/evaluate.py" in line]
     assert "--model.peer_max_edits 0" in evaluate
+    # evaluate flags given on the command line do not bring the peers back
+    (evaluate,) = dry_run("evaluate", "-W", str(run / "diffusion" / "manifest.json"),
+                          "EVALUATE_ARGS=--model.router_threshold 0.1")
+    assert "--model.peer_max_edits 0" in evaluate and evaluate.endswith("--model.router_threshold 0.1")
     with_peers = subprocess.run(["make", "-n", "all", f"RUNS={tmp_path}", "N=8", "VENV=.venv", "PEERS=yes"],
                                 cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     assert "peer_max_edits" not in with_peers
@@ -110,3 +114,5 @@ def test_make_all_scores_meg_and_make_peers_adds_the_peers(tmp_path):
     assert f"--data.run_dir {run} --model.out_dir {run}/evaluate-peers" in line and "peer_max_edits" not in line
     (line,) = dry_run("peers", "PEERS_ARGS=--model.variants [meg,memit]")
     assert line.endswith("--model.variants [meg,memit]")
+    (line,) = dry_run("peers", "DATASET=mquake")  # a dataset's own evaluate config holds for the peers too
+    assert "--config configs/stages/evaluate-mquake.yaml" in line

@@ -29,6 +29,7 @@ class _Batch:
     pred: tuple[Tensor, Tensor]  # (row, position) of each logit that predicts a target token
     labels: Tensor         # [n_target_tokens] the tokens those logits should predict
     token_row: Tensor      # [n_target_tokens] batch row of each target token
+    lengths: Tensor        # [B] target tokens per row (a target at column 0 has no logit: never exact)
 
 
 class CachedQueries:
@@ -36,16 +37,17 @@ class CachedQueries:
 
     def __init__(self, model: torch.nn.Module, tokenizer, spec: ModelSpec, prompts: Sequence[str],
                  targets: Sequence[str] | None = None, batch_size: int = 32,
-                 target_tokens: Sequence[Sequence[int]] | None = None):
+                 target_tokens: Sequence[Sequence[int]] | None = None, split: LayerSplit | None = None):
         """Targets as text (``targets``, tokenised as ``scoring.target_ids``) or as token ids (``target_tokens``,
-        e.g. a pre-edit answer); batches as ``scoring.teacher_forced`` makes them, so the numbers are the same."""
+        e.g. a pre-edit answer); batches as ``scoring.teacher_forced`` makes them, so the numbers are the same.
+        ``split``: a ``LayerSplit`` of ``model`` to reuse (its first use runs every layer once)."""
         if (targets is None) == (target_tokens is None):
             raise ValueError("give either targets (text) or target_tokens (ids)")
         ids = [target_ids(tokenizer, t) for t in targets] if targets is not None else [list(t) for t in target_tokens]
         if len(prompts) != len(ids):
             raise ValueError(f"{len(prompts)} prompts but {len(ids)} targets")
         self.n = len(prompts)
-        self.split = LayerSplit(model, spec)
+        self.split = split if split is not None else LayerSplit(model, spec)
         self.device = next(model.parameters()).device
         self.target_ids = ids
         order = sorted(range(self.n), key=lambda i: len(prompts[i]) + len(ids[i]))
@@ -59,7 +61,7 @@ class CachedQueries:
         target = b["target_mask"][:, 1:]
         row, col = target.nonzero(as_tuple=True)
         return _Batch(rows, hidden, mask, pos, (row.to(self.device), col.to(self.device)),
-                      b["input_ids"][:, 1:][target].to(self.device), row.to(self.device))
+                      b["input_ids"][:, 1:][target].to(self.device), row.to(self.device), b["target_lengths"])
 
     @torch.no_grad()
     def score(self, neuron, weights: Tensor | None, greedy: bool = False) -> dict:
@@ -78,11 +80,12 @@ class CachedQueries:
             hit = (pred == b.labels).float()
             n_rows = len(b.rows)
             hits = torch.zeros(n_rows, device=self.device).index_add(0, b.token_row, hit).cpu()
-            lengths = torch.zeros(n_rows, device=self.device).index_add(0, b.token_row, torch.ones_like(hit)).cpu()
-            acc[b.rows] = hits / lengths
-            exact[b.rows] = hits == lengths
+            acc[b.rows] = hits / b.lengths.float()
+            exact[b.rows] = hits == b.lengths
             if greedy:  # target tokens are in row order, so each row's argmaxes are one contiguous run
-                for i, row_pred in zip(b.rows, pred.cpu().split(lengths.long().tolist())):
+                scored = torch.zeros(n_rows, dtype=torch.long).index_add(0, b.token_row.cpu(),
+                                                                         torch.ones_like(b.token_row.cpu()))
+                for i, row_pred in zip(b.rows, pred.cpu().split(scored.tolist())):
                     tokens[i] = _greedy_prefix(row_pred.tolist(), self.target_ids[i])
         out = {"token_acc": acc, "exact": exact}
         if greedy:

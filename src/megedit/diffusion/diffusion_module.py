@@ -3,7 +3,9 @@
 Validation samples neurons with the EMA weights for a fixed subset of edits and measures
 * the L2 distance to the collected neuron (mean, std; the paper's criterion is mean + std < 0.5),
 * the reliability of the *generated* neurons: attached to the frozen LM with ``DynamicNeuron``,
-  does the target come out under teacher forcing (token accuracy) and greedy decoding (exact)?
+  does the target come out under teacher forcing (token accuracy) and greedy decoding (exact match, read
+  from the same teacher-forced pass; the layers below the edit layer run once per query,
+  ``megedit.query_cache``)?
 The collected neurons' reliability on the same subset is the reference. Checkpoints are
 selected on ``val/score`` (mean of generated TF and AG reliability, ties broken by the relative L2;
 minus L2 mean + std when reliability is off). At the end rank 0 writes the best EMA weights, ``report.json`` (evaluated on
@@ -28,6 +30,7 @@ from megedit.diffusion.artifact import FILES, prefixed, save_generator, training
 from megedit.diffusion.diffusion_datamodule import GeneratorInputs
 from megedit.diffusion.generator import WeightGenerator
 from megedit.handover import HandOver
+from megedit.layer_split import LayerSplit
 from megedit.resume import CHECKPOINT_DIR, last_checkpoint, resume_point_callback
 
 
@@ -124,6 +127,7 @@ class DiffusionModule(L.LightningModule):
         self._pseudo_collected: float | None = None  # collected neurons' AG on the pseudo paraphrases
         self._lm = None  # (model, tokenizer, neuron); a plain attribute so it is never in the state dict
         self._queries: dict = {}  # CachedQueries reused across validations (megedit.query_cache)
+        self._split = None  # LayerSplit of the LM, made with it in _lm_bundle
         self._element_weights: torch.Tensor | None = None  # the loss's per-element weights (value_loss_weight)
         self._started, self.inputs = time.time(), None  # inputs: a GeneratorInputs (megedit.handover)
 
@@ -218,6 +222,7 @@ class DiffusionModule(L.LightningModule):
             model, tokenizer = load_lm(spec)
             model.to(self.device)
             self._lm = (model, tokenizer, DynamicNeuron(model, spec))
+            self._split = LayerSplit(model, spec)  # shared by every CachedQueries (megedit.query_cache)
         return self._lm
 
     def _edit_queries(self, indices: list[int], keep: bool):
@@ -232,7 +237,8 @@ class DiffusionModule(L.LightningModule):
         model, tokenizer, _ = self._lm_bundle()
         edits = [data.edits[i] for i in indices]
         queries = CachedQueries(model, tokenizer, data.spec, [data.spec.format_prompt(e.prompt, e.prompt_kind)
-                                                              for e in edits], [e.target_new for e in edits])
+                                                              for e in edits], [e.target_new for e in edits],
+                                split=self._split)
         if keep:
             self._queries[key] = queries
         return queries
@@ -282,7 +288,7 @@ class DiffusionModule(L.LightningModule):
             def cached(texts, owners):
                 return CachedQueries(model, tokenizer, spec, [spec.format_prompt(t, records[k].prompt_kind)
                                                               for t, k in zip(texts, owners)],
-                                     [records[k].target_new for k in owners])
+                                     [records[k].target_new for k in owners], split=self._split)
 
             self._queries["pseudo"] = (cached([records[k].prompt for k in rows], rows),
                                        cached(pseudo["para_texts"], pseudo["para_rows"]), rows)

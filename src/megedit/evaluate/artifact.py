@@ -30,6 +30,8 @@ CHART = "results.png"
 PER_EXAMPLE = "per_example.jsonl"
 OUTPUTS = [RESULTS, TABLE, CHART, PER_EXAMPLE]  # the manifest's (the peer files are a cache, not outputs)
 PEERS_FOLDER = "peers"
+# Where a run's evaluations live: `make peers` scores the peers in the first, `make all` MeG in the second.
+EVALUATE_FOLDERS = ("evaluate-peers", "evaluate")
 
 
 def write_results(out_dir: str | Path, summary: dict, rows: list[dict]) -> None:

@@ -24,6 +24,7 @@ from megedit.evaluate.peers import PEERS, PeerEdit, check_variants, edit_all, me
 from megedit.evaluate.report import results_table
 from megedit.graph import upstream_dirs
 from megedit.handover import ReceivesInputs
+from megedit.layer_split import LayerSplit
 from megedit.query_cache import CachedQueries
 
 VARIANTS = ("meg", "meg_no_router", "meg_retrieval", "base", *PEERS)
@@ -88,6 +89,7 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
         self.inputs: EvaluationInputs | None = None  # received from the datamodule (ReceivesInputs)
         self._rows: list[dict] = []
         self._timing = {"route": 0.0, "lm": 0.0}
+        self._split: LayerSplit | None = None  # the LM around its edit layer, shared by every batch's CachedQueries
         self._eval_seconds = {v: 0.0 for v in self.variants}
         self.peers: dict[str, PeerEdit] = {}
         self.skipped: dict[str, str] = {}
@@ -217,8 +219,10 @@ class EvaluateModule(ReceivesInputs, L.LightningModule):
             runs[v] = (None, torch.zeros(len(items), dtype=torch.bool))
         t1 = time.time()
         own = [v for v in runs if v not in self.peers]  # variants on the LM's own weights share its lower layers
-        cached = (CachedQueries(e.lm, e.tokenizer, e.spec, prompts, batch_size=len(prompts), target_tokens=targets)
-                  if len(own) > 1 else None)
+        if len(own) > 1 and self._split is None:
+            self._split = LayerSplit(e.lm, e.spec)
+        cached = (CachedQueries(e.lm, e.tokenizer, e.spec, prompts, batch_size=len(prompts), target_tokens=targets,
+                                split=self._split) if len(own) > 1 else None)
         for variant, (weights, familiar) in runs.items():
             t_variant = time.time()
             ctx = swapped_weights(e.lm, self.peers[variant].weights) if variant in self.peers else contextlib.nullcontext()

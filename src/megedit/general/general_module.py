@@ -19,7 +19,7 @@ from megedit.artifacts import MANIFEST, sha256_file, sha256_json, write_manifest
 from megedit.baselines.memit import swapped_weights
 from megedit.defaults import DEFAULT_STEPS
 from megedit.edited_model import EditedLM
-from megedit.evaluate.artifact import peers_dir
+from megedit.evaluate.artifact import EVALUATE_FOLDERS, peers_dir
 from megedit.evaluate.peers import PEERS, check_variants
 from megedit.general.answering import answer_items, fit_prompt
 from megedit.general.artifact import ITEMS_FOLDER, OUTPUTS, PEERS_FOLDER, read_table, write_results
@@ -54,7 +54,8 @@ class GeneralModule(ReceivesInputs, L.LightningModule):
             steps, sampler, seed, router_threshold, noise_scale, value_scale: MeG's sampling and routing, as in
                 the evaluate stage (None: as the run saved them).
             peer_weights_dir: a folder with the peers' ``<method>.safetensors``, searched before
-                ``<run>/evaluate/peers/`` and this stage's ``peers/`` cache; missing ones are computed.
+                ``<run>/evaluate-peers/peers/`` (``make peers``), ``<run>/evaluate/peers/`` and this stage's ``peers/``
+                cache; missing ones are computed.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -80,8 +81,8 @@ class GeneralModule(ReceivesInputs, L.LightningModule):
         methods = [v for v in self.variants if v in PEERS]
         if methods:
             out = Path(hp.out_dir)
-            search = [Path(p) for p in (hp.peer_weights_dir, peers_dir(run / "evaluate"), out / PEERS_FOLDER)
-                      if p]
+            search = [Path(p) for p in (hp.peer_weights_dir, *(peers_dir(run / f) for f in EVALUATE_FOLDERS),
+                                        out / PEERS_FOLDER) if p]
             self.peers = peer_weights(methods, self.edited, run, search, out / PEERS_FOLDER)
         self.fingerprints = {(v, b): self._fingerprint(v, b, run)
                              for v in {"base", *self.variants} for b in self.inputs.benchmarks}

@@ -2,7 +2,8 @@
 else computed with the evaluate stage's own editors (``megedit.evaluate.peers.edit_all``) and saved.
 
 A peer file (``megedit.evaluate.artifact``) is ``<method>.safetensors``. It is looked for in
-``<run>/evaluate/peers/`` (where the evaluate stage leaves the weights it scored), then in this stage's
+``<run>/evaluate-peers/peers/`` and ``<run>/evaluate/peers/`` (where the evaluate stage leaves the weights it
+scored: ``make peers``, or an evaluate run with the peers), then in this stage's
 own ``peers/`` cache. Computing them edits the same records the evaluate stage edits (its ``limit``, FT
 and statistics settings, read from its manifest when it has run; its code defaults otherwise), so the
 general-ability numbers belong to the same edited models as the editing metrics.
@@ -17,13 +18,14 @@ from typing import Sequence
 import torch
 
 from megedit.artifacts import finished_manifest
-from megedit.evaluate.artifact import load_peer_weights, peer_file, save_peer_weights
+from megedit.evaluate.artifact import EVALUATE_FOLDERS, load_peer_weights, peer_file, save_peer_weights
 
 PEER_OPTIONS = ("ft_epochs", "ft_lr", "ft_batch_size", "ft_target_reliability", "seed", "peer_stats_texts")
 
 
 def evaluate_options(run_dir: str | Path) -> tuple[dict, int | None]:
-    """The evaluate stage's peer settings and edit ``limit``: from its manifest where it has run, else the
+    """The evaluate stage's peer settings and edit ``limit``: from the manifest of ``evaluate-peers/`` or else
+    ``evaluate/`` where one has run, else the
     code defaults of ``EvaluateModule`` / ``EvaluateDataModule``."""
     from megedit.evaluate.evaluate_datamodule import EvaluateDataModule
     from megedit.evaluate.evaluate_module import EvaluateModule
@@ -31,7 +33,7 @@ def evaluate_options(run_dir: str | Path) -> tuple[dict, int | None]:
     defaults = {k: p.default for k, p in inspect.signature(EvaluateModule.__init__).parameters.items()}
     options = {k: defaults[k] for k in PEER_OPTIONS}
     limit = inspect.signature(EvaluateDataModule.__init__).parameters["limit"].default
-    manifest = finished_manifest(Path(run_dir) / "evaluate")
+    manifest = next((m for f in EVALUATE_FOLDERS if (m := finished_manifest(Path(run_dir) / f)) is not None), None)
     if manifest is not None:
         config = manifest.get("config", {})
         options |= {k: v for k, v in config.get("model", {}).items() if k in PEER_OPTIONS}
