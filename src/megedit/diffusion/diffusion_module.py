@@ -126,8 +126,7 @@ class DiffusionModule(L.LightningModule):
         self._collected_rel: dict[int, tuple[float, bool]] = {}
         self._pseudo_collected: float | None = None  # collected neurons' AG on the pseudo paraphrases
         self._lm = None  # (model, tokenizer, neuron); a plain attribute so it is never in the state dict
-        self._queries: dict = {}  # CachedQueries reused across validations (megedit.query_cache)
-        self._split = None  # LayerSplit of the LM, made with it in _lm_bundle
+        self._queries, self._split = {}, None  # CachedQueries reused across validations, their LayerSplit
         self._element_weights: torch.Tensor | None = None  # the loss's per-element weights (value_loss_weight)
         self._started, self.inputs = time.time(), None  # inputs: a GeneratorInputs (megedit.handover)
 
