@@ -97,8 +97,7 @@ class DiffusionModule(L.LightningModule):
                 standard sample). 0 doubled the N=1024 generator's reliability (docs/results.md).
             reliability: score generated neurons on the LM during validation (needs the LM in memory).
             report_edits: edits scored in the final report; None: all of them.
-            report_steps: DDIM steps of the final report and the value-scale choice (``DEFAULT_STEPS``, what
-                inference uses).
+            report_steps: DDIM steps of the final report and the value-scale choice (as inference).
             seed: seed of the initial weights.
             torch_threads: intra-op CPU threads per process (None: torch's default). The small presets'
                 matrices are tiny: on shared or busy cores 1 thread is often several times faster.
@@ -120,13 +119,12 @@ class DiffusionModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.generator: WeightGenerator | None = None
+        self.generator: WeightGenerator | None = None  # and its EMA: built in setup
         self.ema: WeightGenerator | None = None
         self._val_rows: dict[int, dict] = {}
-        self._collected_rel: dict[int, tuple[float, bool]] = {}
+        self._collected_rel: dict[int, tuple[float, bool]] = {}  # edit -> the collected neuron's (TF, AG)
         self._pseudo_collected: float | None = None  # collected neurons' AG on the pseudo paraphrases
-        self._lm = None  # (model, tokenizer, neuron); a plain attribute so it is never in the state dict
-        self._queries, self._split = {}, None  # CachedQueries reused across validations, their LayerSplit
+        self._lm, self._queries, self._split = None, {}, None  # LM bundle, CachedQueries, LayerSplit (not state)
         self._element_weights: torch.Tensor | None = None  # the loss's per-element weights (value_loss_weight)
         self._started, self.inputs = time.time(), None  # inputs: a GeneratorInputs (megedit.handover)
 
