@@ -31,3 +31,14 @@ class KillAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise SimulatedKill(f"simulated kill after step {self.step}")
+
+
+class KillAtPredictBatch(Callback):
+    """Raise once predict batch ``batch`` (0-based) has run, as a kill between two batches would."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.batch:
+            raise SimulatedKill(f"simulated kill after predict batch {self.batch}")

@@ -30,7 +30,8 @@ def answer_requests(records: Sequence[EditRecord], format_prompt) -> list[dict]:
 
 def collate_requests(tokenizer, batch: list[dict]) -> dict:
     enc = tokenizer([b["text"] for b in batch], return_tensors="pt", padding=True)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "keys": [b["key"] for b in batch]}
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "keys": [b["key"] for b in batch],
+            "texts": [b["text"] for b in batch]}
 
 
 @torch.no_grad()

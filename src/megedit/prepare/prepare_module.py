@@ -12,6 +12,7 @@ import torch
 from megedit.artifacts import write_manifest
 from megedit.distributed import gather_objects
 from megedit.loading import load_lm, state_dict_sha256
+from megedit.prepare.answer_log import AnswerLog
 from megedit.prepare.answers import edit_rows, greedy_answers
 from megedit.handover import ReceivesInputs
 from megedit.prepare.artifact import write_prepared
@@ -31,11 +32,30 @@ class PrepareModule(ReceivesInputs, L.LightningModule):
         self.spec = load_model_spec(model)
         self.lm, self.tokenizer = load_lm(self.spec)
         self._answers: dict[int, list[int]] = {}
+        self._log: AnswerLog | None = None
         self._started = time.time()
 
+    def on_predict_start(self) -> None:
+        # What an answer depends on; a log written under anything else is not reused (megedit.prepare.answer_log).
+        header = {"model_weights_sha256": self._weights_sha256(), "max_new_tokens": self.hparams.max_new_tokens,
+                  "batch_size": self.inputs.data_config["batch_size"]}
+        self._log = AnswerLog(self.hparams.out_dir, header, self.global_rank)
+        if self._log.known:
+            print(f"prepare: resuming with {len(self._log.known)} answers already generated")
+
+    def _weights_sha256(self) -> str:
+        if not hasattr(self, "_sha256"):
+            self._sha256 = state_dict_sha256(self.lm)
+        return self._sha256
+
     def predict_step(self, batch: dict, batch_idx: int):
-        answers = greedy_answers(self.lm, self.tokenizer, batch["input_ids"], batch["attention_mask"],
-                                 self.hparams.max_new_tokens)
+        known = self._log.known
+        if all(t in known for t in batch["texts"]):
+            answers = [known[t] for t in batch["texts"]]
+        else:
+            answers = greedy_answers(self.lm, self.tokenizer, batch["input_ids"], batch["attention_mask"],
+                                     self.hparams.max_new_tokens)
+            self._log.append(dict(zip(batch["texts"], answers)))
         self._answers.update(zip(batch["keys"], answers))
 
     def on_predict_epoch_end(self) -> None:
@@ -65,11 +85,12 @@ class PrepareModule(ReceivesInputs, L.LightningModule):
                   "wall_seconds": round(time.time() - self._started, 1)}
         outputs = write_prepared(out, rows, splits, report)
         lineage = {"model": self.spec.name, "model_source": self.spec.source,
-                   "model_weights_sha256": state_dict_sha256(self.lm), "edit_layer": self.spec.edit_layer,
+                   "model_weights_sha256": self._weights_sha256(), "edit_layer": self.spec.edit_layer,
                    "dataset": data.dataset, "n_edits": hp["n_edits"], "seed": hp["seed"], "only_wrong": hp["only_wrong"]}
         write_manifest(out, "prepare", lineage, config={"data": hp, "model": dict(self.hparams)},
                        outputs=outputs, input_files=data.input_files,
                        extra={"model_spec": self.spec.to_dict()})
+        self._log.remove()  # the artifact holds every answer now
         print(f"prepare: wrote {len(rows)} edits, {len(splits.pseudo_edits)} pseudo edits, "
               f"{len(splits.pseudo_pairs)} pseudo pairs, {len(splits.pseudo_irrelevant)} pseudo-irrelevant prompts "
               f"to {out} ({report['wall_seconds']} s)")
