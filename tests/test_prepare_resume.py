@@ -8,19 +8,22 @@ from megedit.prepare.answer_log import LOG_DIR, AnswerLog
 
 
 def test_answer_log_keeps_whole_batches_and_ignores_a_torn_line(tmp_path):
-    log = AnswerLog(tmp_path, {"model": "m", "n": 1})
-    log.append({"a": [1, 2], "b": [3]})
-    with open(log.path, "a", encoding="utf-8") as f:
-        f.write('{"answers": {"c": [4')  # a kill in the middle of a write
-    again = AnswerLog(tmp_path, {"model": "m", "n": 1})
-    assert again.known == {"a": [1, 2], "b": [3]}
-    again.append({"d": [5]})  # lands on its own line, after the torn one
-    assert AnswerLog(tmp_path, {"model": "m", "n": 1}).known == {"a": [1, 2], "b": [3], "d": [5]}
+    header = {"model": "m", "n": 1}
+    log = AnswerLog(tmp_path, header)
+    log.append(["Besançon est", "b"], [[1, 2], [3]])
+    with open(log.path, "ab") as f:  # a kill in the middle of a write, inside a non-ASCII character
+        f.write('{"texts": ["Besançon'.encode("utf-8")[:-1])
+    again = AnswerLog(tmp_path, header)
+    assert again.answers_for(["Besançon est", "b"]) == [[1, 2], [3]]
+    assert again.answers_for(["b", "Besançon est"]) is None  # only the same batch, in the same order
+    again.append(["d"], [[5]])  # lands on its own line, after the torn one
+    assert AnswerLog(tmp_path, header).answers_for(["d"]) == [[5]]
     other = AnswerLog(tmp_path, {"model": "m", "n": 2})  # another setting: nothing reused, the old log kept aside
-    assert other.known == {} and not log.path.exists()
-    assert len(list((tmp_path / LOG_DIR).glob("rank-0.stale-*.jsonl"))) == 1
+    assert not other.batches and not log.path.exists()
+    (stale,) = tmp_path.glob(f"{LOG_DIR}.stale-*/rank-0.jsonl")
+    assert AnswerLog(tmp_path, header).batches == {}  # a stale log is not read back
     other.remove()
-    assert not (tmp_path / LOG_DIR).exists()
+    assert not (tmp_path / LOG_DIR).exists() and stale.exists()
 
 
 @pytest.mark.slow

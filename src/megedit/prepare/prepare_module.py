@@ -37,11 +37,18 @@ class PrepareModule(ReceivesInputs, L.LightningModule):
 
     def on_predict_start(self) -> None:
         # What an answer depends on; a log written under anything else is not reused (megedit.prepare.answer_log).
-        header = {"model_weights_sha256": self._weights_sha256(), "max_new_tokens": self.hparams.max_new_tokens,
-                  "batch_size": self.inputs.data_config["batch_size"]}
-        self._log = AnswerLog(self.hparams.out_dir, header, self.global_rank)
-        if self._log.known:
-            print(f"prepare: resuming with {len(self._log.known)} answers already generated")
+        self._log = AnswerLog(self.hparams.out_dir, self._answer_header(), self.global_rank)
+        if self._log.batches:
+            print(f"prepare: resuming with {self._log.n_answers} answers already generated")
+
+    def _answer_header(self) -> dict:
+        import transformers
+
+        tok = self.tokenizer
+        return {"model_weights_sha256": self._weights_sha256(), "max_new_tokens": self.hparams.max_new_tokens,
+                "batch_size": self.inputs.data_config["batch_size"], "precision": str(self.trainer.precision),
+                "device": self.device.type, "tokenizer": [tok.name_or_path, len(tok), tok.padding_side],
+                "versions": [torch.__version__, transformers.__version__]}
 
     def _weights_sha256(self) -> str:
         if not hasattr(self, "_sha256"):
@@ -49,13 +56,11 @@ class PrepareModule(ReceivesInputs, L.LightningModule):
         return self._sha256
 
     def predict_step(self, batch: dict, batch_idx: int):
-        known = self._log.known
-        if all(t in known for t in batch["texts"]):
-            answers = [known[t] for t in batch["texts"]]
-        else:
+        answers = self._log.answers_for(batch["texts"])  # the same batch, answered before a kill
+        if answers is None:
             answers = greedy_answers(self.lm, self.tokenizer, batch["input_ids"], batch["attention_mask"],
                                      self.hparams.max_new_tokens)
-            self._log.append(dict(zip(batch["texts"], answers)))
+            self._log.append(batch["texts"], answers)
         self._answers.update(zip(batch["keys"], answers))
 
     def on_predict_epoch_end(self) -> None:
