@@ -75,7 +75,7 @@ class DiffusionModule(L.LightningModule):
                  ema_decay: float = 0.995, val_sampler: str = "ddim", val_steps: int = DEFAULT_STEPS, noise_scale: float = 0.0,
                  reliability: bool = True,
                  report_edits: int | None = None, report_steps: int = DEFAULT_STEPS, seed: int = 0,
-                 torch_threads: int | None = 1, checkpoint_every_n_epochs: int = 5,
+                 torch_threads: int | None = None, checkpoint_every_n_epochs: int = 5,
                  value_scales: list[float] = [1.0, 1.25, 1.5, 2.0, 2.5], value_loss_weight: float = 4.0,
                  init_from: str | None = None, report_from: int = 0):
         """
@@ -99,8 +99,9 @@ class DiffusionModule(L.LightningModule):
             report_edits: edits scored in the final report; None: all of them.
             report_steps: DDIM steps of the final report and the value-scale choice (as inference).
             seed: seed of the initial weights.
-            torch_threads: intra-op CPU threads per process (None: torch's default). The small presets'
-                matrices are tiny: on shared or busy cores 1 thread is often several times faster.
+            torch_threads: intra-op CPU threads per process (None: torch's default, which honours
+                ``OMP_NUM_THREADS``). On a quiet 2-core machine 2 threads take 0.6x the time per step of 1
+                (bench/generator_threads.py); on cores shared with other jobs, 1 thread avoids oversubscription.
             checkpoint_every_n_epochs: how often ``checkpoints/last.ckpt`` (the resume point after a kill) is
                 refreshed; the best checkpoint is chosen at each validation.
             value_scales: candidate factors on the generated neurons' value vectors. After training, each is
