@@ -18,15 +18,23 @@ from megedit.evaluate.report import LABELS
 
 
 def collect(paths) -> list[dict]:
-    rows = []
+    """One row per (evaluate folder, variant). A variant that two folders of the same run scored with the same
+    protocol, threshold and numbers (MeG in ``evaluate/`` and again beside the peers in ``evaluate-peers/``)
+    is kept once, from the first folder given: the table and the scaling plot would otherwise show it twice."""
+    rows, seen = [], set()
     for p in paths:
         f, s = results_file(p), read_results(p)
         meta, lin = s["metric_meta"], s["lineage"]
         for variant, r in s["results"].items():
-            rows.append({"run": str(f.parent), "model": lin["model"], "dataset": lin["dataset"], "n": meta["n_edits"],
-                         "variant": variant, "protocol": f"{meta['protocol']}/{meta['ag_protocol']}",
-                         "threshold": meta.get("router_threshold"), **{k: r[k] for k in metric_names() + ["score"]},
-                         "edit_seconds": s.get("method_seconds", {}).get(variant, {}).get("edit")})
+            row = {"run": str(f.parent), "model": lin["model"], "dataset": lin["dataset"], "n": meta["n_edits"],
+                   "variant": variant, "protocol": f"{meta['protocol']}/{meta['ag_protocol']}",
+                   "threshold": meta.get("router_threshold"), **{k: r[k] for k in metric_names() + ["score"]},
+                   "edit_seconds": s.get("method_seconds", {}).get(variant, {}).get("edit")}
+            key = (str(f.parent.parent.resolve()), variant, row["protocol"], row["threshold"],
+                   *(row[k] for k in metric_names() + ["score"]))
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
     return rows
 
 
