@@ -17,7 +17,7 @@ from torch import Tensor
 
 from megedit.layer_split import LayerSplit
 from megedit.registry import ModelSpec
-from megedit.scoring import _attach, _batches, _greedy_prefix, id_target_batch, target_ids
+from megedit.scoring import attach_neuron, batch_indices, greedy_prefix, id_target_batch, target_ids
 
 
 @dataclass
@@ -51,7 +51,7 @@ class CachedQueries:
         self.device = next(model.parameters()).device
         self.target_ids = ids
         order = sorted(range(self.n), key=lambda i: len(prompts[i]) + len(ids[i]))
-        self.batches = [self._lower(tokenizer, prompts, ids, rows) for rows in _batches(self.n, batch_size, order)]
+        self.batches = [self._lower(tokenizer, prompts, ids, rows) for rows in batch_indices(self.n, batch_size, order)]
 
     def _lower(self, tokenizer, prompts, ids, rows: list[int]) -> _Batch:
         b = id_target_batch(tokenizer, [prompts[i] for i in rows], [ids[i] for i in rows])
@@ -74,7 +74,7 @@ class CachedQueries:
         tokens: list[list[int] | None] = [None] * self.n
         for b in self.batches:
             w = None if weights is None else weights[b.rows].to(self.device)
-            with _attach(neuron, w):
+            with attach_neuron(neuron, w):
                 final = self.split.upper(b.hidden, b.mask, b.pos)
             pred = self.split.head(final[b.pred]).argmax(-1)
             hit = (pred == b.labels).float()
@@ -86,7 +86,7 @@ class CachedQueries:
                 scored = torch.zeros(n_rows, dtype=torch.long).index_add(0, b.token_row.cpu(),
                                                                          torch.ones_like(b.token_row.cpu()))
                 for i, row_pred in zip(b.rows, pred.cpu().split(scored.tolist())):
-                    tokens[i] = _greedy_prefix(row_pred.tolist(), self.target_ids[i])
+                    tokens[i] = greedy_prefix(row_pred.tolist(), self.target_ids[i])
         out = {"token_acc": acc, "exact": exact}
         if greedy:
             out["greedy"] = tokens

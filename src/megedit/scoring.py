@@ -72,7 +72,8 @@ def id_target_batch(tokenizer, prompts: Sequence[str], targets: Sequence[Sequenc
             "target_mask": target_mask, "labels": labels, "target_lengths": torch.tensor(lengths)}
 
 
-def _batches(n: int, batch_size: int, order: list[int]):
+def batch_indices(n: int, batch_size: int, order: list[int]):
+    """Consecutive slices of ``order`` (row indices, e.g. sorted by length) of at most ``batch_size``."""
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
 
@@ -86,7 +87,8 @@ def _check(prompts, weights):
         raise ValueError(f"{len(prompts)} prompts but {weights.shape[0]} neuron rows")
 
 
-def _attach(neuron, weights):
+def attach_neuron(neuron, weights):
+    """A context with ``weights`` on the attached ``DynamicNeuron`` (none: the plain LM; weights then refused)."""
     if neuron is None:
         if weights is not None:
             raise ValueError("weights given but no DynamicNeuron attached to the model")
@@ -112,7 +114,7 @@ def teacher_forced_ids(model, tokenizer, neuron, prompts: Sequence[str], targets
     ``exact`` is also greedy exact match of the target's length: greedy decoding reproduces the target iff
     each target token is the argmax given the target's own prefix, which is what teacher forcing computes
     (so the evaluate stage needs no generation for its ``target_length`` protocol). ``greedy`` holds each
-    row's greedy tokens up to its first wrong one (``_greedy_prefix``)."""
+    row's greedy tokens up to its first wrong one (``greedy_prefix``)."""
     _check(prompts, weights)
     n = len(prompts)
     acc = torch.zeros(n)
@@ -120,10 +122,10 @@ def teacher_forced_ids(model, tokenizer, neuron, prompts: Sequence[str], targets
     greedy: list[list[int] | None] = [None] * n
     order = sorted(range(n), key=lambda i: len(prompts[i]) + len(targets[i]))
     device = next(model.parameters()).device
-    for idx in _batches(n, batch_size, order):
+    for idx in batch_indices(n, batch_size, order):
         batch = id_target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx])
         w = _rows(weights, idx)
-        with _attach(neuron, None if w is None else w.to(device)):
+        with attach_neuron(neuron, None if w is None else w.to(device)):
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                            position_ids=batch["position_ids"].to(device), use_cache=False).logits
         pred = logits[:, :-1].argmax(-1).cpu()
@@ -134,7 +136,7 @@ def teacher_forced_ids(model, tokenizer, neuron, prompts: Sequence[str], targets
         exact[idx] = n_hit == lengths
         mask = batch["target_mask"][:, 1:]
         for row, i in enumerate(idx):
-            greedy[i] = _greedy_prefix(pred[row][mask[row]].tolist(), list(targets[i]))
+            greedy[i] = greedy_prefix(pred[row][mask[row]].tolist(), list(targets[i]))
     return {"token_acc": acc, "exact": exact, "greedy": greedy}
 
 
@@ -145,7 +147,7 @@ def exact_match(model, tokenizer, neuron, prompts: Sequence[str], targets: Seque
     return teacher_forced(model, tokenizer, neuron, prompts, targets, weights, batch_size)["exact"]
 
 
-def _greedy_prefix(argmax: list[int], target: list[int]) -> list[int]:
+def greedy_prefix(argmax: list[int], target: list[int]) -> list[int]:
     """What greedy decoding of the target's length produces, as far as teacher forcing determines it: the same
     tokens while they equal the target (the prefixes agree, so the argmaxes do), up to and including the
     first wrong one; after that greedy decoding conditions on its own token, which is not computed here."""
@@ -165,10 +167,10 @@ def greedy_tokens(model, tokenizer, neuron, prompts, weights, max_new_tokens: li
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[list[int] | None] = [None] * n
-    for idx in _batches(n, batch_size, order):
+    for idx in batch_indices(n, batch_size, order):
         ids, mask = left_pad([tokenizer(prompts[i])["input_ids"] for i in idx], pad)
         w = _rows(weights, idx)
-        with _attach(neuron, None if w is None else w.to(device)):
+        with attach_neuron(neuron, None if w is None else w.to(device)):
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max(limits[i] for i in idx), do_sample=False, num_beams=1,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
