@@ -99,9 +99,8 @@ class DiffusionModule(L.LightningModule):
             report_edits: edits scored in the final report; None: all of them.
             report_steps: DDIM steps of the final report and the value-scale choice (as inference).
             seed: seed of the initial weights.
-            torch_threads: intra-op CPU threads per process (None: torch's default, which honours
-                ``OMP_NUM_THREADS``). On a quiet 2-core machine 2 threads take 0.6x the time per step of 1
-                (bench/generator_threads.py); on cores shared with other jobs, 1 thread avoids oversubscription.
+            torch_threads: intra-op CPU threads per process (None: torch's, honouring ``OMP_NUM_THREADS``);
+                1 avoids oversubscribing cores shared with other jobs (bench/generator_threads.py).
             checkpoint_every_n_epochs: how often ``checkpoints/last.ckpt`` (the resume point after a kill) is
                 refreshed; the best checkpoint is chosen at each validation.
             value_scales: candidate factors on the generated neurons' value vectors. After training, each is
