@@ -27,9 +27,22 @@ def test_meg_scored_in_evaluate_and_evaluate_peers_is_one_row(tmp_path):
 def test_rows_that_differ_are_all_kept(tmp_path):
     run = tmp_path / "runs" / "smollm2-counterfact-8"
     a = _results(run / "evaluate", {"meg": 90.0})
-    b = _results(run / "evaluate-threshold-0.7", {"meg": 88.0}, threshold=0.7)  # another threshold: another row
+    b = _results(run / "evaluate-threshold-0.7", {"meg": 90.0}, threshold=0.7)  # another threshold: another row
     c = _results(tmp_path / "runs" / "smollm2-counterfact-8-other" / "evaluate", {"meg": 90.0})  # another run
-    assert [r["run"] for r in collect([a, b, c])] == [str(a), str(b), str(c)]
+    d = _results(run / "evaluate-n4", {"meg": 90.0}, n=4)  # another edit count in the same run folder
+    published = tmp_path / "published"  # results files side by side, as bench/results/runs/<run-name>.json
+    published.mkdir()
+    e, f = published / "run-a.json", published / "run-b.json"
+    e.write_text((a / "results.json").read_text())
+    f.write_text((a / "results.json").read_text())
+    assert [r["run"] for r in collect([a, b, c, d, e, f])] == [str(x) for x in (a, b, c, d, published, published)]
+
+
+def test_a_relative_folder_is_resolved_before_its_run_is_taken(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    a, b = _results(run / "evaluate", {"meg": 90.0}), _results(run / "evaluate-peers", {"meg": 90.0})
+    monkeypatch.chdir(a)
+    assert len(collect([".", b])) == 1
 
 
 def test_main_writes_table_json_and_plot(tmp_path):

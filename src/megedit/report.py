@@ -12,9 +12,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from megedit.artifacts import atomic_path, atomic_write_json, atomic_write_text
-from megedit.evaluate.artifact import read_results, results_file
+from megedit.evaluate.artifact import RESULTS, read_results, results_file
 from megedit.evaluate.metrics import metric_names
 from megedit.evaluate.report import LABELS
+
+
+def _run_of(results: Path) -> str:
+    """The run an evaluate folder's ``results.json`` belongs to (``<run>/evaluate*/results.json``); a results
+    file under another name (``bench/results/runs/<run-name>.json``) is a run of its own."""
+    results = results.resolve()
+    return str(results.parent.parent if results.name == RESULTS else results)
 
 
 def collect(paths) -> list[dict]:
@@ -30,8 +37,8 @@ def collect(paths) -> list[dict]:
                    "variant": variant, "protocol": f"{meta['protocol']}/{meta['ag_protocol']}",
                    "threshold": meta.get("router_threshold"), **{k: r[k] for k in metric_names() + ["score"]},
                    "edit_seconds": s.get("method_seconds", {}).get(variant, {}).get("edit")}
-            key = (str(f.parent.parent.resolve()), variant, row["protocol"], row["threshold"],
-                   *(row[k] for k in metric_names() + ["score"]))
+            key = (_run_of(f), row["model"], row["dataset"], row["n"], variant,
+                   row["protocol"], row["threshold"], *(row[k] for k in metric_names() + ["score"]))
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
