@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from megedit.artifacts import atomic_write_json, atomic_write_text
@@ -57,6 +58,12 @@ def time_steps(threads: int, hidden: int, steps: int) -> dict:
             "ms_per_step": round(ms, 2)}
 
 
+def _commit() -> str | None:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent)
+    return out.stdout.strip() or None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -79,7 +86,8 @@ def main() -> None:
             row["time_ratio"] = round(row["ms_per_step"] / first["ms_per_step"], 3)
             rows.append(row)
     command = "python bench/generator_threads.py " + " ".join(sys.argv[1:])
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(),
+    machine = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+               "platform": platform.platform(), "cpus": os.cpu_count(),
                "load_average_before": [round(v, 2) for v in load_before],
                "load_average_after": [round(v, 2) for v in os.getloadavg()]}
     table = ["| hidden | parameters | threads | ms / step | time vs first thread count |", "|---|---|---|---|---|"]
