@@ -59,6 +59,9 @@ def test_make_runs_each_stage_with_its_inputs_and_experiments_recompute_what_the
     # a dataset's own stage config is read over the stage's defaults (CounterFact: the nearest router)
     assert "--config configs/stages/familiarity-counterfact.yaml" in base[ORDER.index("familiarity")]
     assert "familiarity-" not in dry_run("DATASET=zsre")[ORDER.index("familiarity")]
+    # ZsRE: the wider generator; CounterFact keeps the CPU preset
+    assert "--config configs/stages/diffusion-zsre.yaml" in dry_run("DATASET=zsre")[ORDER.index("diffusion")]
+    assert "diffusion-" not in base[ORDER.index("diffusion")]
     # an experiment that changes the generator recomputes the generator and the evaluation only
     exp = dry_run("EXP=mlp-generator")
     recomputed = {line.split("stages/")[1].split(".py")[0] for line in exp if f"{run}-mlp-generator/" in line}
