@@ -22,7 +22,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from megedit.artifacts import atomic_write_json, atomic_write_text
+from megedit.artifacts import atomic_write_json, atomic_write_text, git_commit
 
 NEURON_DIM, COND_DIM, BATCH = 1728, 384, 32
 
@@ -58,10 +58,6 @@ def time_steps(threads: int, hidden: int, steps: int) -> dict:
             "ms_per_step": round(ms, 2)}
 
 
-def _commit() -> str | None:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent)
-    return out.stdout.strip() or None
 
 
 def main() -> None:
@@ -86,7 +82,7 @@ def main() -> None:
             row["time_ratio"] = round(row["ms_per_step"] / first["ms_per_step"], 3)
             rows.append(row)
     command = "python bench/generator_threads.py " + " ".join(sys.argv[1:])
-    machine = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+    machine = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
                "platform": platform.platform(), "cpus": os.cpu_count(),
                "load_average_before": [round(v, 2) for v in load_before],
                "load_average_after": [round(v, 2) for v in os.getloadavg()]}

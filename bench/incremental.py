@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from megedit.artifacts import atomic_write_json, atomic_write_text
+from megedit.artifacts import atomic_write_json, atomic_write_text, git_commit
 from megedit.collect.artifact import read_report as collect_report
 from megedit.diffusion.artifact import read_report as diffusion_report
 from megedit.encoder.artifact import read_report as encoder_report
@@ -311,7 +311,7 @@ def assemble(args, n: int, old_ids, removed_ids, s: dict) -> dict:
     cost["add_share_of_from_scratch"] = round(100.0 * s["add_seconds"] / cost["from_scratch"]["scaled_total_seconds"], 2)
     m = lambda when, group: s[when][group]["metrics"]  # noqa: E731
     result = {
-        "run": str(args.run), "commit": _commit(), "n_edits": n, "added": len(s["new_ids"]), "removed": len(removed_ids),
+        "run": str(args.run), "commit": git_commit(), "n_edits": n, "added": len(s["new_ids"]), "removed": len(removed_ids),
         "old_sample": len(old_ids), "seed": args.seed, "value_scale": args.value_scale,
         "machine": {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
                     "python": platform.python_version()},
@@ -346,12 +346,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":

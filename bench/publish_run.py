@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 from datetime import datetime
 from pathlib import Path
 
-from megedit.artifacts import finished_manifest
+from megedit.artifacts import finished_manifest, git_commit
 from megedit.collect.artifact import read_report as collect_report
 from megedit.diffusion.artifact import read_report as diffusion_report
 from megedit.evaluate.artifact import report_files, results_file
@@ -86,8 +85,7 @@ def publish(run: Path, command: str, machine: str, out_dir: Path = OUT_DIR, eval
         dst = out_dir / f"{name}{src.suffix}"
         shutil.copyfile(src, dst)
         written.append(dst)
-    commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                      cwd=Path(__file__).resolve().parent).stdout.strip()
+    commit = commit or git_commit()
     stages = {"run": run.name, "evaluate_dir": evaluate_dir, "commit": commit, "command": command, "machine": machine,
               "stages": stage_times(run), "collect": collect_summary(run), "diffusion": diffusion_summary(run)}
     dst = out_dir / f"{name}.stages.json"

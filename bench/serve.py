@@ -23,7 +23,6 @@ import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from megedit.artifacts import atomic_write_json
+from megedit.artifacts import atomic_write_json, git_commit
 from megedit.defaults import DEFAULT_STEPS
 from megedit.prepare.artifact import load_prepared
 from megedit.serve.process import ServerProcess
@@ -173,14 +172,6 @@ def table(modes: dict) -> str:
     return "\n".join(lines)
 
 
-def git_commit() -> str | None:
-    """The commit the bench ran at (None outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
 
 
 def main(argv=None) -> int:
@@ -206,7 +197,7 @@ def main(argv=None) -> int:
     failed = sum(r["failed"] for m in modes.values() for r in m["levels"])
     result = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench/serve.py", *argv]),
-        "commit": git_commit(), "run": str(args.run), "seconds": round(time.perf_counter() - t0, 1),
+        "commit": git_commit(short=False), "run": str(args.run), "seconds": round(time.perf_counter() - t0, 1),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cores": os.cpu_count(),
                     "load_average_1_5_15_before": [round(x, 2) for x in load_before],
                     "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],

@@ -61,3 +61,13 @@ def test_manifest_records_what_the_stage_cost(tmp_path):
     assert res["peak_rss_mib_process"] > 10 and res["cpu_seconds_process"] > 0
     assert res["cpu_count"] >= 1 and len(res["load_average_1_5_15"]) == 3
     assert json.loads((tmp_path / "manifest.json").read_text())["resources"] == res
+
+
+def test_git_commit_short_is_the_full_hash_prefix(monkeypatch):
+    from megedit import artifacts
+
+    full, short = artifacts.git_commit(short=False), artifacts.git_commit()
+    if full is not None:  # a git checkout (CI clones one)
+        assert len(full) == 40 and full.startswith(short)
+    monkeypatch.setattr(artifacts.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    assert artifacts.git_commit() is None

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -236,3 +237,14 @@ def check_upstream(manifest: dict, name: str, upstream_dir: str | Path, where: s
     if recorded["manifest_sha256"] != actual:
         raise ArtifactError(f"{where} was built from the '{name}' artifact at {recorded['dir']}, not from "
                             f"{upstream_dir} (manifest hashes differ); re-run it or point at the matching run")
+
+
+def git_commit(short: bool = True) -> str | None:
+    """The commit of the checkout megedit runs from (benchmarks record it beside their numbers); None outside a
+    git checkout (an installed wheel) or without git."""
+    cmd = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

@@ -37,8 +37,7 @@ def collect(paths) -> list[dict]:
                    "variant": variant, "protocol": f"{meta['protocol']}/{meta['ag_protocol']}",
                    "threshold": meta.get("router_threshold"), **{k: r[k] for k in metric_names() + ["score"]},
                    "edit_seconds": s.get("method_seconds", {}).get(variant, {}).get("edit")}
-            key = (_run_of(f), row["model"], row["dataset"], row["n"], variant,
-                   row["protocol"], row["threshold"], *(row[k] for k in metric_names() + ["score"]))
+            key = (_run_of(f), *(v for k, v in row.items() if k not in ("run", "edit_seconds")))
             if key not in seen:
                 seen.add(key)
                 rows.append(row)
